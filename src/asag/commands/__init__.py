@@ -1,0 +1,7 @@
+"""Sub-commands of the ``asag`` tool.
+
+Each module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a function
+``run(args) -> int``. Errors meant for the user are raised as :class:`asag.errors.AsagError`.
+"""
+
+COMMANDS: list = []

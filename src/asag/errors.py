@@ -1,0 +1,17 @@
+"""User-facing errors: raised for bad input, printed by the command line without a traceback."""
+
+
+class AsagError(Exception):
+    """An error caused by the user's input (a file, a preset, an option), with a readable message."""
+
+
+class ConfigError(AsagError):
+    """An invalid configuration: unknown key, wrong type, value out of range, inconsistent options."""
+
+
+class DataError(AsagError):
+    """A data set problem: missing or malformed annotation file, unreadable image, bad box."""
+
+
+class CheckpointError(AsagError):
+    """A checkpoint that cannot be read or does not fit the model."""

@@ -1,0 +1,437 @@
+"""Typed configuration: one dataclass per part, YAML presets, dotted ``key=value`` overrides, validation.
+
+Every default below is the authors' released default for the 100-query COCO setting (spec sections
+3.1, 8, 9 and 11) unless its comment says otherwise. Presets under ``configs/`` change fields
+explicitly; no field ever changes another one behind the user's back.
+
+Only :mod:`asag.build` reads these objects; modules receive plain, typed arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from asag.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PRESET_DIR = REPO_ROOT / "configs"
+
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+DecoderType = Literal["adamixer", "sparse_rcnn", "deformable"]
+InferenceLevel = Literal["P3P6", "P4P6", "P5P6"]
+
+
+@dataclass
+class BackboneConfig:
+    name: BackboneName = "resnet50"
+    # Path of a torchvision ImageNet checkpoint (e.g. resnet50-0676ba61.pth). Never downloaded.
+    weights: str | None = None
+    # Stem and layer1 frozen (spec 2.1): layers whose name contains none of these stay trainable.
+    trainable_layers: list[str] = field(default_factory=lambda: ["layer2", "layer3", "layer4"])
+    # The release trains the FrozenBN affine terms of layer2-4 (spec 13.4); true freezes them.
+    freeze_bn_affine: bool = False
+    frozen_bn_eps: float = 1e-5
+    dilation: bool = False  # rejected: strides are fixed at 4..32 (spec 13.26)
+
+
+@dataclass
+class NeckConfig:
+    out_channels: int = 256  # FPN width = model width d
+
+
+@dataclass
+class AnchorGeneratorConfig:
+    compress_dim: int = 8
+    # Hidden width of the anchor MLPs; the release hard-codes 125 * compress_dim.
+    mlp_hidden_dim: int = 1000
+    num_anchors_coarse: int = 50  # num_pred_anchor1: per P6 patch / P5 crop
+    num_anchors_patch: int = 20  # num_pred_anchor2: per P4/P3 patch
+    interpolate_size: int = 30
+    patch_size: int = 15
+    threshold_low: float = 0.1  # threshold2
+    threshold_high: float = 0.7  # threshold1
+    patch_nms_threshold: float = 0.25
+    score_threshold: float = 0.1  # use_anchor_threshold
+    use_target_epoch: int = 1
+    inference_level: InferenceLevel = "P3P6"
+    min_anchors: int = 5
+    max_anchors: int = 200
+    min_anchor_size: float = 3.0
+    min_training_patches: int = 4
+    max_patches_per_image: int | None = None  # CrowdHuman preset: 60
+    max_patches_per_level: int | None = None  # optional speed cap (the release's speed path used 15)
+
+
+@dataclass
+class ProposalConfig:
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    roi_size: int = 7
+    sampling_ratio: int = 2
+
+
+@dataclass
+class DecoderConfig:
+    type: DecoderType = "adamixer"
+    num_heads: int = 4  # parallel single-stage heads (num_decoder_layers)
+    # Which head's detections are post-processed: "main" (the last) or "aux_k".
+    used_head: str = "main"
+    attention_heads: int = 8
+    ffn_dim: int = 2048
+    in_points: int = 32
+    out_points: int = 128
+    n_groups: int = 4
+    dim_dynamic: int = 64  # Sparse R-CNN DynamicConv
+    roi_size: int = 7
+    sampling_ratio: int = 2
+    # ASAG-D (spec 16)
+    encoder_layers: int = 6
+    encoder_ffn_dim: int = 1024
+    deformable_points: int = 4
+    dropout: float = 0.0
+
+
+@dataclass
+class PostprocessConfig:
+    topk: int = 100
+    nms: bool = False
+    nms_threshold: float = 0.7
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "asag_a"
+    num_classes: int = 80
+    hidden_dim: int = 256
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    neck: NeckConfig = field(default_factory=NeckConfig)
+    anchor_generator: AnchorGeneratorConfig = field(default_factory=AnchorGeneratorConfig)
+    proposal: ProposalConfig = field(default_factory=ProposalConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+
+@dataclass
+class MatcherConfig:
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class LossConfig:
+    ce: float = 2.0
+    bbox: float = 5.0
+    giou: float = 2.0
+    other: float = 1.0  # multiplies the decoder / proposal terms
+    anchor: float = 4.0  # anchor_loss_coef
+    anchor_ce: float = 2.0
+    anchor_bbox: float = 1.0
+    anchor_giou: float = 0.5
+    area_weight: float = 4.0
+    gamma1: float = 0.4
+    gamma2: float = 0.6
+    fix_p6_flip_targets: bool = False
+
+
+@dataclass
+class DenoisingConfig:
+    enabled: bool = False
+    num_queries: int = 200
+    noise_scale: float = 0.4
+    # True: constant noise_scale (the README recipe); false: 0.8 - 0.04 * epoch.
+    fix_noise_scale: bool = True
+
+
+@dataclass
+class DataConfig:
+    format: Literal["coco", "synthetic"] = "coco"
+    root: str = "data/coco"
+    train_images: str = "train2017"
+    train_annotations: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_annotations: str = "annotations/instances_val2017.json"
+    augmentation: Literal["1x", "3x", "none"] = "1x"
+    train_scales: list[int] = field(default_factory=lambda: [800])
+    train_max_size: int = 1333
+    crop_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_size: list[int] = field(default_factory=lambda: [384, 600])
+    crop_max_size: int = 1333
+    val_size: int = 800
+    val_max_size: int = 1333
+    min_image_side: int = 32
+    batch_size: int = 2
+    val_batch_size: int = 1
+    num_workers: int = 4
+    # Synthetic data set (used when format == "synthetic"): generated into root if absent.
+    synthetic_train_images: int = 200
+    synthetic_val_images: int = 50
+    synthetic_seed: int = 0
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 12
+    lr: float = 2e-4
+    backbone_lr: float = 2e-5
+    weight_decay: float = 1e-4
+    milestones: list[int] = field(default_factory=lambda: [8, 11])
+    gamma: float = 0.1
+    warmup_iters: int = 500
+    warmup_factor: float = 1.0 / 3.0
+    clip_max_norm: float = 0.1
+    max_iters_per_epoch: int | None = None
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 42
+    amp: Literal["none", "fp16", "bf16", "auto"] = "auto"  # auto: fp16 on CUDA, none on CPU
+    output_dir: str = "runs/asag"
+    eval_every: int = 1
+    checkpoint_every: int = 5
+    log_every: int = 20
+    num_threads: int | None = None
+    deterministic: bool = True
+
+
+@dataclass
+class EvaluationConfig:
+    metric: Literal["coco", "crowdhuman"] = "coco"
+    per_class: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    # Free text naming the paper source of a preset.
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# ------------------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, prefix=f"{key}.")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a :class:`Config` from plain data (missing keys take their defaults)."""
+    cfg = _from_dict(Config, _merge(Config().to_dict(), data))
+    validate(cfg)
+    return cfg
+
+
+# -------------------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.decoder.num_heads=1"`` -> (["model", "decoder", "num_heads"], 1) (values parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = _merge({}, data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if not isinstance(child, dict):
+                raise ConfigError(f"unknown key {'.'.join(path[: i + 1])} in override {text!r}")
+            node = child
+        if path[-1] not in node:
+            raise ConfigError(f"unknown key {'.'.join(path)} in override {text!r}")
+        node[path[-1]] = value
+    return data
+
+
+# ---------------------------------------------------------------------------------------- presets
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = PRESET_DIR / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a preset must be a mapping")
+    base = data.pop("_base_", None)
+    if base is not None:
+        local = path.parent / str(base)
+        data = _merge(_read_yaml(local if local.is_file() else preset_path(str(base))), data)
+    return data
+
+
+def load_config(preset: str, overrides: list[str] | None = None) -> Config:
+    """Resolve a preset name (or YAML path) plus ``key=value`` overrides into a validated config."""
+    data = _read_yaml(preset_path(preset))
+    data = apply_overrides(_merge(Config().to_dict(), data), overrides or [])
+    return config_from_dict(data)
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks with messages naming the key."""
+    m, ag, dec = cfg.model, cfg.model.anchor_generator, cfg.model.decoder
+    _check(m.num_classes >= 1, "model.num_classes must be >= 1")
+    _check(m.hidden_dim % dec.attention_heads == 0,
+           "model.hidden_dim must be divisible by model.decoder.attention_heads")
+    _check(m.hidden_dim % (4 * dec.n_groups) == 0 or dec.type != "adamixer",
+           "model.hidden_dim must be divisible by 4 * model.decoder.n_groups for AdaMixer")
+    _check(not m.backbone.dilation,
+           "model.backbone.dilation is not supported: the anchor generator and decoders assume strides 4-32")
+    _check(ag.patch_size * 2 == ag.interpolate_size,
+           "model.anchor_generator.interpolate_size must be 2 * patch_size (four crops tile the map)")
+    _check(0.0 <= ag.threshold_low < ag.threshold_high <= 1.0,
+           "model.anchor_generator: need 0 <= threshold_low < threshold_high <= 1")
+    _check(0.0 < ag.patch_nms_threshold <= 1.0,
+           "model.anchor_generator.patch_nms_threshold must be in (0, 1]")
+    _check(0.0 <= ag.score_threshold < 1.0, "model.anchor_generator.score_threshold must be in [0, 1)")
+    _check(1 <= ag.min_anchors <= ag.max_anchors,
+           "model.anchor_generator: need 1 <= min_anchors <= max_anchors")
+    _check(ag.min_anchors <= 5 * ag.num_anchors_coarse,
+           "model.anchor_generator.min_anchors exceeds the number of P5/P6 anchors")
+    for name in ("max_patches_per_image", "max_patches_per_level"):
+        value = getattr(ag, name)
+        _check(value is None or value >= 1, f"model.anchor_generator.{name} must be >= 1 or null")
+    _check(dec.num_heads >= 1, "model.decoder.num_heads must be >= 1")
+    _check(dec.used_head == "main" or (dec.used_head.startswith("aux_")
+           and dec.used_head[4:].isdigit() and int(dec.used_head[4:]) < dec.num_heads - 1),
+           f"model.decoder.used_head {dec.used_head!r} must be 'main' or aux_k with k < num_heads - 1")
+    _check(m.postprocess.topk >= 1, "model.postprocess.topk must be >= 1")
+    _check(0.0 < m.postprocess.nms_threshold <= 1.0, "model.postprocess.nms_threshold must be in (0, 1]")
+    _check(cfg.denoising.num_queries >= 1 or not cfg.denoising.enabled,
+           "denoising.num_queries must be >= 1 when denoising is enabled")
+    _check(cfg.schedule.epochs >= 1, "schedule.epochs must be >= 1")
+    _check(all(0 <= e <= cfg.schedule.epochs for e in cfg.schedule.milestones),
+           "schedule.milestones must lie within [0, schedule.epochs]")
+    _check(cfg.schedule.lr > 0 and cfg.schedule.backbone_lr >= 0, "schedule.lr must be > 0, backbone_lr >= 0")
+    _check(cfg.data.batch_size >= 1 and cfg.data.val_batch_size >= 1, "data batch sizes must be >= 1")
+    _check(len(cfg.data.crop_size) == 2 and cfg.data.crop_size[0] <= cfg.data.crop_size[1],
+           "data.crop_size must be [min, max]")
+    _check(len(cfg.data.train_scales) >= 1, "data.train_scales must not be empty")
+    _check(cfg.runtime.eval_every >= 0 and cfg.runtime.checkpoint_every >= 1,
+           "runtime.eval_every must be >= 0 and runtime.checkpoint_every >= 1")

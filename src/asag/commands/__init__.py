@@ -4,4 +4,6 @@ Each module exposes ``register(subparsers)``, which adds its parser and sets ``f
 ``run(args) -> int``. Errors meant for the user are raised as :class:`asag.errors.AsagError`.
 """
 
-COMMANDS: list = []
+from asag.commands import config
+
+COMMANDS: list = [config]

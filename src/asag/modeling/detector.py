@@ -1,0 +1,124 @@
+"""The ASAG detector: backbone -> FPN -> anchor generator -> proposal stage -> parallel decoder heads."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from asag.modeling.queries import build_queries
+from asag.structures import Detections, ImageTargets, ModelOutput
+
+
+class ASAG(nn.Module):
+    """One-decoder-layer sparse detector with Adaptive Sparse Anchor Generation.
+
+    Args:
+        backbone: returns ``C2..C5`` from ``[B, 3, H, W]`` images.
+        neck: FPN returning ``[P2, P3, P4, P5]``.
+        anchor_generator: P3..P5 -> :class:`~asag.structures.AnchorOutput`.
+        proposal: the proposal stage (the release's "RPN").
+        decoder: the parallel single-stage heads.
+        postprocessor: head output -> per-image detections.
+        attention_heads: heads of the query self-attention (sets the mask layout).
+        num_dn: denoising queries prepended in training (0 = off).
+        dn_noise_scale: box-noise scale at epoch 0; ``dn_noise_decay`` is subtracted per epoch
+            (0 keeps it fixed, the release's ``--fix_noise_scale`` recipe; the release's other rule is
+            0.8 - 0.04 * epoch).
+        used_head: index of the head whose predictions are post-processed (-1 = main).
+
+    The same :class:`~asag.structures.ModelOutput` is returned in training and evaluation; losses live
+    in :mod:`asag.training`. The engine may run the forward under autocast: backbone and FPN follow it,
+    everything after them runs in float32 (as in the release).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module,
+        anchor_generator: nn.Module,
+        proposal: nn.Module,
+        decoder: nn.Module,
+        postprocessor: nn.Module,
+        attention_heads: int = 8,
+        num_dn: int = 0,
+        dn_noise_scale: float = 0.4,
+        dn_noise_decay: float = 0.0,
+        used_head: int = -1,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.anchor_generator = anchor_generator
+        self.proposal = proposal
+        self.decoder = decoder
+        self.postprocessor = postprocessor
+        self.attention_heads = attention_heads
+        self.num_dn = num_dn
+        self.dn_noise_scale = dn_noise_scale
+        self.dn_noise_decay = dn_noise_decay
+        self.used_head = used_head
+
+    def extract_features(self, images: Tensor) -> list[Tensor]:
+        """``[B, 3, Hp, Wp]`` -> FPN levels ``[P2, P3, P4, P5]`` as float32."""
+        return [p.float() for p in self.neck(self.backbone(images))]
+
+    def forward(
+        self,
+        images: Tensor,
+        image_sizes: Tensor,
+        targets: list[ImageTargets] | None = None,
+        epoch: int = 0,
+        inference_level: str | None = None,
+    ) -> ModelOutput:
+        """Run the detector.
+
+        Args:
+            images: ``[B, 3, Hp, Wp]`` normalised, zero-padded images.
+            image_sizes: ``[B, 2]`` int64 ``(h, w)`` of the unpadded images.
+            targets: ground truth (training only: GT-derived patches and denoising queries).
+            epoch: current epoch, for the anchor generator's teacher forcing and the noise schedule.
+            inference_level: ``P3P6 | P4P6 | P5P6`` override of the probing depth.
+        """
+        return self.forward_features(self.extract_features(images), image_sizes, targets, epoch,
+                                     inference_level)
+
+    def forward_features(
+        self,
+        features: list[Tensor],
+        image_sizes: Tensor,
+        targets: list[ImageTargets] | None = None,
+        epoch: int = 0,
+        inference_level: str | None = None,
+    ) -> ModelOutput:
+        """Everything after the FPN, from ``[P2, P3, P4, P5]``; always float32."""
+        train_targets = targets if self.training else None
+        with torch.autocast(features[0].device.type, enabled=False):
+            anchors = self.anchor_generator(
+                features[1:4], image_sizes, targets=train_targets, epoch=epoch,
+                inference_level=inference_level,
+            )
+            noise = max(self.dn_noise_scale - self.dn_noise_decay * epoch, 0.0)
+            queries = build_queries(
+                anchors, image_sizes, train_targets, num_dn=self.num_dn if train_targets else 0,
+                noise_scale=noise, num_heads=self.attention_heads,
+            )
+            proposals = self.proposal(queries, features, image_sizes)
+            heads = self.decoder(proposals, features, image_sizes, queries.attn_mask)
+        return ModelOutput(anchors=anchors, queries=queries, proposals=proposals.prediction, heads=heads)
+
+    def postprocess(self, output: ModelOutput, orig_sizes: Tensor) -> list[Detections]:
+        """Detections of the selected head in original-image pixels (``orig_sizes`` ``[B, 2]`` (h, w))."""
+        head = output.heads[self.used_head]
+        return self.postprocessor(head, output.valid_mask, orig_sizes, num_dn=output.num_dn)
+
+    @torch.inference_mode()
+    def predict(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor,
+                inference_level: str | None = None) -> list[Detections]:
+        """Evaluation-mode forward plus post-processing."""
+        was_training = self.training
+        self.eval()
+        try:
+            output = self(images, image_sizes, inference_level=inference_level)
+            return self.postprocess(output, orig_sizes)
+        finally:
+            self.train(was_training)

@@ -61,3 +61,29 @@ FIXTURE_MODEL = {
 CASES = ["a", "b"]
 LEVELS = ["P3P6", "P4P6", "P5P6"]
 VARIANTS = ["asag_a", "asag_s"]
+
+
+def fpn_features(fixtures_dir: Path, case: str) -> list[Tensor]:
+    """P2..P5 ``[B, 64, H/s, W/s]`` for an input case: stored (case a) or torchvision FPN on C2..C5."""
+    if case == "a":
+        stored = load(fixtures_dir, "fpn_case_a.pt")
+        return [stored[f"P{i}"] for i in range(2, 6)]
+    from collections import OrderedDict
+
+    from torchvision.ops import FeaturePyramidNetwork
+
+    inputs = load_inputs(fixtures_dir, case)
+    fpn = FeaturePyramidNetwork([256, 512, 1024, 2048], FIXTURE_MODEL["hidden_dim"])
+    fpn.load_state_dict(load_weights(fixtures_dir, "asag_a", "neck."))
+    with torch.no_grad():
+        out = fpn(OrderedDict((f"C{i}", inputs[f"C{i}"]) for i in range(2, 6)))
+    return list(out.values())
+
+
+def padding_attn_mask(valid_mask: Tensor, num_heads: int = 8) -> Tensor:
+    """Eval attention mask without denoising (spec 4.1): ``[B * num_heads, Q, Q]`` bool, True = blocked.
+
+    Valid rows may not attend to padded columns; padded rows see everything; batch-major ``b * heads + h``.
+    """
+    blocked = valid_mask[:, :, None] & ~valid_mask[:, None, :]  # [B, Q, Q]
+    return blocked.repeat_interleave(num_heads, dim=0)

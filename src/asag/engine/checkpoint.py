@@ -1,0 +1,242 @@
+"""Training checkpoints: atomic writes, safe loading, RNG state capture and restore.
+
+A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` reads: tensors, numbers,
+strings, lists, tuples and dicts only. Keys:
+
+``format``/``format_version`` (identify the file), ``model``, ``optimizer``, ``scheduler``, ``scaler``
+(state dicts, ``None`` when absent), ``epoch`` (the last *completed* epoch, 0-based), ``iteration``
+(optimizer steps done), ``rng`` (a list with one :func:`capture_rng_state` dict per rank),
+``config`` (the resolved configuration), ``label_map`` and ``extra`` (caller data, e.g. the best AP).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from asag.errors import CheckpointError
+
+CHECKPOINT_FORMAT = "asag.checkpoint"
+CHECKPOINT_VERSION = 1
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (or similar ``.module``) wrapper."""
+    return getattr(model, "module", model)
+
+
+def to_plain_data(value: Any, *, where: str = "value") -> Any:
+    """``value`` as plain data (dict/list/str/int/float/bool/None/tensor); tuples become lists and
+    paths strings. Raises TypeError naming the offending entry for anything else."""
+    if isinstance(value, (*_PLAIN_SCALARS, torch.Tensor)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {k: to_plain_data(v, where=f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain_data(v, where=f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"{where} has type {type(value).__name__}, which a checkpoint cannot store as plain data")
+
+
+# ------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of torch (CPU, and every CUDA device when available), numpy and ``random``.
+
+    Stored as tensors and plain numbers so that ``weights_only`` loading works.
+    """
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),  # [624] MT19937 words
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {
+            "version": int(py_version),
+            "internal": torch.tensor(py_internal, dtype=torch.int64),  # [625] MT words + position
+            "gauss_next": py_gauss,
+        },
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states captured by :func:`capture_rng_state`.
+
+    CUDA states are restored only when CUDA is available and the number of devices matches.
+    """
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(py_state["internal"].tolist()), py_state["gauss_next"]))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and ``random`` with ``seed``.
+
+    The release seeds each process with ``42 + rank`` (spec section 9); the caller adds the rank.
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# --------------------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    scaler: Any | None,
+    epoch: int,
+    iteration: int,
+    config: dict,
+    label_map: dict,
+    extra: dict | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write a training checkpoint atomically and return its path.
+
+    The data go to a temporary file in the same folder, which is flushed, synced and then renamed
+    over ``path`` (``os.replace``), so ``path`` is never left half-written: after a failure it holds
+    the previous checkpoint (or does not exist) and the temporary file is removed.
+
+    Args:
+        path: destination file (its folder is created).
+        model: the model (a DDP wrapper is unwrapped: keys never carry ``module.``).
+        optimizer, scheduler, scaler: objects with ``state_dict()``, or None.
+        epoch: last completed epoch (0-based). iteration: optimizer steps done in total.
+        config: the resolved configuration as plain data. label_map: plain data (e.g. label -> id).
+        extra: further plain data (best AP, metrics ...).
+        rng_states: RNG states of every rank, in rank order (gathered by the caller in distributed
+            training); default: this process's state only.
+    """
+    path = Path(path)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": int(epoch),
+        "iteration": int(iteration),
+        "rng": list(rng_states) if rng_states is not None else [capture_rng_state()],
+        "config": to_plain_data(config, where="config"),
+        "label_map": to_plain_data(label_map, where="label_map"),
+        "extra": to_plain_data(extra or {}, where="extra"),
+    }
+    _atomic_torch_save(payload, path)
+    return path
+
+
+def _atomic_torch_save(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: naming the file, when it is missing, truncated or corrupt, holds arbitrary
+            Python objects, or is a PyTorch file that is not an asag training checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} is not an asag training checkpoint: it holds Python objects other than tensors and "
+            f"plain data and cannot be loaded safely ({_first_line(err)})"
+        ) from err
+    except Exception as err:  # damaged files raise many types (RuntimeError, EOFError, KeyError ...)
+        reason = _first_line(err)
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt ({reason})") from err
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an asag training checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    if data.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {data['format_version']}; this asag reads up to "
+            f"{CHECKPOINT_VERSION}"
+        )
+    return data
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def restore_training_state(
+    checkpoint: dict[str, Any],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+    restore_rng: bool = True,
+    rank: int = 0,
+) -> None:
+    """Load model, optimizer, scheduler, scaler and (optionally) RNG states from ``checkpoint``.
+
+    The model is loaded strictly (a DDP wrapper is unwrapped). ``rank`` picks this process's RNG
+    state; a checkpoint written by fewer ranks gives the extra ranks rank 0's state. Raises
+    CheckpointError when the model does not fit the checkpoint or a requested state is missing.
+    """
+    try:
+        unwrap_model(model).load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint does not fit the model: {_first_line(err)}") from err
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if target is None:
+            continue
+        if checkpoint.get(name) is None:
+            raise CheckpointError(f"checkpoint holds no {name} state")
+        target.load_state_dict(checkpoint[name])
+    if restore_rng:
+        states = checkpoint["rng"]
+        restore_rng_state(states[rank] if rank < len(states) else states[0])

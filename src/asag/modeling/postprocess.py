@@ -1,0 +1,120 @@
+"""Post-processing: head predictions -> per-image detections in original-image pixels (spec section 10).
+
+Differs from the release in one respect (spec section 15, quirk 18): padded (invalid) and denoising
+queries never produce detections. With a batch of one image, where no query is padded, the result is
+identical to the release.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms, box_convert
+
+from asag.structures import Detections, HeadOutput
+
+# Detections kept per image (spec section 10, authors' value for COCO).
+DEFAULT_TOP_K = 100
+# IoU of the optional class-wise NMS (spec section 10: 0.7 for COCO, 0.8 for CrowdHuman).
+DEFAULT_NMS_IOU = 0.7
+
+
+def postprocess(
+    logits: Tensor,
+    boxes: Tensor,
+    orig_sizes: Tensor,
+    valid_mask: Tensor | None = None,
+    top_k: int | None = DEFAULT_TOP_K,
+    nms_iou: float | None = None,
+) -> list[Detections]:
+    """Top-k over queries x classes, optional class-wise NMS, boxes to original pixels.
+
+    Args:
+        logits: ``[B, Q, C]`` class logits of the chosen head (matching queries only, no DN part).
+        boxes: ``[B, Q, 4]`` cxcywh in the normalised frame.
+        orig_sizes: ``[B, 2]`` ``(h, w)`` of the original images.
+        valid_mask: ``[B, Q]`` bool, True for real queries; invalid queries never produce detections.
+            ``None`` treats every query as valid (the release's behaviour).
+        top_k: detections kept per image before NMS (capped by the available entries); ``None`` keeps
+            all ``Q * C`` entries.
+        nms_iou: IoU of the class-wise NMS applied to the top-k detections; ``None`` disables it.
+
+    Returns:
+        One :class:`Detections` per image: xyxy boxes in original pixels, sigmoid scores (descending)
+        and contiguous labels ``0..C-1`` (query index = flat index // C, label = flat index % C).
+    """
+    batch, _, num_classes = logits.shape
+    scores = logits.sigmoid()  # [B, Q, C]
+    if valid_mask is not None:
+        scores = scores.masked_fill(~valid_mask[..., None], float("-inf"))
+    flat = scores.flatten(1)  # [B, Q * C]
+    k = flat.shape[1] if top_k is None else min(top_k, flat.shape[1])
+    top_scores, top_idx = flat.topk(k, dim=1)  # [B, k]
+    query = torch.div(top_idx, num_classes, rounding_mode="floor")  # [B, k]
+    labels = top_idx % num_classes  # [B, k]
+    picked = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))  # [B, k, 4] cxcywh
+    scale = orig_sizes.flip(-1).repeat(1, 2)[:, None, :]  # [B, 1, 4] (W, H, W, H)
+    boxes_px = box_convert(picked, "cxcywh", "xyxy") * scale  # [B, k, 4]
+    keep = torch.isfinite(top_scores)  # [B, k]
+    if nms_iou is not None:
+        keep &= _nms_keep(boxes_px, top_scores, labels + num_classes * _image_index(labels), keep, nms_iou)
+    return [
+        Detections(boxes=boxes_px[b][keep[b]], scores=top_scores[b][keep[b]], labels=labels[b][keep[b]])
+        for b in range(batch)
+    ]
+
+
+def _image_index(x: Tensor) -> Tensor:
+    """``[B, k]`` tensor holding the row (image) index of every entry of ``x`` (``[B, k]``)."""
+    return torch.arange(x.shape[0], device=x.device)[:, None].expand_as(x)
+
+
+def _nms_keep(boxes_px: Tensor, scores: Tensor, groups: Tensor, candidates: Tensor, iou: float) -> Tensor:
+    """Grouped NMS of every image at once (one group per image and class).
+
+    Args: ``[B, k, 4]`` xyxy boxes, ``[B, k]`` scores, ``[B, k]`` int group ids, ``[B, k]`` bool candidates.
+    Returns: ``[B, k]`` bool, True for kept candidates. Candidates are sorted by score per image, so the
+    kept ones stay in descending score order.
+    """
+    batch, k = scores.shape
+    flat_idx = candidates.flatten().nonzero().squeeze(1)  # [n]
+    kept = batched_nms(
+        boxes_px.flatten(0, 1)[flat_idx], scores.flatten()[flat_idx], groups.flatten()[flat_idx], iou
+    )
+    keep = torch.zeros(batch * k, dtype=torch.bool, device=scores.device)
+    keep[flat_idx[kept]] = True
+    return keep.view(batch, k)
+
+
+def contiguous_to_category_ids(labels: Tensor, category_ids: Tensor) -> Tensor:
+    """Map contiguous labels ``[K]`` to data-set category ids through ``category_ids`` ``[C]``."""
+    return category_ids.to(labels.device)[labels]
+
+
+class PostProcessor:
+    """Callable wrapper holding the post-processing settings.
+
+    Args:
+        top_k: detections per image (100 for COCO; ``None`` = all queries x classes, CrowdHuman).
+        nms_iou: class-wise NMS IoU (``None`` = off; 0.7 with the 300-query preset, 0.8 CrowdHuman).
+    """
+
+    def __init__(self, top_k: int | None = DEFAULT_TOP_K, nms_iou: float | None = None):
+        self.top_k = top_k
+        self.nms_iou = nms_iou
+
+    def __call__(
+        self, head: HeadOutput, orig_sizes: Tensor, valid_mask: Tensor | None, num_dn: int = 0
+    ) -> list[Detections]:
+        """Post-process one head's output ``[B, num_dn + Q, *]``; the first ``num_dn`` rows are dropped.
+
+        ``valid_mask`` is ``[B, Q]`` over the matching queries (``None``: all valid).
+        """
+        return postprocess(
+            head.logits[:, num_dn:],
+            head.boxes[:, num_dn:],
+            orig_sizes,
+            valid_mask,
+            top_k=self.top_k,
+            nms_iou=self.nms_iou,
+        )

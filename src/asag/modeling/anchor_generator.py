@@ -1,0 +1,541 @@
+"""The Anchor Generator: adaptive sparse anchors from P5/P6, refined by probing P4 and P3 (spec section 3).
+
+Data flow for a batch of ``B`` images (``d`` = FPN width, ``c`` = ``compress_dim``, ``P`` = patch size):
+
+1. *Coarse stage* (spec 3.3): ``compress[2](P5)``, the valid region resized to ``2P x 2P``, four
+   ``P x P`` crops plus a stride-2 ``P6`` map -> ``proj_all`` -> ``K1`` anchors per crop / P6 map.
+2. *Adaptive probing* (spec 3.4): mid-confidence small anchors become candidates; fixed-size squares
+   around them go through a per-image NMS; each kept square becomes a ``P x P`` patch on P4 (then P3),
+   whose tokens go through ``proj_patch`` -> ``K2`` anchors per patch.
+3. *Output selection* (spec 3.5): per stage the confident anchors that were not sent for refinement,
+   concatenated per image, capped at ``max_anchors`` and padded with the full-image box.
+
+Training (``self.training`` and targets given) adds flipped P6 copies, ground-truth patches and the
+epoch-0 teacher forcing of spec 3.7. Patches never loop in Python: cutting, predicting and decoding are
+batched over all patches of all images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, box_convert
+
+from asag.modeling.blocks import MLP, init_xavier
+from asag.modeling.patches import (
+    anchor_patch_positions,
+    anchors_to_pixels,
+    bilinear_resize_weights,
+    centrality_scores,
+    crop_offsets,
+    crops_to_image_frame,
+    extract_patch_tokens,
+    gt_patch_positions,
+    maps_to_tokens,
+    pad_to_patch,
+    patches_to_image_frame,
+    random_patch_positions,
+    rank_in_group,
+    split_into_crops,
+    square_boxes_xyxy,
+    valid_region_cells,
+)
+from asag.ops.boxes import full_image_boxes_cxcywh_px
+from asag.structures import AnchorOutput, ImageTargets, PatchPredictions
+
+# Loop index at which probing stops for each inference level (spec 3.4 step 1): 1 = before P4, 2 = before
+# P3, 3 = never.
+INFERENCE_LEVEL_STOP = {"P5P6": 1, "P4P6": 2, "P3P6": 3}
+# Probed levels in loop order: (loop index, index into the [P3, P4, P5] inputs, level name) (spec 3.4).
+PROBE_ORDER = ((1, 1, "P4"), (2, 0, "P3"))
+# Index of P5 in the inputs and of the shared coarse LayerNorm / positional table (spec 3.2).
+P5_INDEX = 2
+COARSE_TABLE = 0
+# The authors' AG MLPs: hidden width 125 * compress_dim, three linears (spec 3.1 / 3.2).
+MLP_HIDDEN_PER_CHANNEL = 125
+MLP_LAYERS = 3
+# Each anchor is (cx, cy, w, h, confidence logit) (spec 3.2).
+ANCHOR_FIELDS = 5
+# Crops tiling the resized P5 map (spec 3.3 step 5).
+NUM_CROPS = 4
+
+
+@dataclass
+class PatchSet:
+    """Patches chosen at one level.
+
+    batch_idx: ``[N]`` int64 image of each patch.
+    crop_pos: ``[N, 2]`` int64 ``(x, y)`` top-left in feature cells.
+    loss_only: ``[N]`` bool, True for GT-derived / random patches that only feed the loss.
+    """
+
+    batch_idx: Tensor
+    crop_pos: Tensor
+    loss_only: Tensor
+
+    def __len__(self) -> int:
+        return int(self.batch_idx.numel())
+
+
+@dataclass
+class StageAnchors:
+    """Decoded anchors of one stage, the input of the next probing step.
+
+    anchors: ``[N, K, 5]`` pixel cxcywh + confidence (after the zeroing rules), detached.
+    image_idx: ``[N]`` int64 image of each row (rows are images at the coarse stage, patches after).
+    coarse: True for the P5-crops/P6 stage (the ``min_anchors`` fallback applies only there).
+    """
+
+    anchors: Tensor
+    image_idx: Tensor
+    coarse: bool
+
+
+@dataclass
+class StageSelection:
+    """Anchors of one stage chosen for output.
+
+    anchors: ``[n, 5]`` pixel cxcywh + confidence, grouped by image (images ascending, each image's
+        anchors in patch-major order).
+    image_idx: ``[n]`` int64 image of each anchor.
+    reached: ``[B]`` bool, images that own rows at this stage (their group exists even when empty).
+    """
+
+    anchors: Tensor
+    image_idx: Tensor
+    reached: Tensor
+
+
+class AnchorGenerator(nn.Module):
+    """Adaptive Sparse Anchor Generation (spec section 3).
+
+    Submodule names follow the authors' state dict (``compress.k.{0,2}``, ``P6``, ``layernorm.k``,
+    ``pos_embedding.k``, ``proj_all.layers.j``, ``proj_patch.layers.j``), so official weights load by
+    prefix alone.
+
+    Args:
+        in_channels: FPN width ``d`` of P3..P5 (256; the fixtures use 64).
+        compress_dim: channels after compression (authors' default 8).
+        compress_hidden_dim: width between the two compression convs (authors: ``d / 2``, i.e. 128).
+        mlp_hidden_dim: hidden width of ``proj_all`` / ``proj_patch`` (authors: ``125 * compress_dim``).
+        num_anchors_coarse: anchors per P5 crop / P6 map (``num_pred_anchor1``, 50; 150 for 300 queries).
+        num_anchors_patch: anchors per P4/P3 patch (``num_pred_anchor2``, 20; 50 for 300 queries).
+        interpolate_size: side of the resized P5 map (30, hard-coded by the authors; must be 2 * patch).
+        patch_size: patch side in cells (15).
+        strides: strides of the inputs P3, P4, P5 (8, 16, 32).
+        threshold_low, threshold_high: confidence window of refinement candidates (0.1, 0.7).
+        patch_nms_threshold: IoU of the patch-selection and GT-patch NMS (0.25).
+        score_threshold: minimum confidence of an output anchor (``use_anchor_threshold``, 0.1).
+        min_anchors: per image, the coarse stage outputs at least this many anchors (5).
+        max_anchors: per image cap on output anchors (200).
+        min_anchor_size: anchors narrower or lower than this (pixels) get confidence 0 (3, hard-coded).
+        min_training_patches: training patches per image and probed level (4, hard-coded).
+        use_target_epoch: epochs of ground-truth teacher forcing (1).
+        max_patches_per_image: cap on predicted patches per image and level (None; CrowdHuman preset 60).
+        max_patches_per_level: the same cap as a speed option (None; the release's speed path used 15).
+        inference_level: default probing depth ``"P3P6"``, ``"P4P6"`` or ``"P5P6"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        compress_dim: int = 8,
+        compress_hidden_dim: int | None = None,
+        mlp_hidden_dim: int | None = None,
+        num_anchors_coarse: int = 50,
+        num_anchors_patch: int = 20,
+        interpolate_size: int = 30,
+        patch_size: int = 15,
+        strides: tuple[int, int, int] = (8, 16, 32),
+        threshold_low: float = 0.1,
+        threshold_high: float = 0.7,
+        patch_nms_threshold: float = 0.25,
+        score_threshold: float = 0.1,
+        min_anchors: int = 5,
+        max_anchors: int = 200,
+        min_anchor_size: float = 3.0,
+        min_training_patches: int = 4,
+        use_target_epoch: int = 1,
+        max_patches_per_image: int | None = None,
+        max_patches_per_level: int | None = None,
+        inference_level: str = "P3P6",
+    ):
+        super().__init__()
+        if interpolate_size != 2 * patch_size:
+            raise ValueError("interpolate_size must be 2 * patch_size: four crops tile the resized P5 map")
+        _check_level(inference_level)
+        hidden = compress_hidden_dim or in_channels // 2
+        mlp_hidden = mlp_hidden_dim or MLP_HIDDEN_PER_CHANNEL * compress_dim
+        tokens = patch_size * patch_size
+        self.compress = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(in_channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, compress_dim, 3, padding=1)
+            )
+            for _ in strides
+        )
+        # P6: 2P x 2P -> P x P (kernel 3, stride 2, padding 2, dilation 2; spec 3.2).
+        self.P6 = nn.Conv2d(compress_dim, compress_dim, 3, stride=2, padding=2, dilation=2)
+        self.layernorm = nn.ModuleList(nn.LayerNorm((tokens, compress_dim)) for _ in strides)
+        self.pos_embedding = nn.ModuleList(nn.Embedding(tokens, compress_dim) for _ in strides)
+        in_dim = tokens * compress_dim
+        self.proj_all = MLP(in_dim, mlp_hidden, ANCHOR_FIELDS * num_anchors_coarse, MLP_LAYERS)
+        self.proj_patch = MLP(in_dim, mlp_hidden, ANCHOR_FIELDS * num_anchors_patch, MLP_LAYERS)
+
+        self.num_anchors_coarse = num_anchors_coarse
+        self.num_anchors_patch = num_anchors_patch
+        self.interpolate_size = interpolate_size
+        self.patch_size = patch_size
+        self.strides = tuple(strides)
+        self.threshold_low = threshold_low
+        self.threshold_high = threshold_high
+        self.patch_nms_threshold = patch_nms_threshold
+        self.score_threshold = score_threshold
+        self.min_anchors = min_anchors
+        self.max_anchors = max_anchors
+        self.min_anchor_size = min_anchor_size
+        self.min_training_patches = min_training_patches
+        self.use_target_epoch = use_target_epoch
+        caps = [c for c in (max_patches_per_image, max_patches_per_level) if c is not None]
+        self.patch_cap = min(caps) if caps else None
+        self.inference_level = inference_level
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: Xavier-uniform for every >1-D parameter (the (P*P, c) LayerNorm affine
+        included, spec 13 item 5), PyTorch defaults for biases, zero positional tables."""
+        init_xavier(self)
+        for table in self.pos_embedding:
+            nn.init.zeros_(table.weight)
+
+    # ------------------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        features: list[Tensor],
+        image_sizes: Tensor,
+        targets: list[ImageTargets] | None = None,
+        epoch: int = 0,
+        inference_level: str | None = None,
+    ) -> AnchorOutput:
+        """Generate anchors.
+
+        Args:
+            features: ``[P3, P4, P5]``, each ``[B, d, H_l, W_l]`` of the zero-padded batch.
+            image_sizes: ``[B, 2]`` int64 ``(h, w)`` of the unpadded images (pixels).
+            targets: ground truth; with ``self.training`` it enables the training behaviour of spec 3.7.
+            epoch: current epoch (teacher forcing while ``epoch < use_target_epoch``).
+            inference_level: per-call override of the probing depth (``P3P6 | P4P6 | P5P6``).
+        Returns:
+            :class:`AnchorOutput`: ``boxes [B, Q, 4]`` pixel cxcywh (padding = full-image box),
+            ``valid_mask [B, Q]``, per-level ``patch_predictions`` and per-image ``selected`` groups.
+        """
+        train = self.training and targets is not None
+        teacher = train and epoch < self.use_target_epoch
+        stop = INFERENCE_LEVEL_STOP[_check_level(inference_level or self.inference_level)]
+        image_sizes = image_sizes.to(features[0].device)
+        image_wh = image_sizes.flip(-1).to(features[0].dtype)  # [B, 2] (w, h)
+        predictions, current = self._coarse_stage(features[P5_INDEX], image_sizes, image_wh, train)
+        selections: list[StageSelection] = []
+        for step, level, name in PROBE_ORDER:
+            if step == stop:
+                break
+            candidates = self._candidates(current, self.strides[level])
+            if not train and not bool(candidates.any()):
+                break
+            selections.append(self._select(current, None if teacher else candidates, len(image_wh)))
+            patches = self._choose_patches(current, candidates, level, image_wh, targets if train else None,
+                                           teacher)
+            prediction, current = self._probe(features[level], level, step, name, patches, image_wh)
+            predictions.append(prediction)
+        selections.append(self._select(current, None, len(image_wh)))
+        return self._pack(predictions, selections, image_sizes)
+
+    # ------------------------------------------------------------------------------- coarse stage
+
+    def _predict(self, tokens: Tensor, table: int, mlp: MLP, num_anchors: int) -> Tensor:
+        """``[..., P*P, c]`` tokens -> ``[..., K, 5]``: sigmoid (patch-frame) cxcywh, raw logit."""
+        x = self.layernorm[table](tokens) + self.pos_embedding[table].weight  # [..., P*P, c]
+        out = mlp(x.flatten(-2)).unflatten(-1, (num_anchors, ANCHOR_FIELDS))  # [..., K, 5]
+        return torch.cat([out[..., :4].sigmoid(), out[..., 4:]], dim=-1)
+
+    def _resize_p5(self, f5: Tensor, image_sizes: Tensor) -> Tensor:
+        """``[B, c, H5, W5]`` -> ``[B, c, I, I]``: each image's valid region, bilinearly resized."""
+        valid = valid_region_cells(image_sizes, self.strides[P5_INDEX], tuple(f5.shape[-2:]))  # [B, 2]
+        rows = bilinear_resize_weights(valid[:, 0], f5.shape[-2], self.interpolate_size)  # [B, I, H5]
+        cols = bilinear_resize_weights(valid[:, 1], f5.shape[-1], self.interpolate_size)  # [B, I, W5]
+        return rows[:, None] @ f5 @ cols[:, None].transpose(-1, -2)  # [B, c, I, I]
+
+    def _coarse_stage(
+        self, p5: Tensor, image_sizes: Tensor, image_wh: Tensor, train: bool
+    ) -> tuple[list[PatchPredictions], StageAnchors]:
+        """P5 crops and the P6 map (spec 3.3); in training P6 also runs flipped (spec 3.7 item 1)."""
+        grid = self._resize_p5(self.compress[P5_INDEX](p5), image_sizes)  # [B, c, I, I]
+        p6 = self.P6(F.relu(grid))  # [B, c, P, P]
+        # training: original, h-flip, v-flip, hv-flip -> [B, 4, c, P, P]; otherwise [B, 1, c, P, P]
+        p6 = torch.stack([p6, p6.flip(-1), p6.flip(-2), p6.flip(-2, -1)], dim=1) if train else p6[:, None]
+        maps = torch.cat([split_into_crops(grid, self.patch_size), p6], dim=1)  # [B, 4 + n6, c, P, P]
+        raw = self._predict(maps_to_tokens(maps), COARSE_TABLE, self.proj_all, self.num_anchors_coarse)
+        batch_idx = torch.arange(len(image_wh), device=p5.device)
+        offsets = crop_offsets(self.patch_size, p5.device)
+        predictions = [
+            PatchPredictions("P6", raw[:, NUM_CROPS:], batch_idx),
+            PatchPredictions("P5", raw[:, :NUM_CROPS], batch_idx, crop_pos=offsets),
+        ]
+        anchors = self._decode_coarse(raw.detach(), offsets, image_wh)  # [B, 5 * K1, 5]
+        return predictions, StageAnchors(anchors, batch_idx, True)
+
+    def _decode_coarse(self, raw: Tensor, offsets: Tensor, image_wh: Tensor) -> Tensor:
+        """``[B, 4 + n6, K1, 5]`` raw -> ``[B, 5 * K1, 5]`` pixel anchors ordered crop0..crop3, P6."""
+        size, patch = self.interpolate_size, self.patch_size
+        crops = crops_to_image_frame(raw[:, :NUM_CROPS, :, :4], offsets, size, patch)  # [B, 4, K1, 4]
+        boxes = torch.cat([crops, raw[:, NUM_CROPS : NUM_CROPS + 1, :, :4]], dim=1)  # [B, 5, K1, 4]
+        logits = raw[:, : NUM_CROPS + 1, :, 4]  # [B, 5, K1]
+        boxes, logits = boxes.flatten(1, 2), logits.flatten(1)  # [B, 5 * K1, 4], [B, 5 * K1]
+        return anchors_to_pixels(boxes, logits, image_wh, self.min_anchor_size, check_boundary=False)
+
+    # ---------------------------------------------------------------------------------- probing
+
+    def _candidates(self, current: StageAnchors, stride: int) -> Tensor:
+        """``[N, K]`` bool refinement candidates: ``low < c < high`` and both sides ``< s * P / 2`` px."""
+        a = current.anchors
+        limit = stride * self.patch_size / 2
+        conf = a[..., 4]
+        confident = (conf > self.threshold_low) & (conf < self.threshold_high)
+        return confident & (a[..., 3] < limit) & (a[..., 2] < limit)
+
+    @torch.no_grad()
+    def _predicted_patches(self, current: StageAnchors, candidates: Tensor, stride: int,
+                           image_wh: Tensor) -> PatchSet:
+        """Patch NMS on ``s * P`` px squares around candidates (spec 3.4 step 4); batched-NMS order."""
+        rows, cols = candidates.nonzero(as_tuple=True)
+        anchors = current.anchors[rows, cols]  # [M, 5]
+        image_idx = current.image_idx[rows]  # [M]
+        squares = square_boxes_xyxy(anchors[:, :2], stride * self.patch_size)  # [M, 4] xyxy px
+        keep = batched_nms(squares, anchors[:, 4], image_idx, self.patch_nms_threshold)
+        if self.patch_cap is not None:
+            keep = keep[rank_in_group(image_idx[keep], len(image_wh)) < self.patch_cap]
+        kept_images = image_idx[keep]
+        positions = anchor_patch_positions(anchors[keep, :2], image_wh[kept_images], stride, self.patch_size)
+        return PatchSet(kept_images, positions, torch.zeros_like(kept_images, dtype=torch.bool))
+
+    def _choose_patches(
+        self,
+        current: StageAnchors,
+        candidates: Tensor,
+        level: int,
+        image_wh: Tensor,
+        targets: list[ImageTargets] | None,
+        teacher: bool,
+    ) -> PatchSet:
+        """Predicted patches, plus in training the GT-derived / random patches of spec 3.7."""
+        stride = self.strides[level]
+        predicted = None if teacher else self._predicted_patches(current, candidates, stride, image_wh)
+        if targets is None:
+            return predicted
+        with torch.no_grad():
+            return training_patches(
+                predicted, targets, image_wh, stride, self.patch_size, self.patch_nms_threshold,
+                self.min_training_patches,
+            )
+
+    def _probe(
+        self, feature: Tensor, level: int, step: int, name: str, patches: PatchSet, image_wh: Tensor
+    ) -> tuple[PatchPredictions, StageAnchors]:
+        """Cut the patches from ``compress[level](feature)``, predict and decode the real ones."""
+        stride = self.strides[level]
+        fmap = pad_to_patch(self.compress[level](feature), self.patch_size)  # [B, c, >=P, >=P]
+        tokens = extract_patch_tokens(fmap, patches.batch_idx, patches.crop_pos, self.patch_size)
+        raw = self._predict(tokens, step, self.proj_patch, self.num_anchors_patch)  # [N, K2, 5]
+        prediction = PatchPredictions(
+            name, raw, patches.batch_idx, crop_pos=patches.crop_pos, loss_only=patches.loss_only,
+            stride=stride,
+        )
+        real = ~patches.loss_only
+        raw_real = raw.detach()[real]  # [N_real, K2, 5]
+        images = patches.batch_idx[real]
+        wh = image_wh[images]  # [N_real, 2]
+        boxes = patches_to_image_frame(raw_real[..., :4], patches.crop_pos[real], wh, stride, self.patch_size)
+        anchors = anchors_to_pixels(boxes, raw_real[..., 4], wh, self.min_anchor_size, check_boundary=True)
+        return prediction, StageAnchors(anchors, images, False)
+
+    # ----------------------------------------------------------------------------------- output
+
+    def _select(self, current: StageAnchors, candidates: Tensor | None, num_images: int) -> StageSelection:
+        """Output anchors of one stage (spec 3.5): confident and, if ``candidates`` is given, not refined."""
+        keep = current.anchors[..., 4] > self.score_threshold  # [N, K]
+        if candidates is not None:
+            keep &= ~candidates
+        if current.coarse:
+            rows, cols = self._coarse_choice(current.anchors[..., 4], keep)
+        else:
+            rows, cols = keep.nonzero(as_tuple=True)
+        images = current.image_idx[rows]
+        order = torch.argsort(images, stable=True)
+        reached = torch.bincount(current.image_idx, minlength=num_images) > 0
+        return StageSelection(current.anchors[rows[order], cols[order]], images[order], reached)
+
+    def _coarse_choice(self, conf: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        """Indices of the coarse outputs: ``keep``, or the ``min_anchors`` most confident anchors
+        (descending) for images where fewer pass (spec 3.5 A, may duplicate refined anchors)."""
+        k = min(self.min_anchors, conf.shape[1])
+        fallback = keep.sum(1) < k  # [B]
+        rows, cols = (keep & ~fallback[:, None]).nonzero(as_tuple=True)
+        fb_rows = fallback.nonzero()[:, 0]  # [F]
+        fb_cols = conf[fb_rows].topk(k, dim=1).indices  # [F, k]
+        rows = torch.cat([rows, fb_rows[:, None].expand(-1, k).reshape(-1)])
+        cols = torch.cat([cols, fb_cols.reshape(-1)])
+        return rows, cols
+
+    def _pack(
+        self, predictions: list[PatchPredictions], selections: list[StageSelection], image_sizes: Tensor
+    ) -> AnchorOutput:
+        """Concatenate stages per image, cap at ``max_anchors``, pad to ``[B, Q, 4]`` (spec 3.5 C-D)."""
+        num_images = len(image_sizes)
+        anchors = torch.cat([s.anchors for s in selections])  # [n, 5]
+        images = torch.cat([s.image_idx for s in selections])  # [n]
+        order = torch.argsort(images, stable=True)  # per image: coarse to fine
+        anchors, images = cap_per_image(anchors[order], images[order], num_images, self.max_anchors)
+        counts = torch.bincount(images, minlength=num_images)
+        slots = rank_in_group(images, num_images)
+        boxes = full_image_boxes_cxcywh_px(image_sizes, int(counts.max())).clone()  # [B, Q, 4]
+        boxes[images, slots] = anchors[:, :4]
+        valid = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)  # [B, Q]
+        valid[images, slots] = True
+        return AnchorOutput(predictions, boxes, valid, _groups_per_image(selections, num_images))
+
+
+# ---------------------------------------------------------------------------------- pure helpers
+
+
+def _check_level(level: str) -> str:
+    if level not in INFERENCE_LEVEL_STOP:
+        raise ValueError(f"inference_level must be one of {sorted(INFERENCE_LEVEL_STOP)}, got {level!r}")
+    return level
+
+
+def _groups_per_image(selections: list[StageSelection], num_images: int) -> list[list[Tensor]]:
+    """Per image, the ``[n, 5]`` output anchors of every stage it reached (coarse to fine)."""
+    groups: list[list[Tensor]] = [[] for _ in range(num_images)]
+    for selection in selections:
+        counts = torch.bincount(selection.image_idx, minlength=num_images).tolist()
+        reached = selection.reached.tolist()
+        for image, part in enumerate(torch.split(selection.anchors, counts)):
+            if reached[image]:
+                groups[image].append(part)
+    return groups
+
+
+def cap_per_image(
+    anchors: Tensor, images: Tensor, num_images: int, max_anchors: int
+) -> tuple[Tensor, Tensor]:
+    """Keep the ``max_anchors`` most confident anchors of every image that has more (spec 3.5 C).
+
+    Args:
+        anchors: ``[n, 5]`` pixel cxcywh + confidence, grouped by image (ascending).
+        images: ``[n]`` int64 image index.
+    Returns:
+        The kept anchors and their images, grouped by image. Images over the cap are sorted by
+        descending confidence (ties keep their order); the others keep their order.
+    """
+    over = torch.bincount(images, minlength=num_images) > max_anchors  # [B]
+    if not bool(over.any()):
+        return anchors, images
+    by_conf = torch.sort(anchors[:, 4], descending=True, stable=True).indices
+    by_conf = by_conf[torch.argsort(images[by_conf], stable=True)]  # per image, descending confidence
+    conf_images = images[by_conf]
+    top = by_conf[over[conf_images] & (rank_in_group(conf_images, num_images) < max_anchors)]
+    rest = (~over[images]).nonzero()[:, 0]
+    kept = torch.cat([rest, top])
+    kept = kept[torch.argsort(images[kept], stable=True)]
+    return anchors[kept], images[kept]
+
+
+def ground_truth_patches(
+    targets: list[ImageTargets], image_wh: Tensor, stride: int, patch_size: int, nms_threshold: float
+) -> PatchSet:
+    """Patches around small ground-truth objects, grouped by image (spec 3.7 item 3).
+
+    Boxes with both sides below ``s * P / 2`` px take part; a centrality-scored NMS (IoU
+    ``nms_threshold``) thins them; each survivor gives a patch containing the object at a random place.
+
+    Args:
+        targets: per image, ``boxes [n, 4]`` normalised cxcywh.
+        image_wh: ``[B, 2]`` ``(w, h)``.
+    Returns:
+        :class:`PatchSet` (``loss_only`` False), per image in NMS order.
+    """
+    device = image_wh.device
+    boxes = torch.cat([t.boxes.to(device=device, dtype=image_wh.dtype).reshape(-1, 4) for t in targets])
+    counts = torch.tensor([len(t.boxes) for t in targets], device=device)
+    images = torch.repeat_interleave(torch.arange(len(targets), device=device), counts)  # [n]
+    px = boxes * image_wh[images].repeat(1, 2)  # [n, 4] cxcywh px
+    limit = stride * patch_size / 2
+    small = (px[:, 2] < limit) & (px[:, 3] < limit)
+    px, images = px[small], images[small]
+    xyxy = box_convert(px, "cxcywh", "xyxy")
+    keep = batched_nms(xyxy, centrality_scores(px[:, :2], images), images, nms_threshold)
+    keep = keep[torch.argsort(images[keep], stable=True)]
+    jitter = torch.rand(len(keep), 2, device=device)
+    positions = gt_patch_positions(xyxy[keep], image_wh[images[keep]], stride, patch_size, jitter)
+    return PatchSet(images[keep], positions, torch.zeros_like(keep, dtype=torch.bool))
+
+
+def sample_per_image(patches: PatchSet, needed: Tensor, num_images: int) -> PatchSet:
+    """At most ``needed[b]`` patches of each image, drawn by a random permutation, marked loss-only."""
+    order = torch.randperm(len(patches), device=needed.device)
+    order = order[torch.argsort(patches.batch_idx[order], stable=True)]  # random order within each image
+    images = patches.batch_idx[order]
+    order = order[rank_in_group(images, num_images) < needed[images]]
+    loss_only = torch.ones_like(order, dtype=torch.bool)
+    return PatchSet(patches.batch_idx[order], patches.crop_pos[order], loss_only)
+
+
+def random_patches(needed: Tensor, image_wh: Tensor, stride: int, patch_size: int) -> PatchSet:
+    """``needed[b]`` uniformly placed loss-only patches for image ``b`` (spec 3.7 item 3)."""
+    images = torch.repeat_interleave(torch.arange(len(needed), device=needed.device), needed)
+    uniform = torch.rand(len(images), 2, device=needed.device)
+    positions = random_patch_positions(image_wh[images], stride, patch_size, uniform)
+    return PatchSet(images, positions, torch.ones_like(images, dtype=torch.bool))
+
+
+def merge_per_image(parts: list[PatchSet]) -> PatchSet:
+    """Concatenate patch sets per image: images ascending, within an image the parts in list order."""
+    images = torch.cat([p.batch_idx for p in parts])
+    part = torch.cat([torch.full_like(p.batch_idx, i) for i, p in enumerate(parts)])
+    order = torch.argsort(images * len(parts) + part, stable=True)
+    return PatchSet(
+        images[order],
+        torch.cat([p.crop_pos for p in parts])[order],
+        torch.cat([p.loss_only for p in parts])[order],
+    )
+
+
+def training_patches(
+    predicted: PatchSet | None,
+    targets: list[ImageTargets],
+    image_wh: Tensor,
+    stride: int,
+    patch_size: int,
+    nms_threshold: float,
+    min_patches: int,
+) -> PatchSet:
+    """The training patch list of one level (spec 3.7 items 2-3).
+
+    ``predicted is None`` (teacher forcing): every GT patch, as a real patch. Otherwise the predicted
+    patches, topped up to ``min_patches`` per image with randomly chosen GT patches (loss-only). Images
+    still short get random loss-only patches. Per image: primary patches first, then the added ones.
+    """
+    num_images = len(targets)
+    gt = ground_truth_patches(targets, image_wh, stride, patch_size, nms_threshold)
+    if predicted is None:
+        parts = [gt]
+    else:
+        primary = merge_per_image([predicted])
+        have = torch.bincount(primary.batch_idx, minlength=num_images)
+        parts = [primary, sample_per_image(gt, (min_patches - have).clamp(min=0), num_images)]
+    have = sum(torch.bincount(p.batch_idx, minlength=num_images) for p in parts)
+    parts.append(random_patches((min_patches - have).clamp(min=0), image_wh, stride, patch_size))
+    return merge_per_image(parts)

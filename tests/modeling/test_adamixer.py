@@ -179,6 +179,11 @@ def test_official_initialisation():
     assert stage.cls_fcs[0].bias is None and len(stage.reg_fcs) == 9
 
 
+def test_channel_groups_must_divide_the_width():
+    with pytest.raises(ValueError):
+        small_stage(n_groups=5)
+
+
 def test_official_parameter_names_and_counts():
     stage = AdaMixerStage(hidden_dim=256, num_classes=80)
     count = sum(p.numel() for p in stage.parameters())

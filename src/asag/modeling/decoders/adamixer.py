@@ -185,6 +185,8 @@ class SamplingMixing(nn.Module):
         strides: Sequence[int] = DEFAULT_FEATMAP_STRIDES,
     ) -> None:
         super().__init__()
+        if query_dim % n_groups:
+            raise ValueError(f"query_dim {query_dim} is not divisible by n_groups {n_groups}")
         self.n_groups = n_groups
         self.in_points = in_points
         self.strides = tuple(strides)

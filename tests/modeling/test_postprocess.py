@@ -74,7 +74,7 @@ def test_post_processor_drops_denoising_rows():
     logits[0, 2, 1] = 1.0
     head = HeadOutput(logits=logits, boxes=torch.rand(1, 4, 4))
     valid = torch.ones(1, 3, dtype=torch.bool)
-    (det,) = PostProcessor(top_k=1)(head, torch.tensor([[10, 10]]), valid, num_dn=1)
+    (det,) = PostProcessor(topk=1)(head, valid, torch.tensor([[10, 10]]), num_dn=1)
     assert det.labels.tolist() == [1]
     torch.testing.assert_close(det.scores, torch.sigmoid(torch.tensor([1.0])))
 
@@ -94,6 +94,10 @@ def test_class_wise_nms():
         assert det.labels.tolist() == [0, 1, 0]
     loose = postprocess(logits, boxes, orig, None, top_k=4, nms_iou=0.8)
     assert len(loose[0]) == 4
+    head = HeadOutput(logits=logits, boxes=boxes)
+    module_dets = PostProcessor(topk=4, nms=True, nms_threshold=0.7)(head, None, orig)
+    assert [d.labels.tolist() for d in module_dets] == [[0, 1, 0], [0, 1, 0]]
+    assert len(PostProcessor(topk=4, nms=False, nms_threshold=0.7)(head, None, orig)[0]) == 4
 
 
 def test_contiguous_to_category_ids():

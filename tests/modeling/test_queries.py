@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asag.modeling.queries import build_queries, noise_boxes, query_attention_mask, scheduled_noise_scale
+from asag.modeling.queries import build_queries, noise_boxes, query_attention_mask
 from asag.structures import AnchorOutput, ImageTargets
 from official import listed, load
 
@@ -173,11 +173,6 @@ def test_noised_queries_stay_near_targets():
     assert ((q.boxes[0, :198] / whwh - clean).abs() <= spread + 1e-6).all()
     assert not torch.allclose(q.boxes[0, :198] / whwh, clean)
     torch.testing.assert_close(q.boxes[0, 198:200], torch.tensor([100.0, 50.0, 200.0, 100.0]).expand(2, 4))
-
-
-def test_noise_schedule():
-    assert scheduled_noise_scale(0) == 0.8
-    assert abs(scheduled_noise_scale(10) - 0.4) < 1e-12
 
 
 def test_dn_targets_match_official_criterion_fixture(fixtures_dir):

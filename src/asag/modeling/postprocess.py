@@ -8,7 +8,7 @@ identical to the release.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_convert
 
 from asag.structures import Detections, HeadOutput
@@ -91,30 +91,38 @@ def contiguous_to_category_ids(labels: Tensor, category_ids: Tensor) -> Tensor:
     return category_ids.to(labels.device)[labels]
 
 
-class PostProcessor:
-    """Callable wrapper holding the post-processing settings.
+class PostProcessor(nn.Module):
+    """Module holding the post-processing settings (no parameters).
 
     Args:
-        top_k: detections per image (100 for COCO; ``None`` = all queries x classes, CrowdHuman).
-        nms_iou: class-wise NMS IoU (``None`` = off; 0.7 with the 300-query preset, 0.8 CrowdHuman).
+        topk: detections per image (100 for COCO; ``None`` = all queries x classes, as for CrowdHuman).
+        nms: apply class-wise NMS to the top-k detections (on with the 300-query and CrowdHuman presets).
+        nms_threshold: IoU of that NMS (0.7 COCO, 0.8 CrowdHuman).
     """
 
-    def __init__(self, top_k: int | None = DEFAULT_TOP_K, nms_iou: float | None = None):
-        self.top_k = top_k
-        self.nms_iou = nms_iou
+    def __init__(
+        self, topk: int | None = DEFAULT_TOP_K, nms: bool = False, nms_threshold: float = DEFAULT_NMS_IOU
+    ):
+        super().__init__()
+        self.topk = topk
+        self.nms_iou = nms_threshold if nms else None
 
-    def __call__(
-        self, head: HeadOutput, orig_sizes: Tensor, valid_mask: Tensor | None, num_dn: int = 0
+    def forward(
+        self, head: HeadOutput, valid_mask: Tensor | None, orig_sizes: Tensor, num_dn: int = 0
     ) -> list[Detections]:
         """Post-process one head's output ``[B, num_dn + Q, *]``; the first ``num_dn`` rows are dropped.
 
-        ``valid_mask`` is ``[B, Q]`` over the matching queries (``None``: all valid).
+        Args:
+            head: logits ``[B, num_dn + Q, C]`` and normalised cxcywh boxes ``[B, num_dn + Q, 4]``.
+            valid_mask: ``[B, Q]`` bool over the matching queries (``None``: all valid).
+            orig_sizes: ``[B, 2]`` ``(h, w)`` of the original images.
+            num_dn: denoising queries at the front of ``head``.
         """
         return postprocess(
             head.logits[:, num_dn:],
             head.boxes[:, num_dn:],
             orig_sizes,
             valid_mask,
-            top_k=self.top_k,
+            top_k=self.topk,
             nms_iou=self.nms_iou,
         )

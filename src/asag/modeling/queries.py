@@ -19,15 +19,6 @@ from torch import Tensor
 from asag.ops.boxes import full_image_boxes_cxcywh_px, whwh
 from asag.structures import AnchorOutput, ImageTargets, QuerySet
 
-# Box-noise schedule without ``fix_noise_scale``: lambda = 0.8 - 0.04 * epoch (spec section 4.2).
-NOISE_SCALE_START = 0.8
-NOISE_SCALE_DECAY_PER_EPOCH = 0.04
-
-
-def scheduled_noise_scale(epoch: int) -> float:
-    """Denoising box-noise scale when it is not fixed: ``0.8 - 0.04 * epoch`` (spec section 4.2)."""
-    return NOISE_SCALE_START - NOISE_SCALE_DECAY_PER_EPOCH * epoch
-
 
 def query_attention_mask(
     num_gt: Tensor, num_valid: Tensor, num_dn: int, num_anchors: int, num_heads: int

@@ -453,19 +453,20 @@ def cap_per_image(
     return anchors[kept], images[kept]
 
 
-def ground_truth_patches(
+def ground_truth_boxes(
     targets: list[ImageTargets], image_wh: Tensor, stride: int, patch_size: int, nms_threshold: float
-) -> PatchSet:
-    """Patches around small ground-truth objects, grouped by image (spec 3.7 item 3).
+) -> tuple[Tensor, Tensor]:
+    """The ground-truth objects that get a training patch at one level (spec 3.7 item 3).
 
-    Boxes with both sides below ``s * P / 2`` px take part; a centrality-scored NMS (IoU
-    ``nms_threshold``) thins them; each survivor gives a patch containing the object at a random place.
+    Boxes with both sides below ``s * P / 2`` px take part; an NMS (IoU ``nms_threshold``) scored by
+    centrality (:func:`centrality_scores`) thins them.
 
     Args:
         targets: per image, ``boxes [n, 4]`` normalised cxcywh.
         image_wh: ``[B, 2]`` ``(w, h)``.
     Returns:
-        :class:`PatchSet` (``loss_only`` False), per image in NMS order.
+        ``[G, 4]`` xyxy boxes in pixels and ``[G]`` int64 images, grouped by image, each image in NMS
+        (descending score) order.
     """
     device = image_wh.device
     boxes = torch.cat([t.boxes.to(device=device, dtype=image_wh.dtype).reshape(-1, 4) for t in targets])
@@ -478,9 +479,18 @@ def ground_truth_patches(
     xyxy = box_convert(px, "cxcywh", "xyxy")
     keep = batched_nms(xyxy, centrality_scores(px[:, :2], images), images, nms_threshold)
     keep = keep[torch.argsort(images[keep], stable=True)]
-    jitter = torch.rand(len(keep), 2, device=device)
-    positions = gt_patch_positions(xyxy[keep], image_wh[images[keep]], stride, patch_size, jitter)
-    return PatchSet(images[keep], positions, torch.zeros_like(keep, dtype=torch.bool))
+    return xyxy[keep], images[keep]
+
+
+def ground_truth_patches(
+    targets: list[ImageTargets], image_wh: Tensor, stride: int, patch_size: int, nms_threshold: float
+) -> PatchSet:
+    """One patch per :func:`ground_truth_boxes` object, holding it at a random place (``loss_only``
+    False; grouped by image, NMS order)."""
+    boxes, images = ground_truth_boxes(targets, image_wh, stride, patch_size, nms_threshold)
+    jitter = torch.rand(len(images), 2, device=image_wh.device)
+    positions = gt_patch_positions(boxes, image_wh[images], stride, patch_size, jitter)
+    return PatchSet(images, positions, torch.zeros_like(images, dtype=torch.bool))
 
 
 def sample_per_image(patches: PatchSet, needed: Tensor, num_images: int) -> PatchSet:

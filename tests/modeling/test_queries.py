@@ -187,3 +187,13 @@ def test_dn_targets_match_official_criterion_fixture(fixtures_dir):
     for b in range(len(targets)):
         assert torch.equal(q.dn_boxes[b], ref[f"outputs.dn.dn_targets_boxes.{b}"])
         assert torch.equal(q.dn_labels[b], ref[f"outputs.dn.dn_targets_labels.{b}"])
+
+
+def test_batch_without_any_gt():
+    sizes = torch.tensor([[40, 60], [50, 70]])
+    anchors = _anchors([2, 1], 2, sizes)
+    q = build_queries(anchors, sizes, _targets([0, 0]), num_dn=3, noise_scale=0.4, num_heads=1)
+    torch.testing.assert_close(q.boxes[0, :3], torch.tensor([30.0, 20.0, 60.0, 40.0]).expand(3, 4))
+    torch.testing.assert_close(q.boxes[1, :3], torch.tensor([35.0, 25.0, 70.0, 50.0]).expand(3, 4))
+    assert [b.shape[0] for b in q.dn_boxes] == [0, 0] and [lab.numel() for lab in q.dn_labels] == [0, 0]
+    assert torch.equal(q.attn_mask[1], _mask(["00000", "00000", "00000", "11101", "11101"]))

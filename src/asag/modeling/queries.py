@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from asag.ops.boxes import full_image_boxes_cxcywh_px, whwh
 from asag.structures import AnchorOutput, ImageTargets, QuerySet
@@ -78,15 +79,19 @@ class DenoisingSlots:
     in_group: Tensor
 
 
+def _padded(rows: list[Tensor], value: float) -> Tensor:
+    """Stack ragged ``[n_b, *]`` tensors into ``[B, max(n_max, 1), *]`` filled with ``value``."""
+    out = pad_sequence(rows, batch_first=True, padding_value=value)  # [B, n_max, *]
+    if out.shape[1] == 0:
+        out = out.new_full((out.shape[0], 1, *out.shape[2:]), value)
+    return out
+
+
 def tile_targets(targets: list[ImageTargets], num_dn: int, device: torch.device) -> DenoisingSlots:
     """Tile each image's GT ``num_dn // n`` times into the denoising slots (spec section 4.2)."""
     counts = torch.tensor([len(t) for t in targets], device=device)  # [B]
-    n_max = max(int(counts.max()), 1)
-    gt_boxes = torch.zeros(len(targets), n_max, 4, device=device)
-    gt_labels = torch.full((len(targets), n_max), -1, dtype=torch.int64, device=device)
-    for b, t in enumerate(targets):  # ragged lists -> padded tensor (one copy per image)
-        gt_boxes[b, : len(t)] = t.boxes.to(device)
-        gt_labels[b, : len(t)] = t.labels.to(device)
+    gt_boxes = _padded([t.boxes.to(device) for t in targets], 0.0)  # [B, n_max, 4]
+    gt_labels = _padded([t.labels.to(device) for t in targets], -1)  # [B, n_max]
     n = counts[:, None].clamp(min=1)  # [B, 1]
     slot = torch.arange(num_dn, device=device)[None]  # [1, D]
     in_group = (counts[:, None] > 0) & (slot < (num_dn // n) * n)  # [B, D]
@@ -138,7 +143,7 @@ def build_queries(
     num_valid = anchors.valid_mask.sum(dim=1)  # [B]
     num_anchors = anchors.num_queries
     if num_dn == 0 or targets is None:
-        mask = query_attention_mask(num_valid, num_valid, 0, num_anchors, num_heads)
+        mask = query_attention_mask(torch.zeros_like(num_valid), num_valid, 0, num_anchors, num_heads)
         return QuerySet(boxes=anchors.boxes, attn_mask=mask, valid_mask=anchors.valid_mask)
     device = anchors.boxes.device
     slots = tile_targets(targets, num_dn, device)

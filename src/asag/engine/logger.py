@@ -1,0 +1,123 @@
+"""Run logging: a JSON-lines metrics file, TensorBoard scalars and tqdm progress bars.
+
+Only the main process writes (files, TensorBoard, progress bars); on other ranks every method is a
+no-op, so callers never branch on the rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from asag.engine.distributed import is_main_process
+
+T = TypeVar("T")
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _json_safe(value: Any) -> Any:
+    """Floats that are not finite become None (JSON has no NaN/inf); containers are converted."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def flatten_scalars(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested mapping as ``{"a/b": value}`` (booleans and strings dropped)."""
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_scalars(value, prefix=f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+class RunLogger:
+    """Writes one JSON object per logged step or epoch to ``<output_dir>/metrics.jsonl`` and the same
+    numbers as TensorBoard scalars (tag ``<kind>/<name>``) under ``<output_dir>/tensorboard``.
+
+    Args:
+        output_dir: run folder; None logs nothing to disk (progress bars still work).
+        tensorboard: also write TensorBoard event files.
+        progress: show tqdm bars (only on the main process and when stderr is a terminal).
+        enabled: override the main-process check (None: ``is_main_process()``).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path | None,
+        *,
+        tensorboard: bool = True,
+        progress: bool = True,
+        enabled: bool | None = None,
+    ):
+        self.enabled = is_main_process() if enabled is None else enabled
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.show_progress = progress and self.enabled and sys.stderr.isatty()
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled or self.output_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (self.output_dir / METRICS_FILE).open("a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow import, only when used
+
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR))
+
+    def log(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
+        """Record ``values`` (nested dicts allowed) of type ``kind`` (e.g. "train", "epoch", "eval") at
+        global ``step``: one JSON line, plus one TensorBoard scalar per numeric leaf."""
+        if not self.enabled:
+            return
+        if self._jsonl is not None:
+            record = {"kind": kind, "step": int(step), **_json_safe(dict(values))}
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for tag, value in flatten_scalars(values).items():
+                if math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{tag}", value, global_step=int(step))
+
+    def info(self, message: str) -> None:
+        """A human-readable line on stderr (main process only; does not break progress bars)."""
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+    def progress(self, iterable: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
+        """``iterable`` wrapped in a tqdm bar with ETA when progress display is on, else unchanged."""
+        if not self.show_progress:
+            return iter(iterable)
+        from tqdm import tqdm
+
+        return iter(tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

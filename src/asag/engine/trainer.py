@@ -1,0 +1,465 @@
+"""The training loop: one epoch (:func:`train_one_epoch`) and the whole run (:func:`fit`).
+
+The engine owns time, precision and devices (STYLE rule 8): the epoch is passed explicitly to the
+model, autocast wraps the model's forward here (never inside it), and the loss is computed in fp32.
+Per iteration: forward (autocast) -> criterion (fp32) -> backward (scaled for fp16) -> unscale ->
+clip the global gradient norm -> optimizer step -> warm-up step of the scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from asag.engine.checkpoint import capture_rng_state, load_checkpoint, restore_training_state, save_checkpoint
+from asag.engine.distributed import all_gather_object, all_reduce_mean, barrier, get_rank, set_sampler_epoch
+from asag.engine.logger import RunLogger
+from asag.engine.schedule import WarmupMultiStepLR
+from asag.errors import ConfigError
+from asag.structures import Batch
+
+# Spec section 9: global gradient-norm clipping threshold of the release.
+DEFAULT_CLIP_MAX_NORM = 0.1
+DEFAULT_LOG_EVERY = 20
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+LAST_CHECKPOINT, BEST_CHECKPOINT = "last.pth", "best.pth"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The total loss became NaN or infinite (the release stops training in this case too)."""
+
+
+class LossLike(Protocol):
+    """What the criterion returns (``asag.training.criterion.LossResult``)."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+    weights: dict[str, float]
+    stats: dict[str, float]
+
+
+class EvalLike(Protocol):
+    """What an evaluation callback returns (``asag.engine.evaluator.EvalResult``)."""
+
+    ap: float
+
+
+# --------------------------------------------------------------------------------------- precision
+
+
+def check_amp(amp: str | None, device: torch.device) -> None:
+    """Validate the precision option: None (fp32), "bf16" (CPU or CUDA) or "fp16" (CUDA only)."""
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ConfigError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
+    if amp == "fp16" and torch.device(device).type != "cuda":
+        raise ConfigError("amp 'fp16' needs a CUDA device; use 'bf16' (or no amp) on CPU")
+
+
+def autocast_context(device: torch.device | str, amp: str | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``amp`` on ``device``'s type, or a no-op context for fp32."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
+
+
+def make_grad_scaler(amp: str | None, device: torch.device | str) -> torch.amp.GradScaler | None:
+    """A GradScaler (default settings, as in the release) for fp16 training; None otherwise."""
+    if amp != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+def to_float32(value: Any) -> Any:
+    """``value`` with every floating-point tensor cast to fp32 (dataclasses, lists, tuples and dicts
+    are rebuilt; integer and bool tensors are left alone)."""
+    if isinstance(value, Tensor):
+        return value.float() if value.is_floating_point() else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: to_float32(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **changes)
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: to_float32(v) for k, v in value.items()}
+    return value
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class EpochMetrics:
+    """Means over one epoch's iterations (and over ranks in distributed training).
+
+    loss: weighted total loss. terms: raw (unweighted) loss terms by name. stats: criterion statistics.
+    grad_norm: global gradient norm before clipping (after AMP unscale). lr: learning rate of the
+    first parameter group at the last iteration. images: images seen by this rank.
+    """
+
+    epoch: int
+    iterations: int
+    images: int
+    loss: float
+    terms: dict[str, float]
+    stats: dict[str, float]
+    grad_norm: float
+    lr: float
+    seconds: float
+
+
+class _Means:
+    """Running sums of scalars; tensors stay on their device until :meth:`means` (one sync)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor | float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, Tensor | float]) -> None:
+        for key, value in values.items():
+            value = value.detach().float() if isinstance(value, Tensor) else float(value)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        if self.count == 0:
+            return {}
+        return {k: float(v) / self.count for k, v in self.sums.items()}
+
+
+def _split_prefixed(values: dict[str, float], prefix: str) -> dict[str, float]:
+    n = len(prefix)
+    return {k[n:]: v for k, v in values.items() if k.startswith(prefix)}
+
+
+# ------------------------------------------------------------------------------------- one epoch
+
+
+@dataclass
+class _StepOutput:
+    loss: LossLike
+    grad_norm: Tensor
+
+
+def _train_step(
+    model: nn.Module,
+    criterion: Callable[..., LossLike],
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epoch: int,
+    device: torch.device,
+    amp: str | None,
+    scaler: torch.amp.GradScaler | None,
+    clip_max_norm: float,
+) -> _StepOutput:
+    with autocast_context(device, amp):
+        output = model(batch.images, batch.image_sizes, batch.targets, epoch=epoch)
+    if amp is not None:
+        output = to_float32(output)
+    loss = criterion(output, batch.targets, batch.image_sizes)
+    if not torch.isfinite(loss.total):
+        value = float(loss.total.detach())
+        raise NonFiniteLossError(f"loss is {value} (terms: {_floats(loss.terms)}); stopping")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss.total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.total.backward()
+    max_norm = clip_max_norm if clip_max_norm > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return _StepOutput(loss=loss, grad_norm=grad_norm)
+
+
+def _floats(values: dict[str, Tensor | float]) -> dict[str, float]:
+    return {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in values.items()}
+
+
+def _step_values(step: _StepOutput) -> dict[str, Tensor | float]:
+    values: dict[str, Tensor | float] = {"loss": step.loss.total, "grad_norm": step.grad_norm}
+    values.update({f"terms/{k}": v for k, v in step.loss.terms.items()})
+    values.update({f"stats/{k}": v for k, v in step.loss.stats.items()})
+    return values
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: Callable[..., LossLike],
+    loader: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    scheduler: WarmupMultiStepLR,
+    *,
+    epoch: int,
+    device: torch.device | str,
+    clip_max_norm: float = DEFAULT_CLIP_MAX_NORM,
+    amp: str | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    logger: RunLogger | None = None,
+    max_iters: int | None = None,
+    global_step: int = 0,
+    log_every: int = DEFAULT_LOG_EVERY,
+) -> EpochMetrics:
+    """Train for one pass over ``loader`` (or ``max_iters`` iterations).
+
+    Args:
+        model: ``model(images [B,3,H,W], image_sizes [B,2] (h,w), targets, epoch=epoch) -> ModelOutput``
+            (possibly wrapped in DDP). criterion: ``criterion(output, targets, image_sizes) -> LossResult``.
+        loader: yields :class:`asag.structures.Batch` (moved to ``device`` here).
+        scheduler: :meth:`~WarmupMultiStepLR.step_iteration` is called after every optimizer step;
+            the caller calls ``step_epoch()`` after the epoch (``fit`` does).
+        epoch: 0-based epoch, passed to the model (teacher forcing, denoising noise).
+        clip_max_norm: global gradient-norm clip (<= 0: no clipping; the norm is still reported).
+        amp: None (fp32), "bf16" or "fp16" (CUDA, needs ``scaler``): autocast around the forward.
+        logger: receives a "train" record every ``log_every`` iterations at step ``global_step + i``.
+        max_iters: stop after this many iterations.
+    Returns:
+        the epoch's mean metrics (averaged over ranks).
+    """
+    device = torch.device(device)
+    check_amp(amp, device)
+    if amp == "fp16" and scaler is None:
+        raise ConfigError("amp 'fp16' needs a GradScaler (see make_grad_scaler)")
+    logger = logger or RunLogger(None, tensorboard=False, progress=False, enabled=False)
+    model.train()
+    if isinstance(criterion, nn.Module):
+        criterion.train()
+    means, images, start = _Means(), 0, time.perf_counter()
+    bar = logger.progress(loader, total=_epoch_length(loader, max_iters), desc=f"epoch {epoch}")
+    for it, batch in enumerate(bar):
+        if max_iters is not None and it >= max_iters:
+            break
+        batch = batch.to(device)
+        step = _train_step(
+            model, criterion, batch, optimizer,
+            epoch=epoch, device=device, amp=amp, scaler=scaler, clip_max_norm=clip_max_norm,
+        )
+        scheduler.step_iteration()
+        values = _step_values(step)
+        means.add(values)
+        images += len(batch)
+        if log_every > 0 and it % log_every == 0:
+            logger.log("train", global_step + it, {"epoch": epoch, "lr": _lr(optimizer), **_floats(values)})
+    seconds = time.perf_counter() - start
+    return _epoch_metrics(means, epoch=epoch, images=images, lr=_lr(optimizer), seconds=seconds)
+
+
+def _epoch_length(loader: Iterable, max_iters: int | None) -> int | None:
+    try:
+        length = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return max_iters
+    return length if max_iters is None else min(length, max_iters)
+
+
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def _epoch_metrics(means: _Means, *, epoch: int, images: int, lr: float, seconds: float) -> EpochMetrics:
+    averaged = all_reduce_mean(means.means())
+    return EpochMetrics(
+        epoch=epoch,
+        iterations=means.count,
+        images=images,
+        loss=averaged.get("loss", math.nan),
+        terms=_split_prefixed(averaged, "terms/"),
+        stats=_split_prefixed(averaged, "stats/"),
+        grad_norm=averaged.get("grad_norm", math.nan),
+        lr=lr,
+        seconds=seconds,
+    )
+
+
+# ------------------------------------------------------------------------------------------- fit
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did in this call.
+
+    epochs: metrics of the epochs trained in this call. evaluations: epoch -> evaluation result.
+    best_ap / best_epoch: best AP over the whole run (including before a resume); -inf / -1 if none.
+    iteration: optimizer steps done in the whole run. last_checkpoint / best_checkpoint: paths.
+    """
+
+    epochs: list[EpochMetrics] = field(default_factory=list)
+    evaluations: dict[int, Any] = field(default_factory=dict)
+    best_ap: float = -math.inf
+    best_epoch: int = -1
+    iteration: int = 0
+    start_epoch: int = 0
+    last_checkpoint: Path | None = None
+    best_checkpoint: Path | None = None
+
+
+@dataclass
+class _TrainingObjects:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupMultiStepLR
+    scaler: torch.amp.GradScaler | None
+
+
+def _resume(path: str | Path, objects: _TrainingObjects, result: FitResult) -> None:
+    """Restore weights, optimizer, scheduler, scaler and RNG; continue after the stored epoch."""
+    checkpoint = load_checkpoint(path)
+    restore_training_state(
+        checkpoint,
+        model=objects.model,
+        optimizer=objects.optimizer,
+        scheduler=objects.scheduler,
+        scaler=objects.scaler,
+        rank=get_rank(),
+    )
+    extra = checkpoint.get("extra", {})
+    result.start_epoch = checkpoint["epoch"] + 1
+    result.iteration = checkpoint["iteration"]
+    result.best_ap = float(extra.get("best_ap", -math.inf))
+    result.best_epoch = int(extra.get("best_epoch", -1))
+
+
+def _should_evaluate(epoch: int, epochs: int, eval_every: int) -> bool:
+    if eval_every <= 0:
+        return False
+    return (epoch + 1) % eval_every == 0 or epoch == epochs - 1
+
+
+def _save_epoch(
+    output_dir: Path,
+    objects: _TrainingObjects,
+    result: FitResult,
+    *,
+    epoch: int,
+    improved: bool,
+    checkpoint_every: int,
+    config: dict,
+    label_map: dict,
+    extra: dict,
+) -> None:
+    """last.pth every epoch, best.pth when AP improved, checkpoint_EEEE.pth every ``checkpoint_every``
+    epochs. Collective: every rank must call it (RNG states are gathered); rank 0 writes."""
+    rng_states = all_gather_object(capture_rng_state())
+    names = [LAST_CHECKPOINT]
+    if improved:
+        names.append(BEST_CHECKPOINT)
+    if checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0:
+        names.append(f"checkpoint_{epoch:04d}.pth")
+    if get_rank() == 0:
+        for name in names:
+            save_checkpoint(
+                output_dir / name,
+                model=objects.model, optimizer=objects.optimizer, scheduler=objects.scheduler,
+                scaler=objects.scaler, epoch=epoch, iteration=result.iteration,
+                config=config, label_map=label_map, extra=extra, rng_states=rng_states,
+            )
+    barrier()
+    result.last_checkpoint = output_dir / LAST_CHECKPOINT
+    if improved:
+        result.best_checkpoint = output_dir / BEST_CHECKPOINT
+
+
+def fit(
+    model: nn.Module,
+    criterion: Callable[..., LossLike],
+    train_loader: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    scheduler: WarmupMultiStepLR,
+    *,
+    epochs: int,
+    device: torch.device | str,
+    output_dir: str | Path,
+    config: dict,
+    label_map: dict,
+    evaluate_fn: Callable[[nn.Module], EvalLike] | None = None,
+    eval_every: int = 1,
+    checkpoint_every: int = 0,
+    clip_max_norm: float = DEFAULT_CLIP_MAX_NORM,
+    amp: str | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    logger: RunLogger | None = None,
+    resume: str | Path | None = None,
+    max_iters: int | None = None,
+    log_every: int = DEFAULT_LOG_EVERY,
+) -> FitResult:
+    """Train epochs ``start .. epochs-1``, evaluating and checkpointing along the way.
+
+    Per epoch: set the sampler's epoch, :func:`train_one_epoch`, ``scheduler.step_epoch()``,
+    evaluation every ``eval_every`` epochs and after the last one (``evaluate_fn(model)`` returning an
+    object with ``ap``; 0 disables), then ``last.pth`` (and ``best.pth`` when AP improved, and
+    ``checkpoint_EEEE.pth`` every ``checkpoint_every`` epochs) in ``output_dir``.
+
+    ``resume``: a checkpoint written by this function. Weights, optimizer, scheduler, scaler, RNG
+    states, iteration count and best AP are restored and training continues with the next epoch; the
+    sampler order depends only on its seed and epoch, so on a fixed seed the result equals an
+    uninterrupted run. ``config`` and ``label_map`` (plain data) are stored in every checkpoint.
+    Other arguments as in :func:`train_one_epoch`.
+    """
+    output_dir = Path(output_dir)
+    logger = logger or RunLogger(None, tensorboard=False, progress=True)
+    objects = _TrainingObjects(model, optimizer, scheduler, scaler)
+    result = FitResult()
+    if resume is not None:
+        _resume(resume, objects, result)
+        logger.info(f"resumed from {resume}: continuing at epoch {result.start_epoch}")
+    for epoch in range(result.start_epoch, epochs):
+        set_sampler_epoch(train_loader, epoch)
+        metrics = train_one_epoch(
+            model, criterion, train_loader, optimizer, scheduler,
+            epoch=epoch, device=device, clip_max_norm=clip_max_norm, amp=amp, scaler=scaler,
+            logger=logger, max_iters=max_iters, global_step=result.iteration, log_every=log_every,
+        )
+        scheduler.step_epoch()
+        result.iteration += metrics.iterations
+        result.epochs.append(metrics)
+        logger.log("epoch", result.iteration, dataclasses.asdict(metrics))
+        evaluation = _evaluate_epoch(evaluate_fn, model, result, epoch, epochs, eval_every, logger)
+        improved = evaluation is not None and result.best_epoch == epoch
+        extra = {"best_ap": result.best_ap, "best_epoch": result.best_epoch}
+        extra["train"] = dataclasses.asdict(metrics)
+        if evaluation is not None:
+            extra["eval"] = _plain_eval(evaluation)
+        _save_epoch(
+            output_dir, objects, result, epoch=epoch, improved=improved,
+            checkpoint_every=checkpoint_every, config=config, label_map=label_map, extra=extra,
+        )
+    return result
+
+
+def _evaluate_epoch(
+    evaluate_fn: Callable[[nn.Module], EvalLike] | None,
+    model: nn.Module,
+    result: FitResult,
+    epoch: int,
+    epochs: int,
+    eval_every: int,
+    logger: RunLogger,
+) -> EvalLike | None:
+    """Run the evaluation callback when due and update the best AP (None when not due)."""
+    if evaluate_fn is None or not _should_evaluate(epoch, epochs, eval_every):
+        return None
+    evaluation = evaluate_fn(model)
+    result.evaluations[epoch] = evaluation
+    logger.log("eval", result.iteration, {"epoch": epoch, **_plain_eval(evaluation)})
+    if evaluation.ap > result.best_ap:
+        result.best_ap, result.best_epoch = float(evaluation.ap), epoch
+    return evaluation
+
+
+def _plain_eval(evaluation: EvalLike) -> dict:
+    if dataclasses.is_dataclass(evaluation):
+        return {k: v for k, v in dataclasses.asdict(evaluation).items() if not isinstance(v, Path)}
+    return {"ap": float(evaluation.ap)}

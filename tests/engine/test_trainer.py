@@ -1,0 +1,185 @@
+import json
+import math
+from functools import partial
+
+import pytest
+import torch
+from engine_fakes import (
+    FakeCriterion,
+    FakeLabelMap,
+    SyntheticDataset,
+    TinyDetector,
+    coco_gt_dict,
+    collate,
+    make_coco,
+)
+from torch.utils.data import DataLoader
+
+from asag.engine.checkpoint import load_checkpoint, seed_everything
+from asag.engine.distributed import build_eval_sampler, build_train_batch_sampler
+from asag.engine.evaluator import evaluate
+from asag.engine.logger import RunLogger
+from asag.engine.optim import build_optimizer
+from asag.engine.schedule import WarmupMultiStepLR
+from asag.engine.trainer import (
+    NonFiniteLossError,
+    check_amp,
+    fit,
+    make_grad_scaler,
+    to_float32,
+    train_one_epoch,
+)
+from asag.errors import ConfigError
+
+GT = coco_gt_dict(10)
+
+
+def train_loader(seed: int = 3, batch_size: int = 2) -> DataLoader:
+    dataset = SyntheticDataset(GT, augment=True)
+    sampler = build_train_batch_sampler(dataset, batch_size=batch_size, seed=seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+
+
+def val_loader() -> DataLoader:
+    dataset = SyntheticDataset(GT)
+    return DataLoader(dataset, batch_size=4, sampler=build_eval_sampler(dataset), collate_fn=collate)
+
+
+def setup(seed=0, lr=1e-2, warmup_iters=7, milestones=(2,)):
+    torch.manual_seed(seed)
+    model = TinyDetector()
+    opt = build_optimizer(model, lr=lr, backbone_lr=lr / 10)
+    sched = WarmupMultiStepLR(opt, milestones=milestones, warmup_iters=warmup_iters)
+    return model, opt, sched
+
+
+def test_one_epoch_metrics_and_epoch_passed():
+    model, opt, sched = setup()
+    criterion = FakeCriterion()
+    loader = train_loader()
+    metrics = train_one_epoch(model, criterion, loader, opt, sched, epoch=3, device="cpu", max_iters=4)
+    assert metrics.iterations == 4 and metrics.images == 8 and metrics.epoch == 3
+    assert model.seen_epochs == [3, 3, 3, 3]
+    assert sched.warmup_done == 4  # one warm-up step per iteration
+    assert metrics.lr == pytest.approx(1e-2 * (1 / 3 * (1 - 4 / 7) + 4 / 7))
+    assert set(metrics.terms) == {"l1", "cls"} and metrics.stats == {"num_targets": 6.0}
+    assert metrics.loss == pytest.approx(5 * metrics.terms["l1"] + 2 * metrics.terms["cls"], rel=1e-5)
+    assert math.isfinite(metrics.grad_norm) and metrics.grad_norm > 0
+    assert criterion.seen_dtypes == [torch.float32] * 4
+
+
+def test_gradient_clipping_limits_the_update():
+    torch.manual_seed(0)
+    model = TinyDetector(dropout=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = WarmupMultiStepLR(opt, milestones=[], warmup_iters=0)
+    metrics = train_one_epoch(model, FakeCriterion(), train_loader(), opt, sched, epoch=0, device="cpu",
+                              max_iters=1, clip_max_norm=0.1)
+    assert metrics.grad_norm > 0.1  # the unclipped norm is reported
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert step.norm().item() == pytest.approx(0.1, rel=1e-4)  # SGD lr 1: update = clipped gradient
+
+
+def test_bf16_autocast_on_cpu_feeds_fp32_to_criterion():
+    model, opt, sched = setup()
+    criterion = FakeCriterion()
+    metrics = train_one_epoch(model, criterion, train_loader(), opt, sched, epoch=0, device="cpu", amp="bf16",
+                              max_iters=2)
+    assert criterion.seen_dtypes == [torch.float32, torch.float32]
+    assert math.isfinite(metrics.loss)
+
+
+def test_amp_validation():
+    check_amp(None, torch.device("cpu"))
+    check_amp("bf16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="CUDA"):
+        check_amp("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="amp must be"):
+        check_amp("fp8", torch.device("cpu"))
+    assert make_grad_scaler(None, "cpu") is None and make_grad_scaler("bf16", "cpu") is None
+
+
+def test_to_float32_keeps_integer_tensors():
+    out = to_float32({"a": [torch.ones(2, dtype=torch.bfloat16)], "b": (torch.ones(1, dtype=torch.int64),)})
+    assert out["a"][0].dtype == torch.float32 and out["b"][0].dtype == torch.int64
+
+
+class NanCriterion(FakeCriterion):
+    def forward(self, output, targets, image_sizes):
+        loss = super().forward(output, targets, image_sizes)
+        loss.total = loss.total * float("nan")
+        return loss
+
+
+def test_non_finite_loss_stops():
+    model, opt, sched = setup()
+    with pytest.raises(NonFiniteLossError, match="nan"):
+        train_one_epoch(model, NanCriterion(), train_loader(), opt, sched, epoch=0, device="cpu", max_iters=1)
+
+
+def run_fit(output_dir, *, epochs, seed=0, resume=None, log=False):
+    model, opt, sched = setup(seed=seed)
+    evaluate_fn = partial(evaluate, loader=val_loader(), coco_gt=make_coco(GT), label_map=FakeLabelMap(),
+                          device="cpu")
+    logger = RunLogger(output_dir, tensorboard=False, progress=False, enabled=True) if log else None
+    result = fit(
+        model, FakeCriterion(), train_loader(), opt, sched,
+        epochs=epochs, device="cpu", output_dir=output_dir, config={"schedule": {"epochs": epochs}},
+        label_map={"category_ids": [1, 3, 7]}, evaluate_fn=evaluate_fn, checkpoint_every=2, resume=resume,
+        logger=logger, log_every=2,
+    )
+    if logger is not None:
+        logger.close()
+    return model, opt, sched, result
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    seed_everything(0)
+    full_model, full_opt, full_sched, full = run_fit(tmp_path / "full", epochs=4)
+
+    seed_everything(0)
+    run_fit(tmp_path / "split", epochs=2)  # "interrupted" after epoch 1
+    seed_everything(1234)  # a new process would start from another RNG state
+    model, opt, sched, resumed = run_fit(tmp_path / "split", epochs=4, seed=99,
+                                         resume=tmp_path / "split" / "last.pth")
+
+    assert resumed.start_epoch == 2 and [m.epoch for m in resumed.epochs] == [2, 3]
+    for (name, a), b in zip(full_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert opt.param_groups[0]["lr"] == full_opt.param_groups[0]["lr"]
+    assert (sched.epoch, sched.warmup_done) == (full_sched.epoch, full_sched.warmup_done) == (4, 7)
+    assert resumed.iteration == full.iteration == 20
+    assert resumed.best_ap == full.best_ap and resumed.best_epoch == full.best_epoch
+    assert [m.loss for m in resumed.epochs] == [m.loss for m in full.epochs[2:]]
+
+
+def test_fit_writes_checkpoints_and_metrics(tmp_path):
+    seed_everything(0)
+    _, _, _, result = run_fit(tmp_path, epochs=2, log=True)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best.pth", "checkpoint_0001.pth", "last.pth", "metrics.jsonl"]
+    last = load_checkpoint(tmp_path / "last.pth")
+    assert last["epoch"] == 1 and last["iteration"] == 10
+    assert last["config"] == {"schedule": {"epochs": 2}} and last["label_map"] == {"category_ids": [1, 3, 7]}
+    assert last["extra"]["best_ap"] == result.best_ap and "eval" in last["extra"]
+    assert load_checkpoint(tmp_path / "best.pth")["epoch"] == result.best_epoch
+    assert set(result.evaluations) == {0, 1}
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("train") == 6 and kinds.count("epoch") == 2 and kinds.count("eval") == 2
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [0, 2, 4, 5, 7, 9]
+    assert {"lr", "loss", "terms/l1", "terms/cls", "stats/num_targets", "grad_norm"} <= set(train[0])
+    assert records[-1]["kind"] == "eval" and "ap" in records[-1]
+
+
+def test_eval_every_zero_disables_evaluation(tmp_path):
+    model, opt, sched = setup()
+    calls = []
+    result = fit(model, FakeCriterion(), train_loader(), opt, sched, epochs=1, device="cpu",
+                 output_dir=tmp_path, config={}, label_map={}, evaluate_fn=calls.append, eval_every=0,
+                 max_iters=1)
+    assert calls == [] and result.best_epoch == -1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]

@@ -167,6 +167,20 @@ def test_state_dict_matches_the_official_manifest(fixtures_dir):
     assert sum(p.numel() for p in ag.parameters()) == 6_097_494  # spec appendix A
 
 
+def test_official_initialisation():
+    torch.manual_seed(0)
+    ag = AnchorGenerator()
+    for table in ag.pos_embedding:
+        assert torch.equal(table.weight, torch.zeros(225, 8))
+    bound = (6 / (225 + 8)) ** 0.5  # Xavier-uniform on the (225, 8) LayerNorm affine (spec 13 item 5)
+    for norm in ag.layernorm:
+        for param in (norm.weight, norm.bias):
+            assert param.abs().max() <= bound and param.std() > bound / 4
+    last = ag.proj_all.layers[2]
+    assert last.weight.abs().max() <= (6 / (1000 + 250)) ** 0.5
+    assert last.bias.abs().max() <= 1000**-0.5  # 1-D parameters keep the PyTorch default
+
+
 # ---------------------------------------------------------------------------- crafted tiny model
 
 # (low, high) logit ranges of (w, h) and of the confidence for each slot role, in the spirit of the

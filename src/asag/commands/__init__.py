@@ -4,6 +4,6 @@ Each module exposes ``register(subparsers)``, which adds its parser and sets ``f
 ``run(args) -> int``. Errors meant for the user are raised as :class:`asag.errors.AsagError`.
 """
 
-from asag.commands import config
+from asag.commands import config, data
 
-COMMANDS: list = [config]
+COMMANDS: list = [config, data]

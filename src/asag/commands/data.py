@@ -1,0 +1,61 @@
+"""``asag data synth | stats | convert-crowdhuman``: data set generation, statistics and conversion."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from asag.errors import AsagError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("data", help="generate, inspect and convert data sets")
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    synth = sub.add_parser("synth", help="write a synthetic COCO-format shapes data set")
+    synth.add_argument("--out", required=True, help="output folder (train.json, val.json, images/)")
+    synth.add_argument("--images", type=int, required=True, help="number of training images")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    synth.add_argument("--val-images", type=int, default=None, help="validation images (default: images / 4)")
+    synth.set_defaults(func=run_synth)
+
+    stats = sub.add_parser("stats", help="print statistics of a COCO JSON or of every JSON in a folder")
+    stats.add_argument("path", help="COCO-format JSON file, or a folder of them")
+    stats.set_defaults(func=run_stats)
+
+    convert = sub.add_parser("convert-crowdhuman", help="convert CrowdHuman .odgt annotations to COCO JSON")
+    convert.add_argument("--odgt", required=True, help="annotation_{train,val}.odgt")
+    convert.add_argument("--images", required=True, help="folder holding <ID>.jpg")
+    convert.add_argument("--out", required=True, help="COCO JSON to write")
+    convert.set_defaults(func=run_convert_crowdhuman)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from asag.data.synthetic import generate_synthetic
+
+    if args.images < 1 or (args.val_images is not None and args.val_images < 1):
+        raise AsagError("--images and --val-images must be at least 1")
+    start = time.perf_counter()
+    paths = generate_synthetic(args.out, args.images, args.seed, args.val_images)
+    elapsed = time.perf_counter() - start
+    print(f"wrote {paths.train_json}, {paths.val_json} and {paths.root / 'images'} in {elapsed:.1f} s")
+    return run_stats(argparse.Namespace(path=str(paths.root)))
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from asag.data.stats import collect_stats, format_stats
+
+    for stats in collect_stats(args.path):
+        print(format_stats(stats))
+    return 0
+
+
+def run_convert_crowdhuman(args: argparse.Namespace) -> int:
+    from asag.data.crowdhuman import convert_crowdhuman
+
+    summary = convert_crowdhuman(args.odgt, args.images, args.out)
+    print(
+        f"wrote {args.out}: {summary.images} images, {summary.boxes} person boxes, "
+        f"{summary.ignore_regions} ignore regions"
+    )
+    return 0

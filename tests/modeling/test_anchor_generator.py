@@ -470,3 +470,19 @@ def test_gt_patches_consistent_with_the_epoch0_criterion_fixture(fixtures_dir, l
     assert torch.equal(with_offset[real], images)
     got = ref[f"debug.ag.{level}.crop_pos"][real]
     assert ((got >= low) & (got <= high)).all(), (got.tolist(), low.tolist(), high.tolist())
+
+
+def test_batch_invariance_in_evaluation():
+    """With the same padded size, an image gives the same anchors alone and in a batch."""
+    ag = tiny_ag().eval()
+    features, sizes = random_features(TRAIN_SIZES)
+    with torch.no_grad():
+        batched = ag(features, sizes)
+        for b in range(len(sizes)):
+            alone = ag([f[b : b + 1] for f in features], sizes[b : b + 1])
+            n = int(alone.valid_mask.sum())
+            assert int(batched.valid_mask[b].sum()) == n
+            assert torch.allclose(batched.boxes[b, :n], alone.boxes[0, :n], atol=1e-4)
+            for level in (2, 3):
+                mine, ref = batched.patch_predictions[level], alone.patch_predictions[level]
+                assert torch.equal(mine.crop_pos[mine.batch_idx == b], ref.crop_pos)

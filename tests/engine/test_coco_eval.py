@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 from engine_fakes import CATEGORY_NAMES, FakeLabelMap, coco_gt_dict, make_coco
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pycocotools.cocoeval import COCOeval
 
 from asag.engine.coco_eval import (
@@ -104,3 +106,24 @@ def test_write_results_json(tmp_path):
     path = write_results_json(tmp_path / "out" / "results.json", [{"image_id": 1, "score": 0.5}])
     assert json.loads(path.read_text()) == [{"image_id": 1, "score": 0.5}]
     assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+
+
+boxes_strategy = st.lists(
+    st.tuples(*[st.floats(0, 1000, allow_nan=False, width=32)] * 2, *[st.floats(0.5, 500, width=32)] * 2),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(boxes=boxes_strategy, label=st.integers(0, 2), image_id=st.integers(1, 10**6))
+def test_results_bbox_is_xywh_of_xyxy(boxes, label, image_id):
+    xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in boxes])
+    n = len(xyxy)
+    dets = Detections(xyxy, torch.linspace(1, 0, n), torch.full((n,), label))
+    results = detections_to_coco_results([dets], [image_id], FakeLabelMap())
+    assert len(results) == n
+    got = torch.tensor([r["bbox"] for r in results])  # [N, 4] xywh
+    assert torch.allclose(got[:, :2], xyxy[:, :2]) and torch.allclose(got[:, :2] + got[:, 2:], xyxy[:, 2:])
+    assert {r["category_id"] for r in results} == {(1, 3, 7)[label]}
+    assert {r["image_id"] for r in results} == {image_id}

@@ -3,6 +3,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from asag.engine.schedule import (
@@ -142,3 +144,20 @@ def test_state_dict_round_trip_weights_only():
 def test_negative_warmup_rejected():
     with pytest.raises(ValueError):
         make(warmup_iters=-1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    warmup_iters=st.integers(1, 2000),
+    start=st.floats(0.01, 1.0),
+    i=st.integers(0, 3000),
+    milestones=st.lists(st.integers(0, 50), max_size=4),
+    epoch=st.integers(0, 60),
+)
+def test_factor_properties(warmup_iters, start, i, milestones, epoch):
+    w = warmup_factor(i, warmup_iters=warmup_iters, start_factor=start)
+    assert start - 1e-12 <= w <= 1.0 + 1e-12
+    assert warmup_factor(i + 1, warmup_iters=warmup_iters, start_factor=start) >= w - 1e-12  # monotone
+    d = decay_factor(epoch, milestones=milestones, gamma=0.1)
+    assert d == pytest.approx(0.1 ** sum(m <= epoch for m in milestones))
+    assert decay_factor(epoch + 1, milestones=milestones, gamma=0.1) <= d

@@ -52,15 +52,19 @@ def to_plain_data(value: Any, *, where: str = "value") -> Any:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """RNG states of torch (CPU, and every CUDA device when available), numpy and ``random``.
+    """RNG states of torch (CPU, and this process's current CUDA device once CUDA is in use), numpy
+    and ``random``.
 
-    Stored as tensors and plain numbers so that ``weights_only`` loading works.
+    Stored as tensors and plain numbers so that ``weights_only`` loading works. Only the current CUDA
+    device is captured: in DDP each process owns one GPU, and touching the others would create
+    contexts on them.
     """
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
+    cuda_in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
     state = {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if cuda_in_use else [],
         "numpy": {
             "name": str(np_name),
             "keys": torch.from_numpy(np_keys.astype(np.int64)),  # [624] MT19937 words
@@ -80,12 +84,12 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Restore the RNG states captured by :func:`capture_rng_state`.
 
-    CUDA states are restored only when CUDA is available and the number of devices matches.
+    The CUDA state (if one was captured) goes to the current CUDA device when CUDA is available.
     """
     torch.set_rng_state(state["torch"].cpu())
     cuda_states = state.get("cuda") or []
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_states[0].cpu())
     np_state = state["numpy"]
     np.random.set_state(
         (

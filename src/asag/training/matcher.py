@@ -194,8 +194,8 @@ def matching_cost(
     """
     g, n, _ = prob.shape
     t = targets.labels.shape[1]
-    target_prob = prob.gather(2, targets.labels[:, None, :].expand(g, n, t))  # (G, N, T)
-    cls = focal_class_cost(target_prob, focal_alpha, focal_gamma)
+    class_cost = focal_class_cost(prob, focal_alpha, focal_gamma)  # (G, N, C), cheaper than (G, N, T)
+    cls = class_cost.gather(2, targets.labels[:, None, :].expand(g, n, t))  # (G, N, T)
     l1 = torch.cdist(boxes, targets.boxes, p=1)  # (G, N, T)
     pred_xyxy = box_convert(boxes, "cxcywh", "xyxy")
     giou = generalized_box_iou(pred_xyxy, box_convert(targets.boxes, "cxcywh", "xyxy"))  # (G, N, T)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from asag.modeling.decoders.parallel import select_head
+
 # (authors' prefix, our prefix), applied in order; the first match wins.
 PREFIX_MAP = [
     ("backbone.0.body.", "backbone.body."),
@@ -23,7 +25,6 @@ PREFIX_MAP = [
 ]
 # torchvision < 0.13 named the FPN convs without the inner ``.0`` (spec 2.2).
 _OLD_FPN = re.compile(r"^neck\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$")
-_HEAD = re.compile(r"^decoder\.heads\.(\d+)\.(.*)$")
 
 
 @dataclass
@@ -81,21 +82,6 @@ def infer_architecture(state_dict: dict[str, Tensor]) -> OfficialArchitecture:
     )
 
 
-def select_head(state_dict: dict[str, Tensor], head: int) -> dict[str, Tensor]:
-    """Keep head ``head`` of a multi-head state dict in OUR layout, renumbered as head 0 (spec 7.1)."""
-    out = {}
-    for key, value in state_dict.items():
-        match = _HEAD.match(key)
-        if match:
-            if int(match.group(1)) == head:
-                out[f"decoder.heads.0.{match.group(2)}"] = value
-        elif key == "decoder.head_embedding":
-            out[key] = value[head : head + 1].clone()
-        else:
-            out[key] = value
-    return out
-
-
 def convert_state_dict(
     state_dict: dict[str, Tensor], keep_head: int | None = None
 ) -> dict[str, Tensor]:
@@ -105,7 +91,9 @@ def convert_state_dict(
         new = rename_official_key(key)
         if new is not None:
             out[new] = value.float() if value.is_floating_point() else value
-    return select_head(out, keep_head) if keep_head is not None else out
+    if keep_head is None:
+        return out
+    return select_head(out, keep_head, out["decoder.head_embedding"].shape[0])
 
 
 def head_index(used_head: str, num_heads: int) -> int:

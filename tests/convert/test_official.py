@@ -1,0 +1,83 @@
+"""Authors' checkpoint layout -> ours, using the key manifests of the full default models."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from asag.build import build_model
+from asag.config import load_config
+from asag.convert.official import (
+    convert_state_dict,
+    head_index,
+    infer_architecture,
+    rename_official_key,
+)
+
+SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "spec"
+
+
+def manifest_state_dict(variant: str, old_fpn_names: bool = False) -> dict[str, torch.Tensor]:
+    path = SPEC / f"official-state-dict-{variant}.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    for line in path.read_text().splitlines():
+        key, shape, _ = line.split("\t")
+        dims = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+        if old_fpn_names and key.startswith("neck."):
+            key = key.replace(".0.weight", ".weight").replace(".0.bias", ".bias")
+        out[key] = torch.randn(dims, generator=gen)
+    return out
+
+
+def test_key_renames():
+    assert rename_official_key("backbone.0.body.layer1.0.conv1.weight") == "backbone.body.layer1.0.conv1.weight"
+    assert rename_official_key("neck.inner_blocks.2.weight") == "neck.inner_blocks.2.0.weight"
+    assert rename_official_key("neck.layer_blocks.0.0.bias") == "neck.layer_blocks.0.0.bias"
+    assert rename_official_key("rpn.fc_cls.bias") == "proposal.fc_cls.bias"
+    assert rename_official_key("decoder.bbox_head.3.fc_reg.weight") == "decoder.heads.3.fc_reg.weight"
+    assert rename_official_key("decoder.head_series.1.linear1.bias") == "decoder.heads.1.linear1.bias"
+    assert rename_official_key("decoder.decoder_embedding.weight") == "decoder.head_embedding"
+    assert rename_official_key("backbone.0.body.bn1.num_batches_tracked") is None
+    assert head_index("main", 4) == 3 and head_index("aux_2", 4) == 2
+
+
+@pytest.mark.parametrize("variant, preset", [("asag-a", "asag_a_r50_1x_100q"), ("asag-s", "asag_s_r50_3x_100q")])
+def test_architecture_is_read_off_the_state_dict(variant, preset):
+    arch = infer_architecture(manifest_state_dict(variant))
+    assert arch.decoder_type == {"asag-a": "adamixer", "asag-s": "sparse_rcnn"}[variant]
+    assert (arch.num_heads, arch.num_classes, arch.hidden_dim, arch.backbone) == (4, 80, 256, "resnet50")
+    assert (arch.compress_dim, arch.num_anchors_coarse, arch.num_anchors_patch, arch.mlp_hidden_dim) == (
+        8, 50, 20, 1000)
+
+
+CASES = [
+    (variant, preset, heads, old)
+    for variant, preset in [("asag-a", "asag_a_r50_1x_100q"), ("asag-s", "asag_s_r50_3x_100q")]
+    for heads in (4, 1)
+    for old in (False, True)
+]
+FAST = {("asag-a", 4, False), ("asag-s", 1, True)}
+
+
+@pytest.mark.parametrize(
+    "variant, preset, heads, old_fpn_names",
+    [c if (c[0], c[2], c[3]) in FAST else pytest.param(*c, marks=pytest.mark.slow) for c in CASES],
+)
+def test_converted_state_dict_loads_strictly(variant, preset, heads, old_fpn_names):
+    sd = manifest_state_dict(variant, old_fpn_names)
+    keep = None if heads == 4 else 2
+    converted = convert_state_dict(sd, keep_head=keep)
+    cfg = load_config(preset, [f"model.decoder.num_heads={heads}", "model.decoder.used_head=main"])
+    model = build_model(cfg.model)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert missing == [] and unexpected == []
+    if keep is not None:
+        prefix = "decoder.bbox_head.2." if variant == "asag-a" else "decoder.head_series.2."
+        some = next(k for k in sd if k.startswith(prefix))
+        ours = "decoder.heads.0." + some[len(prefix):]
+        assert torch.equal(model.state_dict()[ours], sd[some])
+        assert torch.equal(model.state_dict()["decoder.head_embedding"][0],
+                           sd["decoder.decoder_embedding.weight"][2])

@@ -461,3 +461,12 @@ def test_gradient_of_the_classification_term_matches_autograd_reference():
     expected = 2 * p * p * (1 - p) * F.softplus(x) + p * p * p  # d/dx [p^2 softplus(x)]
     expected = expected * output.valid_mask[..., None]
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_wrong_class_count_and_batch_size_are_rejected():
+    output = synthetic_output(SIZES[:1], num_classes=5)
+    targets = [_random_targets(2, SIZES[0], seed=0)]
+    with pytest.raises(ValueError, match="expects 80"):
+        SetCriterion(num_classes=80)(output, targets, torch.tensor(SIZES[:1]))
+    with pytest.raises(ValueError, match="2 targets for a batch of 1"):
+        SetCriterion(num_classes=5)(output, targets * 2, torch.tensor(SIZES[:1]))

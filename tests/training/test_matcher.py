@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import official
 from asag.training.matcher import (
@@ -223,3 +225,29 @@ def test_official_anchor_matching(fixtures_dir, case, part, entries):
     weight = inverse_area_weight(targets.boxes) if debug["inverse"] else area_weight(targets.boxes)
     matching = AnchorMatcher()(anchors, targets, weight, f"anchor_{part}")
     _check_official(matching, targets, debug)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_queries=st.integers(1, 12),
+    counts=st.lists(st.integers(0, 15), min_size=1, max_size=4),
+    seed=st.integers(0, 10_000),
+)
+def test_matching_is_a_one_to_one_assignment_of_valid_queries(num_queries, counts, seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(counts)
+    logits = torch.randn(batch, num_queries, 3, generator=gen)
+    boxes = torch.rand(batch, num_queries, 4, generator=gen) * 0.5 + 0.25
+    valid = torch.rand(batch, num_queries, generator=gen) > 0.4
+    targets = GroupedTargets.from_lists(
+        [torch.rand(n, 4, generator=gen) * 0.5 + 0.25 for n in counts],
+        [torch.randint(0, 3, (n,), generator=gen) for n in counts],
+    )
+    matching = HungarianMatcher()(logits, boxes, targets, area_weight(targets.boxes), valid)
+    for g, n in enumerate(counts):
+        rows = matching.query[matching.group == g]
+        cols = matching.target[matching.group == g]
+        assert len(rows) == min(int(valid[g].sum()), n)
+        assert len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)
+        assert bool(valid[g, rows].all())
+        assert bool((targets.group[cols] == g).all())

@@ -372,6 +372,9 @@ class SetCriterion(nn.Module):
         device = output.heads[-1].logits.device
         if len(targets) != output.valid_mask.shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {output.valid_mask.shape[0]} images")
+        classes = output.heads[-1].logits.shape[-1]
+        if classes != self.num_classes:
+            raise ValueError(f"logits have {classes} classes, the criterion expects {self.num_classes}")
         num_boxes = num_boxes_normaliser(targets, device)
         gt = GroupedTargets.from_images([t.to(device) for t in targets])
         terms: dict[str, Tensor] = {}

@@ -237,3 +237,17 @@ def test_image_size_disagrees_with_json(coco_writer):
     ds = CocoDetection(json_path, image_dir)
     with _raises("image is 41x30 pixels .* annotation file says 40x30", str(image_dir / "a.png")):
         ds[0]
+
+
+def test_duplicate_annotation_ids(coco_writer):
+    anns = [ann(3, 1, 1, [0, 0, 5, 5]), ann(3, 1, 1, [1, 1, 5, 5])]
+    json_path, image_dir = coco_writer([(1, "a.png", 40, 40)], anns)
+    with _raises("duplicate annotation ids 3", str(json_path)):
+        CocoDetection(json_path, image_dir)
+
+
+def test_annotation_without_id(coco_writer):
+    anns = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]
+    json_path, image_dir = coco_writer([(1, "a.png", 40, 40)], anns)
+    with _raises("annotation id \\? needs integer id, image_id, category_id and a 'bbox'", str(json_path)):
+        CocoDetection(json_path, image_dir)

@@ -138,8 +138,11 @@ def _bad_annotation(anns: list[Any], source: str) -> DataError:
     """The error for the first annotation lacking a field or with a malformed ``bbox``."""
     for pos, ann in enumerate(anns):
         name = f"annotation id {ann.get('id', '?')}" if isinstance(ann, Mapping) else f"annotation #{pos}"
-        if not isinstance(ann, Mapping) or any(k not in ann for k in ("image_id", "category_id", "bbox")):
-            return DataError(f"{source}: {name} needs 'image_id', 'category_id' and 'bbox', got {ann!r}")
+        fields = ("id", "image_id", "category_id")
+        if not isinstance(ann, Mapping) or not all(_is_int(ann.get(k)) for k in fields) or "bbox" not in ann:
+            return DataError(f"{source}: {name} needs integer {', '.join(fields)} and a 'bbox', got {ann!r}")
+        if not _is_int(ann.get("iscrowd", 0)):
+            return DataError(f"{source}: {name} has a non-integer 'iscrowd' {ann['iscrowd']!r}")
         bbox = ann["bbox"]
         numbers = isinstance(bbox, list) and len(bbox) == 4
         if not numbers or not all(isinstance(v, int | float) and np.isfinite(v) for v in bbox):
@@ -152,7 +155,7 @@ def annotation_columns(anns: list[Any], source: str) -> dict[str, np.ndarray]:
     """Columns ``id, image_id, category_id, iscrowd`` ``[A]`` int64 and ``bbox`` ``[A, 4]`` float64 (xywh)."""
     try:
         cols = {
-            "id": np.array([a.get("id", -1) for a in anns], dtype=np.int64),
+            "id": np.array([a["id"] for a in anns], dtype=np.int64),
             "image_id": np.array([a["image_id"] for a in anns], dtype=np.int64),
             "category_id": np.array([a["category_id"] for a in anns], dtype=np.int64),
             "iscrowd": np.array([a.get("iscrowd", 0) for a in anns], dtype=np.int64),
@@ -162,6 +165,9 @@ def annotation_columns(anns: list[Any], source: str) -> dict[str, np.ndarray]:
         raise _bad_annotation(anns, source) from None
     if not np.isfinite(cols["bbox"]).all():
         raise _bad_annotation(anns, source)
+    unique, counts = np.unique(cols["id"], return_counts=True)
+    if (counts > 1).any():  # pycocotools indexes annotations by id: duplicates would vanish silently
+        raise DataError(f"{source}: duplicate annotation ids {_listed(unique[counts > 1].tolist())}")
     return cols
 
 

@@ -5,10 +5,27 @@ Everything built here takes plain, typed arguments; see :mod:`asag.config` for t
 
 from __future__ import annotations
 
-from torch import nn
+from pathlib import Path
 
-from asag.config import Config, DenoisingConfig, LossConfig, MatcherConfig, ModelConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from asag.config import Config, DataConfig, DenoisingConfig, ModelConfig, ScheduleConfig
 from asag.convert.official import head_index
+from asag.data import (
+    CocoDetection,
+    CropSpec,
+    LabelMap,
+    build_eval_transforms,
+    build_train_transforms,
+    collate,
+)
+from asag.data.synthetic import generate_synthetic, synthetic_paths
+from asag.data.transforms import DetectionTransform
+from asag.engine.distributed import build_eval_sampler, build_train_batch_sampler
+from asag.engine.optim import build_optimizer
+from asag.engine.schedule import WarmupMultiStepLR
+from asag.errors import ConfigError, DataError
 from asag.modeling.anchor_generator import AnchorGenerator
 from asag.modeling.backbone import RESNET_STRIDES, Backbone
 from asag.modeling.decoders.adamixer import AdaMixerStage
@@ -105,27 +122,105 @@ def build_model(cfg: ModelConfig, denoising: DenoisingConfig | None = None) -> A
 
 
 def build_criterion(cfg: Config) -> nn.Module:
+    """The training objective (spec 8) from the matcher, loss and patch-size settings."""
     from asag.training.criterion import SetCriterion
 
-    return SetCriterion(**criterion_arguments(cfg.model.num_classes, cfg.matcher, cfg.loss))
-
-
-def criterion_arguments(num_classes: int, m: MatcherConfig, loss: LossConfig) -> dict:
-    return dict(
-        num_classes=num_classes,
+    m, loss = cfg.matcher, cfg.loss
+    return SetCriterion(
+        num_classes=cfg.model.num_classes,
         cost_class=m.cost_class,
         cost_bbox=m.cost_bbox,
         cost_giou=m.cost_giou,
         focal_alpha=m.focal_alpha,
         focal_gamma=m.focal_gamma,
-        loss_ce=loss.ce * loss.other,
-        loss_bbox=loss.bbox * loss.other,
-        loss_giou=loss.giou * loss.other,
-        anchor_ce=loss.anchor_ce * loss.anchor,
-        anchor_bbox=loss.anchor_bbox * loss.anchor,
-        anchor_giou=loss.anchor_giou * loss.anchor,
+        ce_coef=loss.ce,
+        bbox_coef=loss.bbox,
+        giou_coef=loss.giou,
+        other_coef=loss.other,
+        anchor_coef=loss.anchor,
+        anchor_ce_coef=loss.anchor_ce,
+        anchor_bbox_coef=loss.anchor_bbox,
+        anchor_giou_coef=loss.anchor_giou,
         area_weight=loss.area_weight,
         gamma1=loss.gamma1,
         gamma2=loss.gamma2,
+        patch_size=cfg.model.anchor_generator.patch_size,
         fix_p6_flip_targets=loss.fix_p6_flip_targets,
     )
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def data_files(cfg: DataConfig, split: str) -> tuple[Path, Path]:
+    """``(annotation JSON, image folder)`` of ``split`` (``"train"`` or ``"val"``)."""
+    if cfg.format == "synthetic":
+        paths = synthetic_paths(cfg.root)
+        if split == "train":
+            return paths.train_json, paths.train_images
+        return paths.val_json, paths.val_images
+    root = Path(cfg.root)
+    if split == "train":
+        return root / cfg.train_annotations, root / cfg.train_images
+    return root / cfg.val_annotations, root / cfg.val_images
+
+
+def prepare_synthetic(cfg: DataConfig, log=print) -> None:
+    """Generate the synthetic data set into ``cfg.root`` unless it is already there."""
+    paths = synthetic_paths(cfg.root)
+    if paths.train_json.is_file() and paths.val_json.is_file():
+        return
+    log(f"generating the synthetic data set in {paths.root} ({cfg.synthetic_train_images} train / "
+        f"{cfg.synthetic_val_images} val images, seed {cfg.synthetic_seed})")
+    generate_synthetic(paths.root, cfg.synthetic_train_images, cfg.synthetic_seed,
+                       val_images=cfg.synthetic_val_images)
+
+
+def build_transforms(cfg: DataConfig, train: bool) -> DetectionTransform:
+    if not train or cfg.augmentation == "none":
+        return build_eval_transforms(cfg.val_size, cfg.val_max_size)
+    crop = None
+    if cfg.augmentation == "3x":
+        crop = CropSpec(pre_scales=tuple(cfg.crop_scales), min_size=cfg.crop_size[0],
+                        max_size=cfg.crop_size[1], final_max_size=cfg.crop_max_size)
+    return build_train_transforms(cfg.train_scales, cfg.train_max_size, crop=crop)
+
+
+def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
+    """The COCO-format data set of ``split`` with its transforms (training filter on for ``train``)."""
+    if cfg.format == "synthetic":
+        prepare_synthetic(cfg)
+    ann_file, image_dir = data_files(cfg, split)
+    if not ann_file.is_file():
+        raise DataError(f"{ann_file}: annotation file not found (data.root={cfg.root!r})")
+    train = split == "train"
+    return CocoDetection(ann_file, image_dir, build_transforms(cfg, train), training_filter=train,
+                         min_side=cfg.min_image_side)
+
+
+def build_loader(dataset: Dataset, cfg: DataConfig, train: bool, seed: int = 0) -> DataLoader:
+    """Training: shuffled, distributed-aware batches dropping the last incomplete one; evaluation:
+    this rank's share in order."""
+    common = dict(collate_fn=collate, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    if train:
+        batches = build_train_batch_sampler(dataset, batch_size=cfg.batch_size, seed=seed)
+        return DataLoader(dataset, batch_sampler=batches, **common)
+    return DataLoader(dataset, batch_size=cfg.val_batch_size, sampler=build_eval_sampler(dataset), **common)
+
+
+def check_num_classes(cfg: ModelConfig, label_map: LabelMap, source: str) -> None:
+    if len(label_map) != cfg.num_classes:
+        raise ConfigError(
+            f"{source} has {len(label_map)} categories but model.num_classes={cfg.num_classes}; "
+            f"set model.num_classes={len(label_map)}"
+        )
+
+
+# --------------------------------------------------------------------------------------- training
+
+
+def build_optimizer_and_schedule(model: nn.Module, cfg: ScheduleConfig):
+    optimizer = build_optimizer(model, lr=cfg.lr, backbone_lr=cfg.backbone_lr, weight_decay=cfg.weight_decay)
+    scheduler = WarmupMultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma,
+                                  warmup_iters=cfg.warmup_iters, warmup_start_factor=cfg.warmup_factor)
+    return optimizer, scheduler

@@ -1,0 +1,156 @@
+"""Python API: load a trained (or converted) checkpoint and detect objects in images.
+
+>>> from asag.api import Detector
+>>> detector = Detector.from_checkpoint("runs/demo/best.pth")
+>>> for det in detector.predict("image.jpg"):
+...     print(det.category_name, det.score, det.box)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import PIL.Image
+import PIL.ImageOps
+import torch
+from torch import Tensor
+
+from asag.build import build_model, build_transforms
+from asag.config import Config, config_from_dict
+from asag.convert.official import head_index
+from asag.data import LabelMap, collate
+from asag.engine.checkpoint import load_checkpoint
+from asag.errors import CheckpointError, ConfigError, DataError
+from asag.modeling.detector import ASAG
+from asag.structures import Detections, ImageTargets
+
+
+@dataclass
+class Detection:
+    """One detected object: ``box`` is ``[x1, y1, x2, y2]`` in pixels of the input image."""
+
+    box: list[float]
+    score: float
+    category_id: int
+    category_name: str
+
+    def to_dict(self) -> dict:
+        return {"box_xyxy": self.box, "score": self.score, "category_id": self.category_id,
+                "category_name": self.category_name}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def load_model(
+    path: str | Path, *, used_head: str | None = None, inference_level: str | None = None,
+    overrides: Sequence[str] = (),
+) -> tuple[ASAG, Config, LabelMap]:
+    """Rebuild the model stored in a checkpoint (our format, see ``asag convert`` for the authors')."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: no model configuration stored in this checkpoint")
+    from asag.config import apply_overrides
+
+    data = apply_overrides(ckpt["config"], list(overrides))
+    data["model"]["backbone"]["weights"] = None  # the checkpoint holds the trained backbone
+    if used_head is not None:
+        data["model"]["decoder"]["used_head"] = used_head
+    if inference_level is not None:
+        data["model"]["anchor_generator"]["inference_level"] = inference_level
+    cfg = config_from_dict(data)
+    model = build_model(cfg.model)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit the stored configuration ({len(missing)} missing, e.g. "
+            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+        )
+    model.used_head = head_index(cfg.model.decoder.used_head, cfg.model.decoder.num_heads)
+    label_map = LabelMap.from_dict(ckpt["label_map"]) if ckpt.get("label_map") else _default_labels(cfg)
+    return model.eval(), cfg, label_map
+
+
+def _default_labels(cfg: Config) -> LabelMap:
+    n = cfg.model.num_classes
+    return LabelMap.from_dict({"category_ids": list(range(1, n + 1)),
+                               "names": [f"class_{i}" for i in range(1, n + 1)]})
+
+
+class Detector:
+    """A model, its preprocessing and its label map, ready for prediction."""
+
+    def __init__(self, model: ASAG, cfg: Config, label_map: LabelMap, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.cfg = cfg
+        self.label_map = label_map
+        self.device = device
+        self.transforms = build_transforms(cfg.data, train=False)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", **kwargs) -> Detector:
+        model, cfg, label_map = load_model(path, **kwargs)
+        return cls(model, cfg, label_map, resolve_device(device))
+
+    @staticmethod
+    def load_image(image: PIL.Image.Image | Tensor | str | Path) -> PIL.Image.Image:
+        """An RGB PIL image from a PIL image, a ``[3, H, W]`` tensor (uint8, or float in [0, 1]) or a path
+        (EXIF orientation applied)."""
+        if isinstance(image, str | Path):
+            path = Path(image)
+            if not path.is_file():
+                raise DataError(f"{path}: image file not found")
+            try:
+                with PIL.Image.open(path) as raw:
+                    raw.load()
+                    image = PIL.ImageOps.exif_transpose(raw)
+            except (OSError, SyntaxError, ValueError) as err:
+                raise DataError(f"{path}: cannot read image ({err})") from None
+        if isinstance(image, PIL.Image.Image) and image.mode in ("P", "LA", "PA", "RGBA"):
+            image = image.convert("RGBA")  # palette transparency first, then drop alpha
+        if isinstance(image, Tensor):
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise DataError(f"image tensor must be [3, H, W], got {tuple(image.shape)}")
+            if image.dtype != torch.uint8:
+                image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+            return PIL.Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+        if not isinstance(image, PIL.Image.Image):
+            raise DataError(f"unsupported image type {type(image).__name__}")
+        return image.convert("RGB")
+
+    def preprocess(self, image: PIL.Image.Image | Tensor | str | Path):
+        """Any accepted image -> one ``(tensor, ImageTargets)`` sample with the evaluation transforms."""
+        image = self.load_image(image)
+        w, h = image.size
+        empty = ImageTargets(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), 0, (h, w), (h, w))
+        return self.transforms(image, empty)
+
+    def to_detections(self, dets: Detections, score_threshold: float = 0.0, topk: int | None = None
+                      ) -> list[Detection]:
+        keep = dets.scores >= score_threshold
+        boxes, scores, labels = dets.boxes[keep], dets.scores[keep], dets.labels[keep]
+        if topk is not None:
+            boxes, scores, labels = boxes[:topk], scores[:topk], labels[:topk]
+        ids = self.label_map.to_category_ids(labels.cpu()).tolist()
+        names = [self.label_map.name_of(label) for label in labels.cpu().tolist()]
+        return [Detection([round(v, 2) for v in b], round(s, 5), i, n)
+                for b, s, i, n in zip(boxes.cpu().tolist(), scores.cpu().tolist(), ids, names)]
+
+    @torch.inference_mode()
+    def predict_batch(self, images: Sequence, score_threshold: float = 0.0, topk: int | None = None
+                      ) -> list[list[Detection]]:
+        batch = collate([self.preprocess(img) for img in images]).to(self.device)
+        dets = self.model.predict(batch.images, batch.image_sizes, batch.orig_sizes)
+        return [self.to_detections(d, score_threshold, topk) for d in dets]
+
+    def predict(self, image, score_threshold: float = 0.0, topk: int | None = None) -> list[Detection]:
+        """Detections for one image (PIL image, ``[3, H, W]`` tensor or path), boxes in its pixels."""
+        return self.predict_batch([image], score_threshold, topk)[0]

@@ -1,0 +1,106 @@
+"""``asag train PRESET [key=value ...]``: train on a COCO-format data set (single process or torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from asag.api import resolve_device
+from asag.build import (
+    build_criterion,
+    build_dataset,
+    build_loader,
+    build_model,
+    build_optimizer_and_schedule,
+    check_num_classes,
+)
+from asag.config import Config, load_config
+from asag.engine.checkpoint import seed_everything
+from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process, wrap_ddp
+from asag.engine.evaluator import evaluate
+from asag.engine.logger import RunLogger
+from asag.engine.trainer import FitResult, fit, make_grad_scaler
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a detector from a preset",
+        description="Train from a preset (see `asag config list`). Multi-GPU: torchrun --nproc_per_node=8 "
+                    "-m asag.cli train PRESET ...",
+    )
+    parser.add_argument("preset", help="preset name or YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    parser.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint written by asag train")
+    parser.add_argument("--output-dir", help="where checkpoints and logs go (default: runtime.output_dir)")
+    parser.set_defaults(func=run)
+
+
+def resolve_amp(cfg: Config, device: torch.device) -> str | None:
+    amp = cfg.runtime.amp
+    if amp == "auto":
+        return "fp16" if device.type == "cuda" else None
+    return None if amp == "none" else amp
+
+
+@dataclass
+class TrainingRun:
+    """What :func:`train` produced."""
+
+    result: FitResult
+    output_dir: Path
+
+
+def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | None = None,
+          log=print) -> TrainingRun:
+    """Train ``cfg`` end to end: data, model, objective, schedule, evaluation and checkpoints."""
+    rt = cfg.runtime
+    device = resolve_device(rt.device)
+    dist = init_distributed(device.type)
+    device = dist.device if dist.distributed else device
+    if rt.num_threads:
+        torch.set_num_threads(rt.num_threads)
+    seed_everything(rt.seed + dist.rank)
+    out = Path(output_dir or rt.output_dir)
+    logger = RunLogger(out if is_main_process() else None)
+    try:
+        train_set = build_dataset(cfg.data, "train")
+        val_set = build_dataset(cfg.data, "val")
+        check_num_classes(cfg.model, train_set.label_map, str(train_set.ann_file))
+        if is_main_process():
+            log(f"training {cfg.description or cfg.model.variant}: {len(train_set)} train images, "
+                f"{len(val_set)} val images, device {device}, output {out}")
+        model = build_model(cfg.model, cfg.denoising).to(device)
+        criterion = build_criterion(cfg).to(device)
+        optimizer, scheduler = build_optimizer_and_schedule(model, cfg.schedule)
+        amp = resolve_amp(cfg, device)
+        train_model = wrap_ddp(model, device) if dist.distributed else model
+        evaluate_fn = functools.partial(
+            evaluate, loader=build_loader(val_set, cfg.data, train=False), coco_gt=val_set.coco,
+            label_map=val_set.label_map, device=device, amp=amp, results_json=out / "val_results.json",
+            per_class=cfg.evaluation.per_class,
+        )
+        result = fit(
+            train_model, criterion, build_loader(train_set, cfg.data, train=True, seed=rt.seed), optimizer,
+            scheduler, epochs=cfg.schedule.epochs, device=device, output_dir=out, config=cfg.to_dict(),
+            label_map=train_set.label_map.to_dict(), evaluate_fn=evaluate_fn, eval_every=rt.eval_every,
+            checkpoint_every=rt.checkpoint_every, clip_max_norm=cfg.schedule.clip_max_norm, amp=amp,
+            scaler=make_grad_scaler(amp, device), logger=logger, resume=resume,
+            max_iters=cfg.schedule.max_iters_per_epoch, log_every=rt.log_every,
+        )
+    finally:
+        logger.close()
+        cleanup_distributed()
+    return TrainingRun(result, out)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.preset, args.overrides)
+    run = train(cfg, output_dir=args.output_dir, resume=args.resume)
+    if is_main_process():
+        r = run.result
+        print(f"done: best AP {r.best_ap:.4f} at epoch {r.best_epoch}; checkpoints in {run.output_dir}")
+    return 0

@@ -16,8 +16,10 @@ from asag.errors import ConfigError
 def test_defaults_follow_the_release():
     cfg = Config()
     ag = cfg.model.anchor_generator
-    assert (ag.compress_dim, ag.mlp_hidden_dim, ag.num_anchors_coarse, ag.num_anchors_patch) == (8, 1000, 50, 20)
-    assert (ag.threshold_high, ag.threshold_low, ag.patch_nms_threshold, ag.score_threshold) == (0.7, 0.1, 0.25, 0.1)
+    assert (ag.compress_dim, ag.mlp_hidden_dim) == (8, 1000)
+    assert (ag.num_anchors_coarse, ag.num_anchors_patch) == (50, 20)
+    assert (ag.threshold_high, ag.threshold_low) == (0.7, 0.1)
+    assert (ag.patch_nms_threshold, ag.score_threshold) == (0.25, 0.1)
     assert (ag.min_anchors, ag.max_anchors, ag.use_target_epoch, ag.inference_level) == (5, 200, 1, "P3P6")
     assert (cfg.loss.area_weight, cfg.loss.gamma1, cfg.loss.gamma2) == (4.0, 0.4, 0.6)
     assert (cfg.matcher.cost_class, cfg.matcher.cost_bbox, cfg.matcher.cost_giou) == (2.0, 5.0, 2.0)

@@ -33,7 +33,8 @@ def manifest_state_dict(variant: str, old_fpn_names: bool = False) -> dict[str, 
 
 
 def test_key_renames():
-    assert rename_official_key("backbone.0.body.layer1.0.conv1.weight") == "backbone.body.layer1.0.conv1.weight"
+    key = "layer1.0.conv1.weight"
+    assert rename_official_key(f"backbone.0.body.{key}") == f"backbone.body.{key}"
     assert rename_official_key("neck.inner_blocks.2.weight") == "neck.inner_blocks.2.0.weight"
     assert rename_official_key("neck.layer_blocks.0.0.bias") == "neck.layer_blocks.0.0.bias"
     assert rename_official_key("rpn.fc_cls.bias") == "proposal.fc_cls.bias"
@@ -44,7 +45,8 @@ def test_key_renames():
     assert head_index("main", 4) == 3 and head_index("aux_2", 4) == 2
 
 
-@pytest.mark.parametrize("variant, preset", [("asag-a", "asag_a_r50_1x_100q"), ("asag-s", "asag_s_r50_3x_100q")])
+@pytest.mark.parametrize("variant, preset", [("asag-a", "asag_a_r50_1x_100q"),
+                                             ("asag-s", "asag_s_r50_3x_100q")])
 def test_architecture_is_read_off_the_state_dict(variant, preset):
     arch = infer_architecture(manifest_state_dict(variant))
     assert arch.decoder_type == {"asag-a": "adamixer", "asag-s": "sparse_rcnn"}[variant]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import FeaturePyramidNetwork
 
 

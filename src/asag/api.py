@@ -24,7 +24,7 @@ from asag.data import LabelMap, collate
 from asag.engine.checkpoint import load_checkpoint
 from asag.errors import CheckpointError, ConfigError, DataError
 from asag.modeling.detector import ASAG
-from asag.structures import Detections, ImageTargets
+from asag.structures import Detections
 
 
 @dataclass
@@ -128,10 +128,7 @@ class Detector:
 
     def preprocess(self, image: PIL.Image.Image | Tensor | str | Path):
         """Any accepted image -> one ``(tensor, ImageTargets)`` sample with the evaluation transforms."""
-        image = self.load_image(image)
-        w, h = image.size
-        empty = ImageTargets(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), 0, (h, w), (h, w))
-        return self.transforms(image, empty)
+        return self.transforms(self.load_image(image), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
 
     def to_detections(self, dets: Detections, score_threshold: float = 0.0, topk: int | None = None
                       ) -> list[Detection]:

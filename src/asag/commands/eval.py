@@ -34,11 +34,12 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.root={args.data}")
     if args.batch_size:
         overrides.append(f"data.val_batch_size={args.batch_size}")
-    dist = init_distributed(args.device if args.device != "auto" else "cuda")
+    device = resolve_device(args.device)
+    dist = init_distributed(device.type)
     try:
         model, cfg, label_map = load_model(args.checkpoint, used_head=args.used_head,
                                            inference_level=args.inference_level, overrides=overrides)
-        device = dist.device if dist.distributed else resolve_device(args.device)
+        device = dist.device if dist.distributed else device
         dataset = build_dataset(cfg.data, "val")
         check_num_classes(cfg.model, dataset.label_map, str(dataset.ann_file))
         out = Path(args.out)

@@ -1,0 +1,118 @@
+"""End to end through the command line on a tiny synthetic data set (CPU, about a minute)."""
+
+import json
+
+import pytest
+import torch
+
+from asag.cli import main
+from asag.data.synthetic import generate_synthetic
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(root, 8, seed=3, val_images=4)
+    return root
+
+
+def common(data_root, out):
+    return [f"data.root={data_root}", f"runtime.output_dir={out}", "schedule.max_iters_per_epoch=2",
+            "runtime.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "tiny_cpu", *common(data_root, out), "schedule.epochs=1"]) == 0
+    return out
+
+
+def test_train_writes_checkpoints_logs_and_evaluation(trained):
+    for name in ("last.pth", "best.pth", "metrics.jsonl", "val_results.json"):
+        assert (trained / name).is_file(), name
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in records}
+    assert "train" in kinds and any("eval" in k for k in kinds)
+    train = next(r for r in records if r["kind"] == "train")
+    assert "terms/loss_ce_anchor" in train and "lr" in train
+
+
+def test_resume_continues_from_the_checkpoint(trained, data_root, tmp_path):
+    args = ["train", "tiny_cpu", *common(data_root, tmp_path), "schedule.epochs=2",
+            "--resume", str(trained / "last.pth")]
+    assert main(args) == 0
+    ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["iteration"] == 4
+
+
+def test_eval_reports_coco_metrics(trained, data_root, tmp_path, capsys):
+    code = main(["eval", str(trained / "last.pth"), f"data.root={data_root}", "--out", str(tmp_path),
+                 "--batch-size", "2", "--inference-level", "P4P6"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "AP50" in text and "images/s" in text
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.0 <= metrics["ap"] <= 1.0 and metrics["num_images"] == 4
+
+
+def test_predict_writes_json_and_drawings(trained, data_root, tmp_path):
+    images = data_root / "images" / "val"
+    code = main(["predict", str(trained / "last.pth"), str(images), "--out", str(tmp_path), "--draw",
+                 "--score-threshold", "0"])
+    assert code == 0
+    records = json.loads((tmp_path / "predictions.json").read_text())
+    assert len(records) == 4
+    det = records[0]["detections"][0]
+    assert set(det) == {"box_xyxy", "score", "category_id", "category_name"}
+    assert det["category_id"] in range(1, 6)
+    assert len(list(tmp_path.glob("*_pred.png"))) == 4
+
+
+def test_python_api_predicts_on_pil_and_tensor(trained, data_root):
+    import PIL.Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from asag.api import Detector
+
+    detector = Detector.from_checkpoint(trained / "last.pth", device="cpu")
+    path = next((data_root / "images" / "val").iterdir())
+    image = PIL.Image.open(path)
+    from_pil = detector.predict(image, topk=5)
+    from_tensor = detector.predict(pil_to_tensor(image.convert("RGB")), topk=5)
+    assert len(from_pil) == 5
+    assert [d.box for d in from_pil] == [d.box for d in from_tensor]
+    w, h = image.size
+    assert all(-w <= d.box[0] <= 2 * w for d in from_pil)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "no_such_preset"], "unknown preset"),
+        (["train", "tiny_cpu", "model.nope=1"], "unknown key model.nope"),
+        (["eval", "missing.pth"], "missing.pth"),
+        (["predict", "missing.pth", "x.png"], "x.png"),
+        (["config", "show", "tiny_cpu", "schedule.epochs=many"], "expected an integer"),
+        (["convert", "missing.pth", "--out", "x.pth"], "not found"),
+    ],
+)
+def test_bad_input_gives_a_message_and_exit_code_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_files(trained, tmp_path, capsys):
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes((trained / "last.pth").read_bytes()[:1000])
+    assert main(["eval", str(truncated)]) == 2
+    assert "truncated.pth" in capsys.readouterr().err
+    bad_image = tmp_path / "bad.png"
+    bad_image.write_bytes(b"not a png")
+    assert main(["predict", str(trained / "last.pth"), str(bad_image), "--out", str(tmp_path)]) == 2
+    assert "bad.png" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", str(trained / "last.pth"), str(empty)]) == 2
+    assert "no images" in capsys.readouterr().err

@@ -264,8 +264,8 @@ class AnchorGenerator(nn.Module):
     def _resize_p5(self, f5: Tensor, image_sizes: Tensor) -> Tensor:
         """``[B, c, H5, W5]`` -> ``[B, c, I, I]``: each image's valid region, bilinearly resized."""
         valid = valid_region_cells(image_sizes, self.strides[P5_INDEX], tuple(f5.shape[-2:]))  # [B, 2]
-        rows = bilinear_resize_weights(valid[:, 0], f5.shape[-2], self.interpolate_size)  # [B, I, H5]
-        cols = bilinear_resize_weights(valid[:, 1], f5.shape[-1], self.interpolate_size)  # [B, I, W5]
+        rows = bilinear_resize_weights(valid[:, 0], f5.shape[-2], self.interpolate_size).to(f5)  # [B, I, H5]
+        cols = bilinear_resize_weights(valid[:, 1], f5.shape[-1], self.interpolate_size).to(f5)  # [B, I, W5]
         return rows[:, None] @ f5 @ cols[:, None].transpose(-1, -2)  # [B, c, I, I]
 
     def _coarse_stage(

@@ -42,8 +42,8 @@ ANCHOR_STRIDES = (8, 16, 32)
 
 def build_backbone(cfg: ModelConfig) -> Backbone:
     b = cfg.backbone
-    backbone = Backbone(b.name, trainable_layers=b.trainable_layers, freeze_bn_affine=b.freeze_bn_affine,
-                        eps=b.frozen_bn_eps)
+    backbone = Backbone(b.name, norm=b.norm, trainable_layers=b.trainable_layers,
+                        freeze_bn_affine=b.freeze_bn_affine, eps=b.frozen_bn_eps)
     if b.weights:
         backbone.load_pretrained(b.weights)
     return backbone

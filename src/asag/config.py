@@ -34,6 +34,8 @@ class BackboneConfig:
     name: BackboneName = "resnet50"
     # Path of a torchvision ImageNet checkpoint (e.g. resnet50-0676ba61.pth). Never downloaded.
     weights: str | None = None
+    # frozen_bn: the release (ImageNet weights). batch_norm / group_norm: backbones trained from scratch.
+    norm: Literal["frozen_bn", "batch_norm", "group_norm"] = "frozen_bn"
     # Stem and layer1 frozen (spec 2.1): layers whose name contains none of these stay trainable.
     trainable_layers: list[str] = field(default_factory=lambda: ["layer2", "layer3", "layer4"])
     # The release trains the FrozenBN affine terms of layer2-4 (spec 13.4); true freezes them.

@@ -78,3 +78,12 @@ def test_fpn_matches_the_official_fixture(fixtures_dir):
     ref = load(fixtures_dir, "fpn_case_a.pt")
     for name, out in zip(("P2", "P3", "P4", "P5"), outs):
         assert torch.allclose(out, ref[name], atol=1e-4), name
+
+
+@pytest.mark.parametrize("norm, cls", [("batch_norm", torch.nn.BatchNorm2d), ("group_norm", torch.nn.GroupNorm)])
+def test_norm_options_for_training_from_scratch(norm, cls):
+    b = Backbone("resnet18", norm=norm)
+    assert isinstance(b.body.bn1, cls)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in b.modules())
+    with pytest.raises(ValueError, match="unsupported backbone norm"):
+        Backbone("resnet18", norm="layer_norm")

@@ -53,11 +53,23 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+# Group count of the group-norm option (Wu & He, 2018).
+GROUP_NORM_GROUPS = 32
+NORM_LAYERS = {
+    "frozen_bn": FrozenBatchNorm2d,
+    "batch_norm": lambda c, eps: nn.BatchNorm2d(c, eps=eps),
+    "group_norm": lambda c, eps: nn.GroupNorm(min(GROUP_NORM_GROUPS, c), c, eps=eps),
+}
+
+
 class Backbone(nn.Module):
     """torchvision ResNet returning ``C2..C5`` (strides 4, 8, 16, 32).
 
     Args:
         name: ``resnet18 | resnet34 | resnet50 | resnet101``.
+        norm: ``frozen_bn`` (the release; for ImageNet-initialised backbones), or ``batch_norm`` /
+            ``group_norm`` for backbones trained from scratch (e.g. the CPU demo), where fixed identity
+            statistics would leave the deep network unnormalised.
         trainable_layers: a parameter trains only if its name contains one of these (the release
             freezes the stem and ``layer1``).
         freeze_bn_affine: also freeze the FrozenBN affine terms (the release trains them).
@@ -69,6 +81,7 @@ class Backbone(nn.Module):
     def __init__(
         self,
         name: str = "resnet50",
+        norm: str = "frozen_bn",
         trainable_layers: tuple[str, ...] | list[str] = ("layer2", "layer3", "layer4"),
         freeze_bn_affine: bool = False,
         eps: float = 1e-5,
@@ -76,7 +89,9 @@ class Backbone(nn.Module):
         super().__init__()
         if name not in RESNET_CHANNELS:
             raise ValueError(f"unsupported backbone {name!r}; choose one of {sorted(RESNET_CHANNELS)}")
-        net = getattr(resnet, name)(weights=None, norm_layer=lambda c: FrozenBatchNorm2d(c, eps))
+        if norm not in NORM_LAYERS:
+            raise ValueError(f"unsupported backbone norm {norm!r}; choose one of {sorted(NORM_LAYERS)}")
+        net = getattr(resnet, name)(weights=None, norm_layer=lambda c: NORM_LAYERS[norm](c, eps))
         self.body = IntermediateLayerGetter(
             net, return_layers={f"layer{i + 1}": n for i, n in enumerate(FEATURE_NAMES)}
         )

@@ -80,7 +80,8 @@ def test_fpn_matches_the_official_fixture(fixtures_dir):
         assert torch.allclose(out, ref[name], atol=1e-4), name
 
 
-@pytest.mark.parametrize("norm, cls", [("batch_norm", torch.nn.BatchNorm2d), ("group_norm", torch.nn.GroupNorm)])
+@pytest.mark.parametrize("norm, cls", [("batch_norm", torch.nn.BatchNorm2d),
+                                       ("group_norm", torch.nn.GroupNorm)])
 def test_norm_options_for_training_from_scratch(norm, cls):
     b = Backbone("resnet18", norm=norm)
     assert isinstance(b.body.bn1, cls)

@@ -83,3 +83,23 @@ def test_converted_state_dict_loads_strictly(variant, preset, heads, old_fpn_nam
         assert torch.equal(model.state_dict()[ours], sd[some])
         assert torch.equal(model.state_dict()["decoder.head_embedding"][0],
                            sd["decoder.decoder_embedding.weight"][2])
+
+
+def test_convert_command_writes_a_loadable_checkpoint(tmp_path, capsys):
+    import argparse
+
+    from asag.api import load_model
+    from asag.cli import main
+
+    sd = manifest_state_dict("asag-a", old_fpn_names=True)
+    official = tmp_path / "official.pth"
+    torch.save({"model": sd, "args": argparse.Namespace(num_query="100"), "epoch": 11}, official)
+    out = tmp_path / "ours.pth"
+    assert main(["convert", str(official), "--out", str(out), "--keep-head", "aux_2"]) == 0
+    model, cfg, labels = load_model(out)
+    assert cfg.model.decoder.num_heads == 1 and cfg.model.decoder.type == "adamixer"
+    assert len(labels) == 80 and labels.category_ids[-1] == 90 and labels.names[0] == "person"
+    assert torch.equal(model.state_dict()["proposal.fc_cls.weight"], sd["rpn.fc_cls.weight"])
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    assert main(["convert", str(tmp_path / "junk.pth"), "--out", str(out)]) == 2
+    assert "junk.pth" in capsys.readouterr().err

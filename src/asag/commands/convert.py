@@ -10,6 +10,7 @@ import torch
 from asag.build import build_model
 from asag.config import apply_overrides, config_from_dict, load_config
 from asag.convert.official import convert_state_dict, head_index, infer_architecture
+from asag.data.coco_categories import default_label_map
 from asag.engine.checkpoint import save_checkpoint
 from asag.errors import CheckpointError
 
@@ -88,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
     if missing or unexpected:
         raise CheckpointError(f"{path}: converted weights do not fit ({len(missing)} missing, e.g. "
                               f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    labels = default_label_map(cfg.model.num_classes)
     save_checkpoint(args.out, model=model, optimizer=None, scheduler=None, scaler=None, epoch=-1,
-                    iteration=0, config=cfg.to_dict(), label_map={}, extra={"converted_from": str(path)})
+                    iteration=0, config=cfg.to_dict(), label_map=labels.to_dict() if labels else {},
+                    extra={"converted_from": str(path)})
     print(f"converted {path} ({len(state)} tensors, {cfg.model.variant}, {cfg.model.decoder.num_heads} "
           f"head(s)) -> {args.out}")
     return 0

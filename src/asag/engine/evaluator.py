@@ -1,9 +1,11 @@
-"""COCO evaluation of a detector over a data loader, single-process or distributed.
+"""Evaluation of a detector over a data loader, single-process or distributed.
 
 Each rank runs the model on its share of the images (see
 :func:`asag.engine.distributed.build_eval_sampler`), converts the detections to COCO result records
-and gathers them on every rank (``all_gather_object``); rank 0 writes the results JSON and runs
-pycocotools; the metrics are then broadcast so every rank returns the same :class:`EvalResult`.
+and gathers them on every rank (``all_gather_object``); rank 0 writes the results JSON and scores
+them; the metrics are then broadcast so every rank returns the same result. Two backends, same call
+pattern: :func:`evaluate` (COCO AP via pycocotools, :class:`EvalResult`) and
+:func:`evaluate_crowdhuman` (CrowdHuman AP / mMR / Recall, :class:`CrowdHumanEvalResult`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 
 from asag.engine.checkpoint import unwrap_model
 from asag.engine.coco_eval import LabelMapping, detections_to_coco_results, run_coco_eval, write_results_json
+from asag.engine.crowdhuman_eval import evaluate_coco_results
 from asag.engine.distributed import all_gather_object, broadcast_object, is_main_process
 from asag.engine.logger import RunLogger
 from asag.engine.trainer import autocast_context, check_amp
@@ -55,6 +58,37 @@ class EvalResult:
     mean_queries: float | None = None
     mean_patches: dict[str, float] | None = None
     per_class_ap: dict[str, float] | None = None
+    results_path: str | None = None
+    summary: str = ""
+
+
+@dataclass
+class CrowdHumanEvalResult:
+    """CrowdHuman metrics (spec section 10; see :mod:`asag.engine.crowdhuman_eval`), in [0, 1]; -1 when
+    the evaluated images hold no person box.
+
+    ap: area under the precision-recall curve. mmr: log-average miss rate over FPPI [1e-2, 1] (lower is
+    better). recall: final recall of the ranked list.
+    num_images / num_detections: images evaluated and detections produced (all ranks).
+    num_people / num_ignore: person boxes and ignore regions of the evaluated images.
+    num_true_positives / num_false_positives / num_ignored: outcomes of the detections.
+    images_per_second, mean_queries, mean_patches, results_path: as in :class:`EvalResult`.
+    summary: the metrics and counts on one line.
+    """
+
+    ap: float
+    mmr: float
+    recall: float
+    num_images: int
+    num_detections: int
+    num_people: int
+    num_ignore: int
+    num_true_positives: int
+    num_false_positives: int
+    num_ignored: int
+    images_per_second: float
+    mean_queries: float | None = None
+    mean_patches: dict[str, float] | None = None
     results_path: str | None = None
     summary: str = ""
 
@@ -170,6 +204,46 @@ def evaluate(
     Returns:
         the same :class:`EvalResult` on every rank. With no detections at all, AP is 0.
     """
+    merged = _collect(model, loader, device=device, amp=amp, label_map=label_map, max_batches=max_batches,
+                      logger=logger)
+    result = None
+    if is_main_process():
+        result = _score(merged, coco_gt, results_json=results_json, per_class=per_class)
+    return broadcast_object(result)
+
+
+def evaluate_crowdhuman(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    *,
+    coco_gt: COCO,
+    label_map: LabelMapping,
+    device: torch.device | str,
+    amp: str | None = None,
+    results_json: str | Path | None = None,
+    max_batches: int | None = None,
+    logger: RunLogger | None = None,
+) -> CrowdHumanEvalResult:
+    """Evaluate ``model`` on ``loader`` with the CrowdHuman metrics (AP, mMR, Recall; spec section 10).
+
+    Same arguments as :func:`evaluate` (no per-class AP: the protocol has one class). ``coco_gt`` is
+    the COCO file written by ``asag data convert-crowdhuman`` (``iscrowd = 1``: ignore regions); it
+    must have a single category (:class:`asag.errors.ConfigError` otherwise). Every image seen in the
+    loader counts, with or without detections.
+    Returns:
+        the same :class:`CrowdHumanEvalResult` on every rank.
+    """
+    merged = _collect(model, loader, device=device, amp=amp, label_map=label_map, max_batches=max_batches,
+                      logger=logger)
+    result = None
+    if is_main_process():
+        result = _score_crowdhuman(merged, coco_gt, results_json=results_json)
+    return broadcast_object(result)
+
+
+def _collect(model: nn.Module, loader: Iterable[Batch], *, device: torch.device | str, amp: str | None,
+             label_map: LabelMapping, max_batches: int | None, logger: RunLogger | None) -> _ShardRecord:
+    """Run the model over this rank's batches and merge the records of all ranks."""
     device = torch.device(device)
     check_amp(amp, device)
     module = unwrap_model(model)
@@ -182,11 +256,7 @@ def evaluate(
             break
         _run_batch(module, batch.to(device), record, device=device, amp=amp, label_map=label_map)
     module.train(was_training)
-    merged = _merge(all_gather_object(record))
-    result = None
-    if is_main_process():
-        result = _score(merged, coco_gt, results_json=results_json, per_class=per_class)
-    return broadcast_object(result)
+    return _merge(all_gather_object(record))
 
 
 def _score(
@@ -207,6 +277,17 @@ def _score(
         stats=metrics.stats,
         num_images=num_images,
         num_detections=len(results),
+        **_run_statistics(record),
+        per_class_ap=metrics.per_class_ap,
+        results_path=str(path) if path is not None else None,
+        summary=metrics.summary,
+    )
+
+
+def _run_statistics(record: _ShardRecord) -> dict:
+    """Throughput and model statistics shared by both result types."""
+    num_images = len(record.results_by_image)
+    return dict(
         images_per_second=num_images / record.model_seconds if record.model_seconds > 0 else 0.0,
         mean_queries=record.query_sum / record.query_images if record.query_images else None,
         mean_patches=(
@@ -214,7 +295,28 @@ def _score(
             if record.patch_images
             else None
         ),
-        per_class_ap=metrics.per_class_ap,
+    )
+
+
+def _score_crowdhuman(
+    record: _ShardRecord, coco_gt: COCO, *, results_json: str | Path | None
+) -> CrowdHumanEvalResult:
+    """Write the results JSON and compute the CrowdHuman metrics on the merged record (rank 0)."""
+    results = [item for items in record.results_by_image.values() for item in items]
+    path = write_results_json(results_json, results) if results_json is not None else None
+    metrics = evaluate_coco_results(coco_gt, record.results_by_image)
+    return CrowdHumanEvalResult(
+        ap=metrics.ap,
+        mmr=metrics.mmr,
+        recall=metrics.recall,
+        num_images=metrics.num_images,
+        num_detections=metrics.num_detections,
+        num_people=metrics.num_people,
+        num_ignore=metrics.num_ignore,
+        num_true_positives=metrics.num_true_positives,
+        num_false_positives=metrics.num_false_positives,
+        num_ignored=metrics.num_ignored,
+        **_run_statistics(record),
         results_path=str(path) if path is not None else None,
         summary=metrics.summary,
     )

@@ -1,14 +1,15 @@
 """FPN feature maps as heat maps over the image (the supplement's Figure C-3).
 
-A level's heat map is the mean over channels of its ``[d, H_l, W_l]`` map, upsampled by the level's
-stride to the padded batch frame, cut to the resized image (the zero padding is not shown), resized to
-the original image, min-max normalised to ``[0, 1]``, coloured with a "jet" colour map (blue = low,
-red = high) and blended over the image. No plotting library is needed: the colour map is a
-piecewise-linear table.
+A level's heat map is the mean over channels of its ``[d, H_l, W_l]`` map, cut to the cells that cover
+the resized image (the batch padding neither shows nor bleeds in through the interpolation), upsampled
+by the level's stride, cut to the resized image's pixels, resized to the original image, min-max
+normalised to ``[0, 1]``, coloured with a "jet" colour map (blue = low, red = high) and blended over the
+image. No plotting library is needed: the colour map is a piecewise-linear table.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,10 +58,11 @@ def heat_map(feature: Tensor, stride: int, size_hw: tuple[int, int], orig_hw: tu
     Returns:
         ``[orig_h, orig_w]`` float in ``[0, 1]`` (1 = the highest mean activation inside the image).
     """
-    mean = mean_activation(feature)[None, None]  # [1, 1, H_l, W_l]
-    padded = F.interpolate(mean, scale_factor=stride, mode="bilinear", align_corners=False)  # [1, 1, Hp, Wp]
     h, w = size_hw
-    resized = padded[..., :h, :w]  # [1, 1, h, w]: the image without its padding
+    cells_h, cells_w = math.ceil(h / stride), math.ceil(w / stride)  # cells touching the image
+    mean = mean_activation(feature)[None, None, :cells_h, :cells_w]  # [1, 1, h_c, w_c]: padding cut away
+    cells = F.interpolate(mean, scale_factor=stride, mode="bilinear", align_corners=False)  # [1, 1, >=h, >=w]
+    resized = cells[..., :h, :w]  # [1, 1, h, w]
     original = F.interpolate(resized, size=tuple(orig_hw), mode="bilinear", align_corners=False)
     return normalise_unit(original[0, 0])  # [orig_h, orig_w]
 

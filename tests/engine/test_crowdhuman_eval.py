@@ -387,3 +387,54 @@ def test_mmr_formula_on_the_example_matches_logs():
     # the same number as in test_hand_computed_example, spelt out with logarithms
     expected = math.exp((7 * math.log(0.6) + 2 * math.log(0.4)) / 9)
     assert crowdhuman_metrics(EXAMPLE_DETS, EXAMPLE_GT).mmr == pytest.approx(expected, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+def single_class_copy(root, out) -> None:
+    """Rewrite the synthetic data set's JSON files as one 'person' class, every third box an ignore
+    region (like ``asag data convert-crowdhuman``)."""
+    for split in ("train", "val"):
+        data = json.loads((root / f"{split}.json").read_text())
+        for index, ann in enumerate(data["annotations"]):
+            ann["category_id"], ann["iscrowd"] = 1, int(split == "val" and index % 3 == 2)
+        data["categories"] = [{"id": 1, "name": "person", "supercategory": "person"}]
+        (out / f"{split}.json").write_text(json.dumps(data))
+
+
+@pytest.mark.slow
+def test_train_and_eval_commands_use_the_crowdhuman_backend(tmp_path, capsys):
+    from asag.cli import main
+    from asag.data.synthetic import generate_synthetic
+
+    generate_synthetic(tmp_path, 4, seed=3, val_images=3)
+    single_class_copy(tmp_path, tmp_path)
+    data = [f"data.root={tmp_path}", "data.format=coco", "data.train_images=images/train",
+            "data.train_annotations=train.json", "data.val_images=images/val",
+            "data.val_annotations=val.json", "model.num_classes=1", "evaluation.metric=crowdhuman"]
+    run = tmp_path / "run"
+    train = ["train", "tiny_cpu", *data, f"runtime.output_dir={run}", "schedule.max_iters_per_epoch=1"]
+    assert main(train) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evaluation = next(r for r in records if r["kind"] == "eval")
+    assert {"ap", "mmr", "recall", "num_ignore"} <= set(evaluation) and evaluation["num_ignore"] > 0
+    assert (run / "best.pth").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(run / "last.pth"), *data, "--out", str(tmp_path)]) == 0
+    assert "mMR" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_images"] == 3 and 0.0 <= metrics["recall"] <= 1.0 and metrics["mmr"] <= 1.0
+
+
+def test_train_command_rejects_a_multi_class_data_set_before_training(tmp_path, capsys):
+    from asag.cli import main
+    from asag.data.synthetic import generate_synthetic
+
+    generate_synthetic(tmp_path, 1, seed=3, val_images=1)
+    args = ["train", "tiny_cpu", "data.format=synthetic", f"data.root={tmp_path}",
+            f"runtime.output_dir={tmp_path}", "evaluation.metric=crowdhuman"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "val.json has 5 categories" in err and "Traceback" not in err
+    assert not (tmp_path / "last.pth").exists()

@@ -1,4 +1,5 @@
-"""``asag eval CHECKPOINT``: COCO metrics of a checkpoint on a COCO-format data set."""
+"""``asag eval CHECKPOINT``: metrics of a checkpoint on a COCO-format data set (COCO AP, or the CrowdHuman
+AP / mMR / Recall when ``evaluation.metric=crowdhuman``)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import json
 from pathlib import Path
 
 from asag.api import load_model, resolve_device
-from asag.build import build_dataset, build_loader, check_num_classes
+from asag.build import build_dataset, check_num_classes
+from asag.commands.train import build_evaluate_fn
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process
-from asag.engine.evaluator import evaluate
+from asag.engine.evaluator import CrowdHumanEvalResult
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate a checkpoint (COCO AP via pycocotools)")
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint (COCO AP, or CrowdHuman AP/mMR/Recall: evaluation.metric)")
     parser.add_argument("checkpoint", help="checkpoint written by asag train or asag convert")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. data.root=/data/coco data.val_batch_size=4")
@@ -43,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
         dataset = build_dataset(cfg.data, "val")
         check_num_classes(cfg.model, dataset.label_map, str(dataset.ann_file))
         out = Path(args.out)
-        loader = build_loader(dataset, cfg.data, train=False)
-        result = evaluate(model.to(device), loader, coco_gt=dataset.coco, label_map=label_map, device=device,
-                          results_json=out / "results.json", per_class=args.per_class)
+        evaluate_fn = build_evaluate_fn(cfg, dataset, device=device, amp=None, label_map=label_map,
+                                        results_json=out / "results.json", per_class=args.per_class or None)
+        result = evaluate_fn(model.to(device))
     finally:
         cleanup_distributed()
     if is_main_process():
@@ -57,14 +60,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_result(result) -> str:
-    lines = [f"AP {result.ap:.4f}  AP50 {result.ap50:.4f}  AP75 {result.ap75:.4f}  "
-             f"APs {result.aps:.4f}  APm {result.apm:.4f}  APl {result.apl:.4f}",
-             f"{result.num_images} images, {result.images_per_second:.2f} images/s"]
+    if isinstance(result, CrowdHumanEvalResult):
+        first = f"AP {result.ap:.4f}  mMR {result.mmr:.4f}  Recall {result.recall:.4f}"
+    else:
+        first = (f"AP {result.ap:.4f}  AP50 {result.ap50:.4f}  AP75 {result.ap75:.4f}  "
+                 f"APs {result.aps:.4f}  APm {result.apm:.4f}  APl {result.apl:.4f}")
+    lines = [first, f"{result.num_images} images, {result.images_per_second:.2f} images/s"]
     if result.mean_queries is not None:
         lines.append(f"mean queries per image {result.mean_queries:.1f}")
     if result.mean_patches:
         lines.append("mean probed patches per image: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in result.mean_patches.items()))
-    if result.per_class_ap:
+    if getattr(result, "per_class_ap", None):
         lines += [f"  {name:24s} {ap:.4f}" for name, ap in result.per_class_ap.items()]
     return "\n".join(lines)

@@ -20,8 +20,9 @@ from asag.build import (
 )
 from asag.config import Config, load_config
 from asag.engine.checkpoint import seed_everything
+from asag.engine.crowdhuman_eval import check_single_category
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process, wrap_ddp
-from asag.engine.evaluator import evaluate
+from asag.engine.evaluator import evaluate, evaluate_crowdhuman
 from asag.engine.logger import RunLogger
 from asag.engine.trainer import FitResult, fit, make_grad_scaler
 
@@ -78,11 +79,8 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
         optimizer, scheduler = build_optimizer_and_schedule(model, cfg.schedule)
         amp = resolve_amp(cfg, device)
         train_model = wrap_ddp(model, device) if dist.distributed else model
-        evaluate_fn = functools.partial(
-            evaluate, loader=build_loader(val_set, cfg.data, train=False), coco_gt=val_set.coco,
-            label_map=val_set.label_map, device=device, amp=amp, results_json=out / "val_results.json",
-            per_class=cfg.evaluation.per_class,
-        )
+        evaluate_fn = build_evaluate_fn(cfg, val_set, device=device, amp=amp,
+                                        results_json=out / "val_results.json")
         result = fit(
             train_model, criterion, build_loader(train_set, cfg.data, train=True, seed=rt.seed), optimizer,
             scheduler, epochs=cfg.schedule.epochs, device=device, output_dir=out, config=cfg.to_dict(),
@@ -95,6 +93,21 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
         logger.close()
         cleanup_distributed()
     return TrainingRun(result, out)
+
+
+def build_evaluate_fn(cfg: Config, dataset, *, device: torch.device, amp: str | None, results_json: Path,
+                      label_map=None, per_class: bool | None = None):
+    """``evaluate_fn(model)`` on ``dataset`` with the backend named by ``cfg.evaluation.metric`` (COCO or
+    CrowdHuman; the best checkpoint follows its ``ap`` either way). ``label_map`` (default: the data
+    set's) maps predicted labels to category ids; ``per_class`` overrides ``cfg.evaluation.per_class``."""
+    label_map = dataset.label_map if label_map is None else label_map
+    common = dict(loader=build_loader(dataset, cfg.data, train=False), coco_gt=dataset.coco,
+                  label_map=label_map, device=device, amp=amp, results_json=results_json)
+    if cfg.evaluation.metric == "crowdhuman":
+        check_single_category(dataset.coco, str(dataset.ann_file))  # fail before training, not after
+        return functools.partial(evaluate_crowdhuman, **common)
+    per_class = cfg.evaluation.per_class if per_class is None else per_class
+    return functools.partial(evaluate, **common, per_class=per_class)
 
 
 def run(args: argparse.Namespace) -> int:

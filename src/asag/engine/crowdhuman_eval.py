@@ -350,13 +350,14 @@ def crowdhuman_metrics(
 # ------------------------------------------------------------------------------------ COCO format
 
 
-def check_single_category(coco_gt: COCO) -> None:
-    """The CrowdHuman protocol scores one class; reject a multi-category ground truth."""
+def check_single_category(coco_gt: COCO, source: str = "the ground truth") -> None:
+    """The CrowdHuman protocol scores one class; reject a multi-category ground truth (``source`` names
+    it in the message, e.g. the annotation file)."""
     categories = coco_gt.dataset.get("categories", [])
     if len(categories) > 1:
         names = ", ".join(str(c.get("name", c.get("id"))) for c in categories[:5])
         raise ConfigError(
-            f"evaluation.metric 'crowdhuman' scores a single class (person), but the ground truth has "
+            f"evaluation.metric 'crowdhuman' scores a single class (person), but {source} has "
             f"{len(categories)} categories ({names}{', ...' if len(categories) > 5 else ''}); "
             "use evaluation.metric=coco"
         )

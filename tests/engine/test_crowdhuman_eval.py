@@ -229,15 +229,37 @@ def toolkit_sample(fppi: list[float], miss: list[float], r: float) -> float:
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.booleans(), min_size=1, max_size=40), st.integers(1, 30), st.integers(0, 10))
-def test_sampling_agrees_with_the_toolkit_rule_without_exact_ties(is_tp, num_images, extra_people):
+def test_sampling_rules_against_the_toolkit_rule(is_tp, num_images, extra_people):
     num_people = sum(is_tp) + extra_people
     assume(num_people > 0)
     curves = detection_curves(torch.tensor(is_tp), num_people, num_images)
     refs = fppi_reference_points()
-    assume(not any(bool((curves.fppi == r).any()) for r in refs))
-    ours = sample_miss_rates(curves.fppi, curves.miss_rate, refs).tolist()
     theirs = [toolkit_sample(curves.fppi.tolist(), curves.miss_rate.tolist(), float(r)) for r in refs]
-    assert ours == pytest.approx(theirs, abs=1e-15)
+    toolkit = sample_miss_rates(curves.fppi, curves.miss_rate, refs, rule="toolkit").tolist()
+    assert toolkit == pytest.approx(theirs, abs=1e-15)
+    caltech = sample_miss_rates(curves.fppi, curves.miss_rate, refs).tolist()
+    if not any(bool((curves.fppi == r).any()) for r in refs):  # the rules differ on exact ties only
+        assert caltech == pytest.approx(theirs, abs=1e-15)
+    assert all(c <= t + 1e-15 for c, t in zip(caltech, theirs))  # a tie can only lower the sample
+
+
+def test_exact_fppi_tie_separates_the_rules():
+    # 10 images, G = 4; ranked TP, FP (fppi 0.1 = r), TP, TP, FP (fppi 0.2)
+    curves = detection_curves(torch.tensor([True, False, True, True, False]), num_people=4, num_images=10)
+    r = torch.tensor([0.1], dtype=torch.float64)
+    # caltech: last entry with fppi <= 0.1 is the 4th (3 TPs): miss 1/4; toolkit: the FP itself: miss 3/4
+    assert sample_miss_rates(curves.fppi, curves.miss_rate, r).tolist() == [0.25]
+    assert sample_miss_rates(curves.fppi, curves.miss_rate, r, rule="toolkit").tolist() == [0.75]
+    with pytest.raises(ValueError, match="unknown miss-rate rule"):
+        sample_miss_rates(curves.fppi, curves.miss_rate, r, rule="dollar")
+
+
+def test_example_under_the_toolkit_rule():
+    # r = 0.5623: first entry with fppi >= r is entry 6 (0.75) -> 0.4; r = 1: entry 7 -> 0.4; r <= 0.1778:
+    # the first entry with fppi >= r is entry 3 (0.25) -> 0.6; r = 0.3162: entry 4 (0.5) -> 0.6. Same
+    # samples as the Caltech rule (no FPPI of the example equals a reference point except 1.0 at the end).
+    m = crowdhuman_metrics(EXAMPLE_DETS, EXAMPLE_GT, miss_rate_rule="toolkit")
+    assert m.mmr == pytest.approx(0.6 ** (7 / 9) * 0.4 ** (2 / 9), abs=1e-12)
 
 
 # ------------------------------------------------------------------------ matching vs brute force

@@ -21,26 +21,33 @@ The protocol of the CrowdHuman benchmark (Shao et al., 2018), which uses Caltech
    averaged in log space, ``exp(mean(log(max(miss(r), 1e-10))))``. The sample ``miss(r)`` is the miss
    rate of the *last* entry with ``fppi_i <= r`` (the largest FPPI not exceeding ``r``; among entries of
    equal FPPI the last, i.e. the lowest miss rate). When the curve never reaches ``r`` (its final FPPI
-   is below ``r``) this is the final miss rate; when even the first FP lies beyond ``r`` before any TP,
-   no entry qualifies and the sample is 1 (the curve's origin: nothing detected). This is the rule of
-   Dollár's Caltech toolbox. The CrowdHuman toolkit takes instead the *first* entry with
+   is below ``r``) this is the final miss rate; when the list starts with an FP whose FPPI ``1 / N``
+   already exceeds ``r``, no entry qualifies and the sample is 1 (the curve's origin: nothing
+   detected). This is the rule of Dollár's Caltech toolbox. The CrowdHuman toolkit takes instead the
+   *first* entry with
    ``fppi_i >= r``; the two give the same sample unless some ``fppi_i`` equals ``r`` exactly (then the
-   toolkit ignores the TPs ranked between that FP and the next one).
+   toolkit ignores the TPs ranked between that FP and the next one). Exact ties do happen: on the
+   4370 CrowdHuman val images at r = 0.1 (437 FPs) and r = 1. The toolkit's rule is available as
+   ``miss_rate_rule="toolkit"`` for comparisons with numbers computed by it.
 6. **Recall**: the final recall of the ranked list.
 
 All three are in ``[0, 1]`` (mMR: lower is better). Without any person box (``G = 0``) they are
 undefined and reported as -1, the convention of pycocotools. Without detections (or with all of them
 ignored) AP and Recall are 0 and mMR is 1.
 
-Differences from the CrowdHuman toolkit, all negligible: reference points are exact powers of ten
-(the toolkit rounds them to 4 decimals), the left and top edges clip to ``W`` / ``H`` (the toolkit
-``W - 1`` / ``H - 1``), and overlaps carry no epsilon in the IoU denominator.
+The protocol has one class: detection labels are not used, and a ground truth with several
+categories is rejected. Differences from the CrowdHuman toolkit besides the sampling rule, all
+negligible: reference points are exact powers of ten (the toolkit rounds them to 4 decimals), the left
+and top edges clip to ``W`` / ``H`` (the toolkit ``W - 1`` / ``H - 1``), overlaps carry no epsilon in
+their denominators, and miss rates are floored at 1e-10 (the toolkit reports mMR 0 for a miss rate
+of 0).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -63,6 +70,9 @@ NUM_FPPI_POINTS = 9
 MISS_RATE_FLOOR = 1e-10
 # Reported for AP, mMR and Recall when the ground truth holds no person box (pycocotools convention).
 UNDEFINED = -1.0
+# How the miss rate is sampled at a reference FPPI (module docstring, step 5).
+MissRateRule = Literal["caltech", "toolkit"]
+MISS_RATE_RULES: tuple[str, ...] = ("caltech", "toolkit")
 # Outcome of one detection (the CrowdHuman toolkit's labels).
 TRUE_POSITIVE, FALSE_POSITIVE, IGNORED = 1, 0, -1
 # Boxes are evaluated in double precision (areas of ~1e3 px boxes, ratios near the 0.5 thresholds).
@@ -279,21 +289,34 @@ def average_precision(recall: Tensor, precision: Tensor) -> float:
     return float(torch.trapezoid(precision, recall)) if len(recall) > 1 else 0.0
 
 
-def sample_miss_rates(fppi: Tensor, miss_rate: Tensor, references: Tensor) -> Tensor:
-    """``[R]`` miss rate at the last point with ``fppi <= r`` for each reference ``r`` (1 if none).
+def sample_miss_rates(
+    fppi: Tensor, miss_rate: Tensor, references: Tensor, rule: MissRateRule = "caltech"
+) -> Tensor:
+    """``[R]`` miss-rate samples of a curve at the FPPI references.
 
     fppi: ``[M]`` non-decreasing; miss_rate: ``[M]``; references: ``[R]``.
+    rule: "caltech" (default): the last point with ``fppi <= r``, 1 if there is none; "toolkit": the
+    first point with ``fppi >= r``, the last point if there is none (1 for an empty curve).
     """
-    last = torch.searchsorted(fppi.contiguous(), references.to(fppi.dtype), right=True) - 1  # [R]
-    found = last >= 0
-    values = miss_rate[last.clamp(min=0)] if len(miss_rate) else torch.ones_like(references)
-    return torch.where(found, values, torch.ones_like(values))
+    if rule not in MISS_RATE_RULES:
+        raise ValueError(f"unknown miss-rate rule {rule!r}; expected one of {MISS_RATE_RULES}")
+    if len(miss_rate) == 0:
+        return torch.ones_like(references, dtype=EVAL_DTYPE)
+    references = references.to(fppi.dtype)
+    if rule == "toolkit":
+        first = torch.searchsorted(fppi.contiguous(), references, right=False)  # [R] first fppi >= r
+        return miss_rate[first.clamp(max=len(miss_rate) - 1)]
+    last = torch.searchsorted(fppi.contiguous(), references, right=True) - 1  # [R] last fppi <= r
+    return torch.where(last >= 0, miss_rate[last.clamp(min=0)], torch.ones_like(references))
 
 
-def log_average_miss_rate(fppi: Tensor, miss_rate: Tensor, references: Tensor | None = None) -> float:
-    """``exp(mean(log(max(miss(r), 1e-10))))`` over the FPPI references (default: 9 in [1e-2, 1])."""
+def log_average_miss_rate(
+    fppi: Tensor, miss_rate: Tensor, references: Tensor | None = None, rule: MissRateRule = "caltech"
+) -> float:
+    """``exp(mean(log(max(miss(r), 1e-10))))`` over the FPPI references (default: 9 in [1e-2, 1]),
+    sampled by ``rule`` (see :func:`sample_miss_rates`)."""
     references = fppi_reference_points() if references is None else references
-    samples = sample_miss_rates(fppi, miss_rate, references).clamp(min=MISS_RATE_FLOOR)
+    samples = sample_miss_rates(fppi, miss_rate, references, rule).clamp(min=MISS_RATE_FLOOR)
     return float(torch.exp(torch.log(samples).mean()))
 
 
@@ -305,7 +328,9 @@ def final_recall(recall: Tensor) -> float:
 # ----------------------------------------------------------------------------------------- metrics
 
 
-def metrics_from_matches(matches: Sequence[ImageMatch]) -> CrowdHumanMetrics:
+def metrics_from_matches(
+    matches: Sequence[ImageMatch], miss_rate_rule: MissRateRule = "caltech"
+) -> CrowdHumanMetrics:
     """AP, mMR and Recall (steps 3-6) from the per-image matching results."""
     ranked = rank_matches(matches)
     num_tp = int(ranked.is_tp.sum())
@@ -323,7 +348,7 @@ def metrics_from_matches(matches: Sequence[ImageMatch]) -> CrowdHumanMetrics:
     curves = detection_curves(ranked.is_tp, ranked.num_people, ranked.num_images)
     return CrowdHumanMetrics(
         ap=average_precision(curves.recall, curves.precision),
-        mmr=log_average_miss_rate(curves.fppi, curves.miss_rate),
+        mmr=log_average_miss_rate(curves.fppi, curves.miss_rate, rule=miss_rate_rule),
         recall=final_recall(curves.recall),
         **counts,
     )
@@ -335,16 +360,18 @@ def crowdhuman_metrics(
     *,
     iou_threshold: float = IOU_THRESHOLD,
     ioa_threshold: float = IOA_THRESHOLD,
+    miss_rate_rule: MissRateRule = "caltech",
 ) -> CrowdHumanMetrics:
     """CrowdHuman AP, mMR and Recall of ``detections`` (one per image, boxes ``[K, 4]`` xyxy original
-    pixels; labels are not used: the protocol has one class) against ``ground_truth`` (same order)."""
+    pixels; labels are not used: the protocol has one class) against ``ground_truth`` (same order).
+    ``miss_rate_rule``: "toolkit" samples miss rates like the CrowdHuman toolkit (module docstring)."""
     if len(detections) != len(ground_truth):
         raise ValueError(f"{len(detections)} detection sets for {len(ground_truth)} images")
     matches = [
         match_image(d.boxes, d.scores, gt, iou_threshold=iou_threshold, ioa_threshold=ioa_threshold)
         for d, gt in zip(detections, ground_truth)
     ]
-    return metrics_from_matches(matches)
+    return metrics_from_matches(matches, miss_rate_rule)
 
 
 # ------------------------------------------------------------------------------------ COCO format
@@ -388,7 +415,7 @@ def detections_from_coco_results(results: Sequence[Mapping]) -> Detections:
 
 
 def evaluate_coco_results(
-    coco_gt: COCO, results_by_image: Mapping[int, Sequence[Mapping]]
+    coco_gt: COCO, results_by_image: Mapping[int, Sequence[Mapping]], miss_rate_rule: MissRateRule = "caltech"
 ) -> CrowdHumanMetrics:
     """CrowdHuman metrics of COCO result records grouped by image id; the images evaluated are the
     keys (an image without detections must be present with an empty list)."""
@@ -396,5 +423,5 @@ def evaluate_coco_results(
     image_ids = list(results_by_image)
     detections = [detections_from_coco_results(results_by_image[i]) for i in image_ids]
     ground_truth = [ground_truth_from_coco(coco_gt, i) for i in image_ids]
-    return crowdhuman_metrics(detections, ground_truth)
+    return crowdhuman_metrics(detections, ground_truth, miss_rate_rule=miss_rate_rule)
 

@@ -24,11 +24,10 @@ The protocol of the CrowdHuman benchmark (Shao et al., 2018), which uses Caltech
    is below ``r``) this is the final miss rate; when the list starts with an FP whose FPPI ``1 / N``
    already exceeds ``r``, no entry qualifies and the sample is 1 (the curve's origin: nothing
    detected). This is the rule of Dollár's Caltech toolbox. The CrowdHuman toolkit takes instead the
-   *first* entry with
-   ``fppi_i >= r``; the two give the same sample unless some ``fppi_i`` equals ``r`` exactly (then the
-   toolkit ignores the TPs ranked between that FP and the next one). Exact ties do happen: on the
-   4370 CrowdHuman val images at r = 0.1 (437 FPs) and r = 1. The toolkit's rule is available as
-   ``miss_rate_rule="toolkit"`` for comparisons with numbers computed by it.
+   *first* entry with ``fppi_i >= r``; the two give the same sample unless some ``fppi_i`` equals
+   ``r`` exactly (then the toolkit ignores the TPs ranked between that FP and the next one). Exact
+   ties do happen: on the 4370 CrowdHuman val images at r = 0.1 (437 FPs) and r = 1. The toolkit's
+   rule is available as ``miss_rate_rule="toolkit"`` for comparisons with numbers computed by it.
 6. **Recall**: the final recall of the ranked list.
 
 All three are in ``[0, 1]`` (mMR: lower is better). Without any person box (``G = 0``) they are

@@ -29,8 +29,10 @@ from asag.errors import ConfigError, DataError
 from asag.modeling.anchor_generator import AnchorGenerator
 from asag.modeling.backbone import RESNET_STRIDES, Backbone
 from asag.modeling.decoders.adamixer import AdaMixerStage
+from asag.modeling.decoders.deformable import DeformableStage
 from asag.modeling.decoders.parallel import ParallelHeads
 from asag.modeling.decoders.sparse_rcnn import SparseRCNNStage
+from asag.modeling.deformable_encoder import ENCODER_STRIDES, DeformableEncoder
 from asag.modeling.detector import ASAG
 from asag.modeling.neck import Neck
 from asag.modeling.postprocess import PostProcessor
@@ -38,6 +40,19 @@ from asag.modeling.proposal import ProposalStage
 
 # The anchor generator reads P3, P4, P5 (spec 3.1); the proposal stage and decoders read P2..P5.
 ANCHOR_STRIDES = (8, 16, 32)
+# ASAG-D (spec 16): the deformable encoder's P3..P6 (strides 8..64) replace the FPN's P2..P5; the anchor
+# generator's P3..P5 are then the neck's levels 0..2 instead of 1..3.
+FPN_ANCHOR_LEVELS = (1, 2, 3)
+ENCODER_ANCHOR_LEVELS = (0, 1, 2)
+
+
+def is_deformable(cfg: ModelConfig) -> bool:
+    return cfg.decoder.type == "deformable"
+
+
+def feature_strides(cfg: ModelConfig) -> tuple[int, ...]:
+    """Strides of the neck's levels read by the proposal stage and the decoder heads."""
+    return tuple(ENCODER_STRIDES) if is_deformable(cfg) else tuple(RESNET_STRIDES)
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:
@@ -75,6 +90,18 @@ def build_anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
     )
 
 
+def build_neck(cfg: ModelConfig, backbone: Backbone) -> nn.Module:
+    """The FPN (ASAG-A/S) or the deformable encoder on C3..C5 (ASAG-D)."""
+    if not is_deformable(cfg):
+        return Neck(backbone.out_channels, cfg.neck.out_channels)
+    d = cfg.decoder
+    return DeformableEncoder(
+        backbone.out_channels[1:], dim=cfg.neck.out_channels, num_layers=d.encoder_layers,
+        num_heads=d.attention_heads, num_points=d.deformable_points, ffn_dim=d.encoder_ffn_dim,
+        dropout=d.dropout, strides=ENCODER_STRIDES,
+    )
+
+
 def build_decoder_stage(cfg: ModelConfig) -> nn.Module:
     d = cfg.decoder
     if d.type == "adamixer":
@@ -89,6 +116,11 @@ def build_decoder_stage(cfg: ModelConfig) -> nn.Module:
             ffn_dim=d.ffn_dim, dim_dynamic=d.dim_dynamic, roi_size=d.roi_size,
             sampling_ratio=d.sampling_ratio, strides=RESNET_STRIDES,
         )
+    if d.type == "deformable":
+        return DeformableStage(
+            hidden_dim=cfg.hidden_dim, num_classes=cfg.num_classes, num_heads=d.attention_heads,
+            ffn_dim=d.ffn_dim, num_points=d.deformable_points, strides=ENCODER_STRIDES, dropout=d.dropout,
+        )
     raise NotImplementedError(f"decoder type {d.type!r} is not available yet")
 
 
@@ -96,11 +128,11 @@ def build_model(cfg: ModelConfig, denoising: DenoisingConfig | None = None) -> A
     """Build the detector (random initialisation except the backbone's optional ImageNet weights)."""
     denoising = denoising or DenoisingConfig()
     backbone = build_backbone(cfg)
-    neck = Neck(backbone.out_channels, cfg.neck.out_channels)
+    neck = build_neck(cfg, backbone)
     proposal = ProposalStage(
         hidden_dim=cfg.hidden_dim, num_classes=cfg.num_classes, num_heads=cfg.proposal.num_heads,
         ffn_dim=cfg.proposal.ffn_dim, roi_size=cfg.proposal.roi_size,
-        sampling_ratio=cfg.proposal.sampling_ratio, strides=RESNET_STRIDES,
+        sampling_ratio=cfg.proposal.sampling_ratio, strides=feature_strides(cfg),
     )
     heads = [build_decoder_stage(cfg) for _ in range(cfg.decoder.num_heads)]
     decoder = ParallelHeads(heads, cfg.hidden_dim)
@@ -118,6 +150,8 @@ def build_model(cfg: ModelConfig, denoising: DenoisingConfig | None = None) -> A
         dn_noise_scale=denoising.noise_scale if denoising.fix_noise_scale else 0.8,
         dn_noise_decay=0.0 if denoising.fix_noise_scale else 0.04,
         used_head=head_index(cfg.decoder.used_head, cfg.decoder.num_heads),
+        anchor_levels=ENCODER_ANCHOR_LEVELS if is_deformable(cfg) else FPN_ANCHOR_LEVELS,
+        neck_uses_image_sizes=is_deformable(cfg),
     )
 
 

@@ -1,4 +1,5 @@
-"""The ASAG detector: backbone -> FPN -> anchor generator -> proposal stage -> parallel decoder heads."""
+"""The ASAG detector: backbone -> FPN (ASAG-D: deformable encoder) -> anchor generator -> proposal stage ->
+parallel decoder heads."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ class ASAG(nn.Module):
 
     Args:
         backbone: returns ``C2..C5`` from ``[B, 3, H, W]`` images.
-        neck: FPN returning ``[P2, P3, P4, P5]``.
+        neck: FPN returning ``[P2, P3, P4, P5]`` (ASAG-A/S), or the ASAG-D deformable encoder returning
+            ``[P3, P4, P5, P6]``.
         anchor_generator: P3..P5 -> :class:`~asag.structures.AnchorOutput`.
         proposal: the proposal stage (the release's "RPN").
         decoder: the parallel single-stage heads.
@@ -25,6 +27,10 @@ class ASAG(nn.Module):
             (0 keeps it fixed, the release's ``--fix_noise_scale`` recipe; the release's other rule is
             0.8 - 0.04 * epoch).
         used_head: index of the head whose predictions are post-processed (-1 = main).
+        anchor_levels: indices of P3, P4, P5 in the neck's output: ``(1, 2, 3)`` for the FPN's
+            ``[P2..P5]``, ``(0, 1, 2)`` for the ASAG-D encoder's ``[P3..P6]``.
+        neck_uses_image_sizes: call the neck as ``neck(features, image_sizes)`` (the ASAG-D encoder masks
+            the padded cells of every level); the FPN takes the backbone features only.
 
     The same :class:`~asag.structures.ModelOutput` is returned in training and evaluation; losses live
     in :mod:`asag.training`. The engine may run the forward under autocast: backbone and FPN follow it,
@@ -44,6 +50,8 @@ class ASAG(nn.Module):
         dn_noise_scale: float = 0.4,
         dn_noise_decay: float = 0.0,
         used_head: int = -1,
+        anchor_levels: tuple[int, int, int] = (1, 2, 3),
+        neck_uses_image_sizes: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -57,10 +65,21 @@ class ASAG(nn.Module):
         self.dn_noise_scale = dn_noise_scale
         self.dn_noise_decay = dn_noise_decay
         self.used_head = used_head
+        self.anchor_levels = tuple(anchor_levels)
+        self.neck_uses_image_sizes = neck_uses_image_sizes
 
-    def extract_features(self, images: Tensor) -> list[Tensor]:
-        """``[B, 3, Hp, Wp]`` -> FPN levels ``[P2, P3, P4, P5]`` as float32."""
-        return [p.float() for p in self.neck(self.backbone(images))]
+    def extract_features(self, images: Tensor, image_sizes: Tensor | None = None) -> list[Tensor]:
+        """``[B, 3, Hp, Wp]`` -> the neck's levels as float32: FPN ``[P2, P3, P4, P5]`` or ASAG-D encoder
+        ``[P3, P4, P5, P6]``. ``image_sizes`` ``[B, 2]`` ``(h, w)`` tells a size-aware neck which cells are
+        padding (None: the whole padded batch is image); the FPN ignores it."""
+        backbone_features = self.backbone(images)
+        if self.neck_uses_image_sizes:
+            return [p.float() for p in self.neck(backbone_features, image_sizes)]
+        return [p.float() for p in self.neck(backbone_features)]
+
+    def anchor_features(self, features: list[Tensor]) -> list[Tensor]:
+        """The ``[P3, P4, P5]`` levels the anchor generator reads, from :meth:`extract_features`' output."""
+        return [features[i] for i in self.anchor_levels]
 
     def forward(
         self,
@@ -79,7 +98,7 @@ class ASAG(nn.Module):
             epoch: current epoch, for the anchor generator's teacher forcing and the noise schedule.
             inference_level: ``P3P6 | P4P6 | P5P6`` override of the probing depth.
         """
-        return self.forward_features(self.extract_features(images), image_sizes, targets, epoch,
+        return self.forward_features(self.extract_features(images, image_sizes), image_sizes, targets, epoch,
                                      inference_level)
 
     def forward_features(
@@ -90,11 +109,11 @@ class ASAG(nn.Module):
         epoch: int = 0,
         inference_level: str | None = None,
     ) -> ModelOutput:
-        """Everything after the FPN, from ``[P2, P3, P4, P5]``; always float32."""
+        """Everything after the neck, from :meth:`extract_features`' levels; always float32."""
         train_targets = targets if self.training else None
         with torch.autocast(features[0].device.type, enabled=False):
             anchors = self.anchor_generator(
-                features[1:4], image_sizes, targets=train_targets, epoch=epoch,
+                self.anchor_features(features), image_sizes, targets=train_targets, epoch=epoch,
                 inference_level=inference_level,
             )
             noise = max(self.dn_noise_scale - self.dn_noise_decay * epoch, 0.0)

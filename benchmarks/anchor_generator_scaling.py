@@ -4,7 +4,8 @@ Full-width model (d = 256, compress_dim 8, 1000-wide MLPs) with the official ini
 for the biases of the two last linears (``proj_all.layers.2``, ``proj_patch.layers.2``), which are
 crafted the way the official fixtures were: every anchor slot gets a role (refinement candidate,
 confident, low, tiny, large) through its (cx, cy, w, h, confidence) logits, so Adaptive Probing really
-runs. The same crafted model and the same role layout are used at every size; FPN levels are random.
+runs (see ``crafting.py``). The same crafted model and the same role layout are used at every size;
+FPN levels are random.
 
 For each size the script times ``P5P6`` (no probing; the baseline), ``P4P6`` and ``P3P6`` in eval mode
 under ``torch.no_grad`` and prints the median (and minimum) time, the median's ratio to the
@@ -22,45 +23,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-
-from asag.modeling.anchor_generator import AnchorGenerator
+from crafting import crafted_anchor_generator
 
 SIZES = [(512, 512), (800, 1216), (1333, 1333)]  # (h, w) of the unpadded images
 LEVELS = ["P5P6", "P4P6", "P3P6"]
 STRIDES = (8, 16, 32)
 PAD_MULTIPLE = 32  # the collate pads to a multiple of 32 (spec section 0)
-# (low, high) logit ranges of (w, h) and of the confidence per role. Coarse sizes keep candidates
-# between 3 px and 120 px for every benchmarked size; patch sizes keep P4 candidates below 60 px.
-COARSE_ROLES = {
-    "cand": ((-3.5, -2.5), (-1.2, 0.2)),
-    "hi": ((-3.0, -1.0), (2.0, 3.0)),
-    "low": ((-3.0, -1.0), (-5.0, -3.5)),
-    "tiny": ((-9.0, -8.0), (2.0, 3.0)),
-    "large": ((0.5, 1.5), (-1.0, 0.0)),
-}
-PATCH_ROLES = {**COARSE_ROLES, "cand": ((-2.5, -1.5), (-1.2, 0.2))}
-ROLE_CYCLE = ["cand", "hi", "low", "cand", "tiny", "low", "hi", "large", "cand", "low"]
-
-
-def craft_biases(linear: torch.nn.Linear, roles: dict, generator: torch.Generator) -> None:
-    """Overwrite the ``[K * 5]`` bias of a last AG linear with role-specific logits."""
-    with torch.no_grad():
-        bias = linear.bias.view(-1, 5)  # [K, 5] (cx, cy, w, h, confidence)
-        for k in range(bias.shape[0]):
-            size, conf = roles[ROLE_CYCLE[k % len(ROLE_CYCLE)]]
-            u = torch.rand(5, generator=generator)
-            bias[k, 0:2] = u[:2] * 4 - 2
-            bias[k, 2:4] = size[0] + u[2:4] * (size[1] - size[0])
-            bias[k, 4] = conf[0] + u[4] * (conf[1] - conf[0])
-
-
-def build_model(seed: int = 0) -> AnchorGenerator:
-    torch.manual_seed(seed)
-    model = AnchorGenerator()
-    generator = torch.Generator().manual_seed(seed)
-    craft_biases(model.proj_all.layers[-1], COARSE_ROLES, generator)
-    craft_biases(model.proj_patch.layers[-1], PATCH_ROLES, generator)
-    return model.eval()
 
 
 def fpn_levels(size: tuple[int, int], batch: int, channels: int, seed: int) -> list[torch.Tensor]:
@@ -94,7 +62,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = build_model()
+    model = crafted_anchor_generator()
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
           f"median of {args.repeats} interleaved rounds")
     print(f"{'size (h x w)':>14} {'level':>6} {'median ms':>10} {'min ms':>8} {'vs P5P6':>8} "

@@ -1,0 +1,123 @@
+"""Where the time goes: per-stage evaluation time of ASAG-A and ASAG-S R50 (one decoder head).
+
+Both speed presets (``asag_a_r50_speed``, ``asag_s_r50_speed``: R50, 300-query setting, one head, as the
+release measured speed) are built with random weights and crafted anchor-generator biases
+(``crafting.py``) so that Adaptive Probing happens. Each round runs the pieces of each model in
+sequence on the same random image (``asag.engine.benchmark.run_stages``: backbone, FPN, anchor
+generator, proposal stage, decoder, post-processing; a timestamp after each piece), the two models
+interleaved so that drifts of a shared machine hit both alike. Prints the median time of every stage,
+its share of the sum of medians, the spread, and the queries / probed patches of the run.
+
+Then the anchor generator alone, on the same two models, at 512x512, 800x1216 and 1333x1333: the FPN
+levels are computed once per size and the generator is timed on them (interleaved again).
+
+    python benchmarks/stage_timing.py [--repeats 8] [--warmup 1] [--threads 2] [--size 800x1216]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+import torch
+from crafting import crafted_detector
+
+from asag.engine.benchmark import (
+    STAGES,
+    StageTimer,
+    count_patches,
+    random_inputs,
+    run_stages,
+    timing_stats,
+)
+from asag.structures import ModelOutput
+
+PRESETS = {"ASAG-A": "asag_a_r50_speed", "ASAG-S": "asag_s_r50_speed"}
+AG_SIZES = [(512, 512), (800, 1216), (1333, 1333)]  # (h, w) of the unpadded images
+MS_PER_S = 1e3
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    h, w = text.lower().split("x")
+    return int(h), int(w)
+
+
+def time_stages(models: dict, size: tuple[int, int], warmup: int, repeats: int
+                ) -> tuple[dict[str, StageTimer], dict[str, ModelOutput]]:
+    """Per model, a :class:`StageTimer` holding ``repeats`` interleaved staged runs, and the last output."""
+    inputs = random_inputs(1, size, seed=1)
+    timers = {name: StageTimer(torch.device("cpu")) for name in models}
+    outputs = {}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for model in models.values():
+                run_stages(model, inputs)
+        for _ in range(repeats):
+            for name, model in models.items():
+                outputs[name] = run_stages(model, inputs, wrap=timers[name]).output
+    return timers, outputs
+
+
+def print_stages(timers: dict[str, StageTimer], outputs: dict[str, ModelOutput],
+                 size: tuple[int, int]) -> None:
+    print(f"\nper-stage time, batch 1, {size[0]}x{size[1]}, CPU fp32 (median ms, share of the sum of "
+          f"medians, [min, max])")
+    for name, out in outputs.items():
+        patches = count_patches(out.anchors, 1)
+        stats = {stage: timing_stats(timers[name].seconds[stage]) for stage in STAGES}
+        total = sum(s.median for s in stats.values())
+        print(f"{name} ({PRESETS[name]}): {int(out.valid_mask.sum())} queries, probed patches "
+              f"P4 {patches['P4']}, P3 {patches['P3']}; sum of medians {total:.0f} ms")
+        for stage, s in stats.items():
+            print(f"  {stage:>17} {s.median:>9.1f} ms {s.median / total:>6.1%}   [{s.min:.1f}, {s.max:.1f}]")
+
+
+def time_anchor_generator(models: dict, warmup: int, repeats: int) -> None:
+    print("\nanchor generator alone (eval, probing P4 and P3), median ms [min, max], same models")
+    for size in AG_SIZES:
+        inputs = random_inputs(1, size, seed=1)
+        with torch.inference_mode():
+            # [P3, P4, P5] of the FPN's [P2..P5]
+            features = {name: m.extract_features(inputs.images)[1:4] for name, m in models.items()}
+            calls = {name: partial(m.anchor_generator, features[name], inputs.image_sizes)
+                     for name, m in models.items()}
+            seconds = {name: [] for name in models}
+            for _ in range(warmup):
+                for fn in calls.values():
+                    fn()
+            for _ in range(repeats):
+                for name, fn in calls.items():
+                    start = time.perf_counter()
+                    fn()
+                    seconds[name].append(time.perf_counter() - start)
+            outputs = {name: fn() for name, fn in calls.items()}
+        for name, out in outputs.items():
+            ms = [s * MS_PER_S for s in seconds[name]]
+            patches = count_patches(out, 1)
+            print(f"  {name} {size[0]:>5}x{size[1]:<5} {statistics.median(ms):>8.2f} ms "
+                  f"[{min(ms):.2f}, {max(ms):.2f}]  P4 patches {patches['P4']:>3}, P3 patches "
+                  f"{patches['P3']:>3}, queries {out.num_queries}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--ag-repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", default="800x1216", help="HxW of the per-stage timing")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved rounds "
+          f"after {args.warmup} warm-up")
+    models = {name: crafted_detector(preset) for name, preset in PRESETS.items()}
+    size = parse_size(args.size)
+    timers, outputs = time_stages(models, size, args.warmup, args.repeats)
+    print_stages(timers, outputs, size)
+    time_anchor_generator(models, warmup=2, repeats=args.ag_repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -157,10 +157,16 @@ def _call(name: str, fn: Callable[[], T]) -> T:
 
 @dataclass
 class StagedRun:
-    """Result of :func:`run_stages`: the model output and the post-processed detections."""
+    """Result of :func:`run_stages`.
+
+    output: the model output (with the fixed anchors when ``num_queries`` was given).
+    detections: the post-processed detections.
+    generated_queries: ``[B]`` valid anchors the anchor generator itself produced per image.
+    """
 
     output: ModelOutput
     detections: list[Detections]
+    generated_queries: Tensor
 
 
 def run_stages(
@@ -191,6 +197,7 @@ def run_stages(
     with torch.autocast(inputs.images.device.type, enabled=False):
         anchors = wrap("anchor_generator", lambda: model.anchor_generator(
             _anchor_levels(model, features), inputs.image_sizes, inference_level=inference_level))
+        generated = anchors.valid_mask.sum(dim=1)
         if num_queries is not None:
             boxes, valid = fixed_anchors(inputs.image_sizes, num_queries)
             anchors = replace(anchors, boxes=boxes, valid_mask=valid)
@@ -205,7 +212,7 @@ def run_stages(
                                                       queries.attn_mask))
         output = ModelOutput(anchors=anchors, queries=queries, proposals=proposals.prediction, heads=heads)
         detections = wrap("postprocess", lambda: model.postprocess(output, inputs.orig_sizes))
-    return StagedRun(output, detections)
+    return StagedRun(output, detections, generated)
 
 
 def _run_neck(model: ASAG, backbone_features, image_sizes: Tensor) -> list[Tensor]:
@@ -461,7 +468,13 @@ class BenchmarkSettings:
 
 @dataclass
 class BenchmarkResult:
-    """Everything :func:`benchmark` measured (times in ms, memory in MiB, FLOPs for the whole batch)."""
+    """Everything :func:`benchmark` measured (times in ms, memory in MiB, FLOPs for the whole batch).
+
+    queries_per_image: queries entering the proposal stage (= ``fixed_queries`` when that is set);
+    generated_queries_per_image: valid anchors the anchor generator produced; patches_per_image: probed
+    patches per level; latency_ms: end-to-end (forward + post-processing) per batch; stage_ms / stage_share:
+    per-stage times and their share of the sum of stage medians; memory_kind: see :class:`MemoryProbe`.
+    """
 
     model: str
     device: str
@@ -476,6 +489,7 @@ class BenchmarkResult:
     fixed_queries: int | None
     crafted: bool
     queries_per_image: float
+    generated_queries_per_image: float
     patches_per_image: dict[str, float]
     latency_ms: TimingStats
     fps: float
@@ -544,6 +558,7 @@ def benchmark(model: ASAG, settings: BenchmarkSettings, *, device: torch.device,
         image_size=list(settings.size), padded_size=list(inputs.padded_size),
         inference_level=settings.inference_level, fixed_queries=settings.num_queries, crafted=crafted,
         queries_per_image=float(run.output.valid_mask.sum()) / batch,
+        generated_queries_per_image=float(run.generated_queries.sum()) / batch,
         patches_per_image={k: v / batch for k, v in count_patches(run.output.anchors, batch).items()},
         latency_ms=latency, fps=batch * MS_PER_S / latency.median, stage_ms=stage_ms,
         stage_share={k: v.median / stage_sum for k, v in stage_ms.items()},
@@ -559,14 +574,16 @@ def format_result(result: BenchmarkResult) -> str:
     """Human-readable summary of a :class:`BenchmarkResult`."""
     r = result
     lat = r.latency_ms
+    made = r.generated_queries_per_image
+    fixed = f" (fixed; the anchor generator made {made:.1f})" if r.fixed_queries else ""
     lines = [
         f"model {r.model} on {r.device} ({r.device_name}, {r.threads} threads, torch {r.torch_version}, "
         f"amp {r.amp or 'fp32'})",
         f"input {r.batch_size} x {r.image_size[0]}x{r.image_size[1]} (padded {r.padded_size[0]}x"
         f"{r.padded_size[1]}), inference level {r.inference_level or 'model default'}, "
         f"crafted anchor biases: {'yes' if r.crafted else 'no'}",
-        f"queries per image {r.queries_per_image:.1f}" + (" (fixed)" if r.fixed_queries else "")
-        + ", probed patches per image: " + ", ".join(f"{k} {v:.1f}" for k, v in r.patches_per_image.items()),
+        f"queries per image {r.queries_per_image:.1f}{fixed}, probed patches per image: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in r.patches_per_image.items()),
         f"latency median {lat.median:.2f} ms (q1 {lat.q1:.2f}, q3 {lat.q3:.2f}, min {lat.min:.2f}, "
         f"max {lat.max:.2f}, {lat.runs} runs) -> {r.fps:.2f} images/s",
         f"{'stage':>17} {'median ms':>10} {'share':>7} {'GMACs':>9}",

@@ -12,7 +12,9 @@ Data flow for a batch of ``B`` images (``d`` = FPN width, ``c`` = ``compress_dim
 
 Training (``self.training`` and targets given) adds flipped P6 copies, ground-truth patches and the
 epoch-0 teacher forcing of spec 3.7. Patches never loop in Python: cutting, predicting and decoding are
-batched over all patches of all images.
+batched over all patches of all images. In evaluation the host reads device values only where a size
+depends on them: per probed level the candidate positions (which also decide the early stop) and the
+patch NMS, and once for all stages the output count and ``Q`` (docs/inference.md).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from asag.modeling.patches import (
     anchors_to_pixels,
     bilinear_resize_weights,
     centrality_scores,
+    count_per_group,
     crop_offsets,
     crops_to_image_frame,
     extract_patch_tokens,
@@ -96,16 +99,34 @@ class StageAnchors:
 
 @dataclass
 class StageSelection:
-    """Anchors of one stage chosen for output.
+    """Anchors of one stage chosen for output, as a mask (extracted for all stages at once in ``_pack``).
 
-    anchors: ``[n, 5]`` pixel cxcywh + confidence, grouped by image (images ascending, each image's
-        anchors in patch-major order).
-    image_idx: ``[n]`` int64 image of each anchor.
+    anchors: ``[N, K, 5]`` the stage's pixel cxcywh + confidence.
+    chosen: ``[N, K]`` bool, the output anchors.
+    position: ``[N, K]`` int64 output order inside a row (ascending).
+    image_idx: ``[N]`` int64 image of each row.
     reached: ``[B]`` bool, images that own rows at this stage (their group exists even when empty).
     """
 
     anchors: Tensor
+    chosen: Tensor
+    position: Tensor
     image_idx: Tensor
+    reached: Tensor
+
+
+@dataclass
+class PackedAnchors:
+    """The output anchors of every stage, extracted in output order (images ascending, then stages
+    coarse to fine, rows, positions).
+
+    anchors: ``[n, 5]`` pixel cxcywh + confidence. image_idx / stage_idx: ``[n]`` int64.
+    reached: ``[S, B]`` bool, images that own rows at each stage.
+    """
+
+    anchors: Tensor
+    image_idx: Tensor
+    stage_idx: Tensor
     reached: Tensor
 
 
@@ -243,12 +264,13 @@ class AnchorGenerator(nn.Module):
             if step == stop:
                 break
             candidates = self._candidates(current, self.strides[level])
-            if not train and not bool(candidates.any()):
+            # one host sync per level: the candidates' positions also decide the early stop
+            found = None if teacher else candidates.nonzero(as_tuple=True)
+            if not train and len(found[0]) == 0:
                 break
             selections.append(self._select(current, None if teacher else candidates, len(image_wh)))
-            patches = self._choose_patches(current, candidates, level, image_wh, targets if train else None,
-                                           teacher)
-            prediction, current = self._probe(features[level], level, step, name, patches, image_wh)
+            patches = self._choose_patches(current, found, level, image_wh, targets if train else None)
+            prediction, current = self._probe(features[level], level, step, name, patches, image_wh, train)
             predictions.append(prediction)
         selections.append(self._select(current, None, len(image_wh)))
         return self._pack(predictions, selections, image_sizes)
@@ -307,10 +329,11 @@ class AnchorGenerator(nn.Module):
         return confident & (a[..., 3] < limit) & (a[..., 2] < limit)
 
     @torch.no_grad()
-    def _predicted_patches(self, current: StageAnchors, candidates: Tensor, stride: int,
+    def _predicted_patches(self, current: StageAnchors, found: tuple[Tensor, Tensor], stride: int,
                            image_wh: Tensor) -> PatchSet:
-        """Patch NMS on ``s * P`` px squares around candidates (spec 3.4 step 4); batched-NMS order."""
-        rows, cols = candidates.nonzero(as_tuple=True)
+        """Patch NMS on ``s * P`` px squares around the candidates at ``found`` (row, column indices of
+        ``current.anchors``) (spec 3.4 step 4); batched-NMS order."""
+        rows, cols = found
         anchors = current.anchors[rows, cols]  # [M, 5]
         image_idx = current.image_idx[rows]  # [M]
         squares = square_boxes_xyxy(anchors[:, :2], stride * self.patch_size)  # [M, 4] xyxy px
@@ -324,15 +347,15 @@ class AnchorGenerator(nn.Module):
     def _choose_patches(
         self,
         current: StageAnchors,
-        candidates: Tensor,
+        found: tuple[Tensor, Tensor] | None,
         level: int,
         image_wh: Tensor,
         targets: list[ImageTargets] | None,
-        teacher: bool,
     ) -> PatchSet:
-        """Predicted patches, plus in training the GT-derived / random patches of spec 3.7."""
+        """Predicted patches (none while teacher forcing, ``found is None``), plus in training the
+        GT-derived / random patches of spec 3.7."""
         stride = self.strides[level]
-        predicted = None if teacher else self._predicted_patches(current, candidates, stride, image_wh)
+        predicted = None if found is None else self._predicted_patches(current, found, stride, image_wh)
         if targets is None:
             return predicted
         with torch.no_grad():
@@ -342,9 +365,11 @@ class AnchorGenerator(nn.Module):
             )
 
     def _probe(
-        self, feature: Tensor, level: int, step: int, name: str, patches: PatchSet, image_wh: Tensor
+        self, feature: Tensor, level: int, step: int, name: str, patches: PatchSet, image_wh: Tensor,
+        train: bool,
     ) -> tuple[PatchPredictions, StageAnchors]:
-        """Cut the patches from ``compress[level](feature)``, predict and decode the real ones."""
+        """Cut the patches from ``compress[level](feature)``, predict and decode the real ones (in
+        evaluation every patch is real)."""
         stride = self.strides[level]
         fmap = pad_to_patch(self.compress[level](feature), self.patch_size)  # [B, c, >=P, >=P]
         tokens = extract_patch_tokens(fmap, patches.batch_idx, patches.crop_pos, self.patch_size)
@@ -353,58 +378,64 @@ class AnchorGenerator(nn.Module):
             name, raw, patches.batch_idx, crop_pos=patches.crop_pos, loss_only=patches.loss_only,
             stride=stride,
         )
-        real = ~patches.loss_only
-        raw_real = raw.detach()[real]  # [N_real, K2, 5]
-        images = patches.batch_idx[real]
+        raw_real, images, crop_pos = raw.detach(), patches.batch_idx, patches.crop_pos
+        if train:
+            real = (~patches.loss_only).nonzero()[:, 0]  # [N_real]
+            raw_real, images, crop_pos = raw_real[real], images[real], crop_pos[real]  # [N_real, K2, 5], ...
         wh = image_wh[images]  # [N_real, 2]
-        boxes = patches_to_image_frame(raw_real[..., :4], patches.crop_pos[real], wh, stride, self.patch_size)
+        boxes = patches_to_image_frame(raw_real[..., :4], crop_pos, wh, stride, self.patch_size)
         anchors = anchors_to_pixels(boxes, raw_real[..., 4], wh, self.min_anchor_size, check_boundary=True)
         return prediction, StageAnchors(anchors, images, False)
 
     # ----------------------------------------------------------------------------------- output
 
     def _select(self, current: StageAnchors, candidates: Tensor | None, num_images: int) -> StageSelection:
-        """Output anchors of one stage (spec 3.5): confident and, if ``candidates`` is given, not refined."""
-        keep = current.anchors[..., 4] > self.score_threshold  # [N, K]
+        """Output anchors of one stage (spec 3.5): confident and, if ``candidates`` is given, not refined.
+
+        At the coarse stage, rows where fewer than ``min_anchors`` pass take their ``min_anchors`` most
+        confident anchors instead, in descending order (spec 3.5 A; may duplicate refined anchors).
+        """
+        conf = current.anchors[..., 4]  # [N, K]
+        keep = conf > self.score_threshold
         if candidates is not None:
             keep &= ~candidates
+        columns = torch.arange(conf.shape[1], device=conf.device).expand_as(conf)  # [N, K]
+        chosen, position = keep, columns
         if current.coarse:
-            rows, cols = self._coarse_choice(current.anchors[..., 4], keep)
-        else:
-            rows, cols = keep.nonzero(as_tuple=True)
-        images = current.image_idx[rows]
-        order = torch.argsort(images, stable=True)
-        reached = torch.bincount(current.image_idx, minlength=num_images) > 0
-        return StageSelection(current.anchors[rows[order], cols[order]], images[order], reached)
-
-    def _coarse_choice(self, conf: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-        """Indices of the coarse outputs: ``keep``, or the ``min_anchors`` most confident anchors
-        (descending) for images where fewer pass (spec 3.5 A, may duplicate refined anchors)."""
-        k = min(self.min_anchors, conf.shape[1])
-        fallback = keep.sum(1) < k  # [B]
-        rows, cols = (keep & ~fallback[:, None]).nonzero(as_tuple=True)
-        fb_rows = fallback.nonzero()[:, 0]  # [F]
-        fb_cols = conf[fb_rows].topk(k, dim=1).indices  # [F, k]
-        rows = torch.cat([rows, fb_rows[:, None].expand(-1, k).reshape(-1)])
-        cols = torch.cat([cols, fb_cols.reshape(-1)])
-        return rows, cols
+            num = conf.shape[1]
+            k = min(self.min_anchors, num)
+            fallback = (keep.sum(1) < k)[:, None]  # [N, 1]
+            top = conf.topk(k, dim=1).indices  # [N, k]
+            top_rank = torch.full_like(columns, num).scatter_(1, top, columns[:, :k])  # [N, K]; K = not top
+            chosen = torch.where(fallback, top_rank < k, keep)
+            position = torch.where(fallback, top_rank, columns)
+        reached = count_per_group(current.image_idx, num_images) > 0
+        return StageSelection(current.anchors, chosen, position, current.image_idx, reached)
 
     def _pack(
         self, predictions: list[PatchPredictions], selections: list[StageSelection], image_sizes: Tensor
     ) -> AnchorOutput:
-        """Concatenate stages per image, cap at ``max_anchors``, pad to ``[B, Q, 4]`` (spec 3.5 C-D)."""
+        """Concatenate stages per image, cap at ``max_anchors``, pad to ``[B, Q, 4]`` (spec 3.5 C-D).
+
+        One host sync for all stages: the number of chosen anchors and ``Q``, the longest row, are read
+        together; anchors over the cap are written to a spare column.
+        """
         num_images = len(image_sizes)
-        anchors = torch.cat([s.anchors for s in selections])  # [n, 5]
-        images = torch.cat([s.image_idx for s in selections])  # [n]
-        order = torch.argsort(images, stable=True)  # per image: coarse to fine
-        anchors, images = cap_per_image(anchors[order], images[order], num_images, self.max_anchors)
-        counts = torch.bincount(images, minlength=num_images)
-        slots = rank_in_group(images, num_images)
-        boxes = full_image_boxes_cxcywh_px(image_sizes, int(counts.max())).clone()  # [B, Q, 4]
-        boxes[images, slots] = anchors[:, :4]
-        valid = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)  # [B, Q]
-        valid[images, slots] = True
-        return AnchorOutput(predictions, boxes, valid, _groups_per_image(selections, num_images))
+        flat = flatten_selections(selections)
+        kept = count_per_group(flat.image_idx, num_images, flat.chosen).clamp(max=self.max_anchors)  # [B]
+        total, q = torch.stack([flat.chosen.sum(), kept.max()]).tolist()
+        index = torch.nonzero_static(flat.chosen, size=total)[:, 0]  # [n]
+        index = index[torch.argsort(flat.order_key[index])]  # images, stages, rows, positions
+        packed = PackedAnchors(flat.anchors[index], flat.image_idx[index], flat.stage_idx[index],
+                               torch.stack([s.reached for s in selections]))
+        slots, _ = capped_slots(packed.anchors[:, 4], packed.image_idx, num_images, self.max_anchors)
+        slots = slots.clamp(max=q)  # [n], column q collects the anchors over the cap
+        boxes = full_image_boxes_cxcywh_px(image_sizes, q + 1).clone()  # [B, Q + 1, 4]
+        boxes[packed.image_idx, slots] = packed.anchors[:, :4].to(boxes.dtype)
+        valid = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)  # [B, Q + 1]
+        valid[packed.image_idx, slots] = True
+        boxes, valid = boxes[:, :q].contiguous(), valid[:, :q].contiguous()  # [B, Q, 4], [B, Q]
+        return AnchorOutput(predictions, boxes, valid, StageGroups(packed, num_images))
 
 
 # ---------------------------------------------------------------------------------- pure helpers
@@ -416,16 +447,107 @@ def _check_level(level: str) -> str:
     return level
 
 
-def _groups_per_image(selections: list[StageSelection], num_images: int) -> list[list[Tensor]]:
+@dataclass
+class FlatSelections:
+    """Every stage's anchors flattened to one list (``M = sum N_s * K_s`` entries).
+
+    anchors: ``[M, 5]``; chosen: ``[M]`` bool; image_idx / stage_idx: ``[M]`` int64; order_key: ``[M]``
+    int64, increasing with (image, stage, row, position).
+    """
+
+    anchors: Tensor
+    chosen: Tensor
+    image_idx: Tensor
+    stage_idx: Tensor
+    order_key: Tensor
+
+
+def flatten_selections(selections: list[StageSelection]) -> FlatSelections:
+    """Flatten the stage selections (no host sync); see :class:`FlatSelections`."""
+    max_rows = max(s.anchors.shape[0] for s in selections)
+    max_cols = max(s.anchors.shape[1] for s in selections)
+    parts = []
+    for stage, sel in enumerate(selections):
+        rows, cols = sel.chosen.shape
+        row_idx = torch.arange(rows, device=sel.chosen.device)[:, None].expand(rows, cols)  # [N, K]
+        images = sel.image_idx[:, None].expand(rows, cols)  # [N, K]
+        key = ((images * len(selections) + stage) * max_rows + row_idx) * max_cols + sel.position
+        parts.append((sel.anchors.reshape(-1, ANCHOR_FIELDS), sel.chosen.reshape(-1), images.reshape(-1),
+                      torch.full_like(images, stage).reshape(-1), key.reshape(-1)))
+    return FlatSelections(*(torch.cat(column) for column in zip(*parts)))
+
+
+def _groups_per_image(packed: PackedAnchors, num_images: int) -> list[list[Tensor]]:
     """Per image, the ``[n, 5]`` output anchors of every stage it reached (coarse to fine)."""
+    num_stages = packed.reached.shape[0]
+    cells = packed.image_idx * num_stages + packed.stage_idx  # [n] (image, stage) cell, ascending
+    counts = count_per_group(cells, num_images * num_stages).view(num_images, num_stages)  # [B, S]
+    counts, reached = torch.stack([counts, packed.reached.T.long()]).tolist()  # one host sync
+    parts = iter(torch.split(packed.anchors, [n for row in counts for n in row]))
     groups: list[list[Tensor]] = [[] for _ in range(num_images)]
-    for selection in selections:
-        counts = torch.bincount(selection.image_idx, minlength=num_images).tolist()
-        reached = selection.reached.tolist()
-        for image, part in enumerate(torch.split(selection.anchors, counts)):
-            if reached[image]:
+    for image in range(num_images):
+        for stage in range(num_stages):
+            part = next(parts)
+            if reached[image][stage]:
                 groups[image].append(part)
     return groups
+
+
+class StageGroups(list):
+    """``AnchorOutput.selected``: per image, the ``[n, 5]`` output anchors of every stage it reached.
+
+    A list filled on first use: splitting the anchors per image needs the counts on the host, which
+    inference (where nobody asks for them) should not wait for. Reads behave as on the plain
+    ``list[list[Tensor]]``; copies and pickles are plain lists.
+    """
+
+    def __init__(self, packed=(), num_images: int | None = None) -> None:
+        super().__init__(() if num_images is not None else packed)
+        self._pending = (packed, num_images) if num_images is not None else None
+
+    def _build(self) -> None:
+        if self._pending is not None:
+            packed, num_images = self._pending
+            self._pending = None
+            list.extend(self, _groups_per_image(packed, num_images))
+
+    def __reduce_ex__(self, protocol):
+        self._build()
+        return list, (list(list.__iter__(self)),)
+
+
+def _building(method):
+    def wrapper(self, *args, **kwargs):
+        self._build()
+        return method(self, *args, **kwargs)
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+for _name in ("__len__", "__iter__", "__getitem__", "__contains__", "__reversed__", "__eq__", "__ne__",
+              "__repr__", "__add__", "index", "count", "copy"):
+    setattr(StageGroups, _name, _building(getattr(list, _name)))
+
+
+def capped_slots(conf: Tensor, images: Tensor, num_images: int, max_anchors: int) -> tuple[Tensor, Tensor]:
+    """Output slot of every anchor under the per-image cap (spec 3.5 C), without host syncs.
+
+    Args:
+        conf: ``[n]`` confidences of anchors grouped by image (ascending).
+        images: ``[n]`` int64 image index.
+    Returns:
+        ``[n]`` int64 slot (column of the padded output; ``>= max_anchors`` = dropped) and ``[B]`` kept
+        anchors per image. Images over the cap take their anchors by descending confidence (ties keep
+        their order); the others keep their order.
+    """
+    counts = count_per_group(images, num_images)  # [B]
+    by_conf = torch.sort(conf, descending=True, stable=True).indices
+    by_conf = by_conf[torch.argsort(images[by_conf], stable=True)]  # per image, descending confidence
+    conf_rank = torch.empty_like(images).scatter_(0, by_conf, rank_in_group(images[by_conf], num_images))
+    over = counts[images] > max_anchors  # [n]
+    slots = torch.where(over, conf_rank, rank_in_group(images, num_images))
+    return slots, counts.clamp(max=max_anchors)
 
 
 def cap_per_image(
@@ -440,16 +562,9 @@ def cap_per_image(
         The kept anchors and their images, grouped by image. Images over the cap are sorted by
         descending confidence (ties keep their order); the others keep their order.
     """
-    over = torch.bincount(images, minlength=num_images) > max_anchors  # [B]
-    if not bool(over.any()):
-        return anchors, images
-    by_conf = torch.sort(anchors[:, 4], descending=True, stable=True).indices
-    by_conf = by_conf[torch.argsort(images[by_conf], stable=True)]  # per image, descending confidence
-    conf_images = images[by_conf]
-    top = by_conf[over[conf_images] & (rank_in_group(conf_images, num_images) < max_anchors)]
-    rest = (~over[images]).nonzero()[:, 0]
-    kept = torch.cat([rest, top])
-    kept = kept[torch.argsort(images[kept], stable=True)]
+    slots, _ = capped_slots(anchors[:, 4], images, num_images, max_anchors)
+    kept = (slots < max_anchors).nonzero()[:, 0]
+    kept = kept[torch.argsort(images[kept] * max(max_anchors, 1) + slots[kept])]
     return anchors[kept], images[kept]
 
 
@@ -544,8 +659,8 @@ def training_patches(
         parts = [gt]
     else:
         primary = merge_per_image([predicted])
-        have = torch.bincount(primary.batch_idx, minlength=num_images)
+        have = count_per_group(primary.batch_idx, num_images)
         parts = [primary, sample_per_image(gt, (min_patches - have).clamp(min=0), num_images)]
-    have = sum(torch.bincount(p.batch_idx, minlength=num_images) for p in parts)
+    have = sum(count_per_group(p.batch_idx, num_images) for p in parts)
     parts.append(random_patches((min_patches - have).clamp(min=0), image_wh, stride, patch_size))
     return merge_per_image(parts)

@@ -152,6 +152,14 @@ def centrality_scores(centres: Tensor, group: Tensor) -> Tensor:
     return -(sq_dist * same).sum(1)
 
 
+def count_per_group(group: Tensor, num_groups: int, weights: Tensor | None = None) -> Tensor:
+    """``[G]`` int64 number of elements (or sum of bool/int ``weights``) of each group; ``bincount``
+    without its host sync on CUDA."""
+    counts = torch.zeros(num_groups, dtype=torch.int64, device=group.device)
+    ones = torch.ones_like(group, dtype=torch.int64) if weights is None else weights.to(torch.int64)
+    return counts.index_add_(0, group, ones)
+
+
 def rank_in_group(group: Tensor, num_groups: int) -> Tensor:
     """``[N]`` position of each element among the earlier elements of its group (0-based)."""
     if group.numel() == 0:

@@ -43,7 +43,7 @@ def postprocess(
         One :class:`Detections` per image: xyxy boxes in original pixels, sigmoid scores (descending)
         and contiguous labels ``0..C-1`` (query index = flat index // C, label = flat index % C).
     """
-    batch, _, num_classes = logits.shape
+    num_classes = logits.shape[-1]
     scores = logits.sigmoid()  # [B, Q, C]
     if valid_mask is not None:
         scores = scores.masked_fill(~valid_mask[..., None], float("-inf"))
@@ -58,9 +58,21 @@ def postprocess(
     keep = torch.isfinite(top_scores)  # [B, k]
     if nms_iou is not None:
         keep &= _nms_keep(boxes_px, top_scores, labels + num_classes * _image_index(labels), keep, nms_iou)
+    return _split_kept(boxes_px, top_scores, labels, keep)
+
+
+def _split_kept(boxes_px: Tensor, scores: Tensor, labels: Tensor, keep: Tensor) -> list[Detections]:
+    """Per image, the kept entries in their order, with a single host sync for the whole batch.
+
+    Args: ``[B, k, 4]`` boxes, ``[B, k]`` scores, ``[B, k]`` labels, ``[B, k]`` bool keep mask.
+    """
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)  # [B, k] kept entries first
+    boxes_px = torch.gather(boxes_px, 1, order[..., None].expand(-1, -1, 4))
+    scores, labels = torch.gather(scores, 1, order), torch.gather(labels, 1, order)
+    counts = keep.sum(dim=1).tolist()
     return [
-        Detections(boxes=boxes_px[b][keep[b]], scores=top_scores[b][keep[b]], labels=labels[b][keep[b]])
-        for b in range(batch)
+        Detections(boxes=boxes_px[b, :n], scores=scores[b, :n], labels=labels[b, :n])
+        for b, n in enumerate(counts)
     ]
 
 

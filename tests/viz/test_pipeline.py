@@ -200,7 +200,7 @@ def test_panels_titles_count_boxes_and_skip_missing_ground_truth():
     image = PIL.Image.new("RGB", (160, 120), GREY)
     panels = pipeline_panels(image, trace)
     assert list(panels) == list(STAGES)
-    assert panels["patches"].title == "probed patches: P4 x1, P3 x1"
+    assert panels["patches"].title == "probed patches: P4 x1 (red), P3 x1 (orange)"
     assert panels["anchors"].title == "anchors: 2 (1 P5/P6 + 1 P4)"
     assert panels["detections"].title == "detections: 1 (score >= 0.50)"
     trace.ground_truth = None

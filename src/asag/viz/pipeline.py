@@ -38,6 +38,7 @@ from asag.viz.draw import Panel, class_colour, draw_boxes
 STAGES = ("patches", "anchors", "proposals", "detections", "gt")
 # Figure C-2 of the supplement: patches red, anchors white. P3 patches orange so both levels show.
 PATCH_COLOURS = {"P4": (255, 0, 0), "P3": (255, 150, 0)}
+PATCH_COLOUR_NAMES = {"P4": "red", "P3": "orange"}
 ANCHOR_COLOUR = (255, 255, 255)
 # Outline widths in pixels: thin for the many anchors and proposals, thick for the few others.
 LINE_WIDTHS = {"patches": 2, "anchors": 1, "proposals": 1, "detections": 2, "gt": 2}
@@ -302,7 +303,7 @@ def stage_boxes(trace: PipelineTrace, stage: str) -> tuple[BoxSet, list[Colour]]
 def stage_title(trace: PipelineTrace, stage: str) -> str:
     """One line naming the stage and its box counts."""
     if stage == "patches":
-        parts = [f"{lv} x{len(b)}" for lv, b in trace.patches.items()]
+        parts = [f"{lv} x{len(b)} ({PATCH_COLOUR_NAMES.get(lv, '')})" for lv, b in trace.patches.items()]
         return "probed patches: " + (", ".join(parts) if parts else "none (no probing)")
     if stage == "anchors":
         per_stage = " + ".join(f"{n} {name}" for name, n in zip(ANCHOR_STAGE_NAMES, trace.anchors_per_stage))

@@ -249,3 +249,18 @@ def test_asag_d_gradients_reach_every_trainable_parameter():
         missing |= {n for n, p in model.named_parameters()
                     if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))}
     assert not missing, sorted(missing)[:10]
+
+
+@pytest.mark.slow
+def test_asag_d_r50_multiply_adds_at_800x1216_near_table_a2():
+    """Table A-2: ASAG-D R50, one decoder layer, 182 "GFLOPs" (= GMACs); 300 queries, probing on."""
+    from asag.build import build_model
+    from asag.config import load_config
+    from asag.engine.benchmark import count_flops, craft_probing_biases, random_inputs
+
+    torch.manual_seed(0)
+    model = build_model(load_config("asag_d_r50_speed").model).eval()
+    craft_probing_biases(model.anchor_generator)
+    with torch.no_grad():
+        report, _ = count_flops(model, random_inputs(1, (800, 1216)), num_queries=300)
+    assert report.total.gmacs == pytest.approx(182, rel=0.10)

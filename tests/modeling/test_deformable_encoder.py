@@ -150,3 +150,29 @@ def test_reference_points_hand_computed():
 def test_rejects_wrong_input_lists():
     with pytest.raises(ValueError, match="strides"):
         DeformableEncoder((16, 32), dim=64)
+
+
+def encoder_macs(shapes, c_in, dim, layers, heads, points, ffn) -> int:
+    """Multiply-adds of the encoder counted by hand (batch 1)."""
+    levels = len(shapes)
+    tokens = sum(h * w for h, w in shapes)
+    projections = sum(h * w * c * dim for (h, w), c in zip(shapes[:3], c_in))
+    projections += shapes[3][0] * shapes[3][1] * c_in[-1] * dim * 9  # 3x3 stride-2 conv for P6
+    per_layer = tokens * (
+        2 * dim * dim  # value and output projections
+        + dim * heads * levels * points * 3  # sampling offsets (x, y) and attention weights
+        + dim * levels * points * 4  # bilinear sampling: 4 taps per channel and sample
+        + 2 * dim * ffn  # FFN
+    )
+    return projections + layers * per_layer
+
+
+def test_encoder_multiply_adds_match_the_hand_count():
+    from asag.engine.flops import measure_flops
+
+    encoder = small_encoder()
+    feats = backbone_maps(1, (128, 160))
+    with torch.no_grad():
+        out, count = measure_flops(lambda: encoder(feats, torch.tensor([[128, 160]])))
+    shapes = [tuple(p.shape[-2:]) for p in out]
+    assert count.macs == encoder_macs(shapes, CHANNELS, 64, layers=2, heads=4, points=2, ffn=32)

@@ -7,7 +7,7 @@ from torchvision.ops import roi_align
 
 from asag.build import build_model
 from asag.config import load_config
-from asag.engine.benchmark import count_flops, craft_probing_biases, random_inputs
+from asag.engine.benchmark import count_flops, count_parameters, craft_probing_biases, random_inputs
 from asag.engine.flops import (
     FlopCount,
     attention_macs,
@@ -148,13 +148,19 @@ def test_tiny_total_pinned(tiny):
 # -------------------------------------------------------------------------------- R50 models
 
 
-def r50_flops(preset: str, size: tuple[int, int], queries: int, level: str | None, craft: bool = False):
+def r50_model(preset: str, craft: bool = False):
+    """A paper preset with one decoder head (as the paper counts FLOPs), random weights."""
     torch.manual_seed(0)
     cfg = load_config(preset, ["model.decoder.num_heads=1", "model.decoder.used_head=main"])
     model = build_model(cfg.model).eval()
     if craft:
         craft_probing_biases(model.anchor_generator)
-    report, _ = count_flops(model, random_inputs(1, size), num_queries=queries, inference_level=level)
+    return model
+
+
+def r50_flops(preset: str, size: tuple[int, int], queries: int, level: str | None, craft: bool = False):
+    report, _ = count_flops(r50_model(preset, craft), random_inputs(1, size), num_queries=queries,
+                            inference_level=level)
     return report
 
 
@@ -179,19 +185,32 @@ R50_QUERIES = 50
 R50_PINNED = {"asag_a_r50_3x_300q": 8217068320, "asag_s_r50_3x_300q": 7699743520}
 
 
+# Spec Appendix A: one-head models of the 100-query setting (56,273,358 / 50,998,470) plus the larger
+# last anchor-generator layers of the 300-query setting (+500,500 in proj_all, +150,150 in proj_patch).
+R50_PARAMETERS = {"asag_a_r50_3x_300q": 56_273_358 + 650_650, "asag_s_r50_3x_300q": 50_998_470 + 650_650}
+
+
 @pytest.fixture(scope="module", params=sorted(R50_PINNED))
 def r50(request):
-    report = r50_flops(request.param, (128, 160), queries=R50_QUERIES, level="P5P6")
-    return request.param, report
+    model = r50_model(request.param)
+    report, _ = count_flops(model, random_inputs(1, (128, 160)), num_queries=R50_QUERIES,
+                            inference_level="P5P6")
+    return request.param, report, count_parameters(model)
+
+
+def test_r50_one_head_parameters_match_the_spec(r50):
+    preset, _, params = r50
+    assert params["total"] == R50_PARAMETERS[preset]
+    assert params["backbone"] == 23_508_032 and params["neck"] == 3_344_384
 
 
 def test_r50_one_head_flops_pinned_at_a_small_size(r50):
-    preset, report = r50
+    preset, report, _ = r50
     assert report.total.flops == R50_PINNED[preset]
 
 
 def test_r50_decoder_matches_the_hand_count(r50):
-    preset, report = r50
+    preset, report, _ = r50
     q, d, classes = R50_QUERIES, 256, 80
     if preset.startswith("asag_a"):
         expected = adamixer_macs(q, d, ffn=2048, groups=4, p_in=32, p_out=128, classes=classes)

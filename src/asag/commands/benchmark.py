@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--craft", action=argparse.BooleanOptionalAction, default=None,
                         help="craft anchor-generator biases so that probing happens on random inputs "
                              "(default: on for presets, off for checkpoints)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights and crafting")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     parser.add_argument("--data", metavar="ROOT", help="data set root (data.root) to scan")
@@ -71,13 +72,15 @@ def is_checkpoint(target: str) -> bool:
     return path.is_file() and path.suffix not in PRESET_SUFFIXES
 
 
-def load_target(target: str, overrides: list[str]) -> tuple[ASAG, Config]:
-    """A checkpoint's trained model, or a preset's randomly initialised model (no backbone weights)."""
+def load_target(target: str, overrides: list[str], seed: int = 0) -> tuple[ASAG, Config]:
+    """A checkpoint's trained model, or a preset's randomly initialised model (seeded, no backbone
+    weights)."""
     if is_checkpoint(target):
         model, cfg, _ = load_model(target, overrides=overrides)
         return model, cfg
     cfg = load_config(target, overrides)
     cfg.model.backbone.weights = None  # timing does not need ImageNet weights
+    torch.manual_seed(seed)
     return build_model(cfg.model).eval(), cfg
 
 
@@ -100,14 +103,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
-    model, cfg = load_target(args.target, overrides)
+    model, cfg = load_target(args.target, overrides, args.seed)
     crafted = args.craft if args.craft is not None else not is_checkpoint(args.target)
     if crafted:
-        craft_probing_biases(model.anchor_generator)
+        craft_probing_biases(model.anchor_generator, args.seed)
     amp_context = functools.partial(autocast_context, device, args.amp)
     settings = BenchmarkSettings(size=size, batch_size=args.batch_size, warmup=args.warmup,
                                  repeats=args.repeats, inference_level=args.inference_level,
-                                 num_queries=args.queries, amp=args.amp, count_flops=not args.no_flops)
+                                 num_queries=args.queries, amp=args.amp, count_flops=not args.no_flops,
+                                 seed=args.seed)
     result = benchmark(model, settings, device=device, name=args.target, crafted=crafted,
                        amp_context=amp_context)
     if args.data:

@@ -24,6 +24,7 @@ from asag.data import LabelMap, collate
 from asag.engine.checkpoint import load_checkpoint
 from asag.errors import CheckpointError, ConfigError, DataError
 from asag.modeling.detector import ASAG
+from asag.modeling.fast import optimize_for_inference, resolve_precision
 from asag.structures import Detections
 
 
@@ -52,9 +53,15 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def load_model(
     path: str | Path, *, used_head: str | None = None, inference_level: str | None = None,
-    overrides: Sequence[str] = (),
+    overrides: Sequence[str] = (), fast: bool = False, compile: bool = False,
+    dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
 ) -> tuple[ASAG, Config, LabelMap]:
-    """Rebuild the model stored in a checkpoint (our format, see ``asag convert`` for the authors')."""
+    """Rebuild the model stored in a checkpoint (our format, see ``asag convert`` for the authors').
+
+    ``fast`` (fold batch norms, channels-last), ``compile`` and ``dtype`` (backbone/FPN precision
+    ``fp32 | fp16 | bf16``) return an inference-optimised copy on ``device`` (default CPU); see
+    :func:`asag.modeling.fast.optimize_for_inference` and ``docs/inference.md``.
+    """
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: no model configuration stored in this checkpoint")
@@ -76,7 +83,11 @@ def load_model(
         )
     model.used_head = head_index(cfg.model.decoder.used_head, cfg.model.decoder.num_heads)
     label_map = LabelMap.from_dict(ckpt["label_map"]) if ckpt.get("label_map") else _default_labels(cfg)
-    return model.eval(), cfg, label_map
+    model = model.eval()
+    if fast or compile or resolve_precision(dtype) is not None:
+        model = optimize_for_inference(model.to(device or "cpu"), fold_bn=fast, channels_last=fast,
+                                       compile=compile, dtype=dtype)
+    return model, cfg, label_map
 
 
 def _default_labels(cfg: Config) -> LabelMap:
@@ -97,8 +108,10 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", **kwargs) -> Detector:
-        model, cfg, label_map = load_model(path, **kwargs)
-        return cls(model, cfg, label_map, resolve_device(device))
+        """``kwargs`` as for :func:`load_model`, e.g. ``fast=True, dtype="bf16"``."""
+        resolved = resolve_device(device)
+        model, cfg, label_map = load_model(path, device=resolved, **kwargs)
+        return cls(model, cfg, label_map, resolved)
 
     @staticmethod
     def load_image(image: PIL.Image.Image | Tensor | str | Path) -> PIL.Image.Image:

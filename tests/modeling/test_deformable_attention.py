@@ -228,3 +228,13 @@ def test_rejects_inconsistent_shapes():
     module = MultiScaleDeformableAttention(8, 2, 2, 2)
     with pytest.raises(ValueError, match="do not describe"):
         module(torch.randn(1, 3, 8), torch.rand(1, 3, 2, 2), torch.randn(1, 10, 8), [(2, 2), (2, 2)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["points", "boxes"])
+def test_cuda_matches_cpu(kind):
+    module, query, reference, value, valid = random_case(kind, seed=4)
+    with torch.no_grad():
+        cpu = module(query, reference, value, SHAPES, valid)
+        gpu = module.cuda()(query.cuda(), reference.cuda(), value.cuda(), SHAPES, valid.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)

@@ -176,3 +176,16 @@ def test_encoder_multiply_adds_match_the_hand_count():
         out, count = measure_flops(lambda: encoder(feats, torch.tensor([[128, 160]])))
     shapes = [tuple(p.shape[-2:]) for p in out]
     assert count.macs == encoder_macs(shapes, CHANNELS, 64, layers=2, heads=4, points=2, ffn=32)
+
+
+def test_runs_under_bf16_autocast_close_to_float32():
+    encoder = small_encoder(seed=9).eval()
+    feats = backbone_maps(1, (128, 160), seed=10)
+    sizes = torch.tensor([[100, 150]])
+    with torch.no_grad():
+        reference = encoder(feats, sizes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = encoder(feats, sizes)
+    for a, b in zip(low, reference):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.float(), b, atol=0.1, rtol=0.05)

@@ -270,7 +270,8 @@ class DeformableEncoder(nn.Module):
         src = flatten_levels(maps)  # [B, S, d]
         pos = flatten_levels(self.positions(image_sizes, shapes)).to(src)  # [B, S, d]
         valid = torch.cat([m.flatten(1) for m in masks], dim=1)  # [B, S]
-        reference = encoder_reference_points(shapes, self.strides, src.device).to(src)  # [S, L, 2]
+        # float32 even under fp16 autocast: sampling positions on large maps need the precision
+        reference = encoder_reference_points(shapes, self.strides, src.device)  # [S, L, 2]
         reference = reference[None].expand(src.shape[0], -1, -1, -1)  # [B, S, L, 2]
         for layer in self.layers:
             src = layer(src, pos, reference, shapes, valid)

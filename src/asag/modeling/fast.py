@@ -1,0 +1,330 @@
+"""Inference-optimised ASAG: folded batch norm, channels-last features, optional compile and precision.
+
+:func:`optimize_for_inference` turns a trained (or converted) detector into a deployment copy:
+
+* **batch-norm folding**: every frozen or eval-mode batch norm that directly follows a convolution of
+  the backbone (torchvision ResNet layout) is folded into that convolution's weight and bias
+  (``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``);
+* **channels-last** memory format for the backbone and FPN convolutions and their input (oneDNN's and
+  cuDNN's preferred layout); the FPN outputs are handed on in the default layout, so the anchor
+  generator, RoIAlign and the decoders run exactly as in the plain model;
+* **no autograd state**: parameters stop requiring gradients and every forward runs under
+  :func:`torch.inference_mode`;
+* optional **torch.compile** of the static parts (backbone + FPN, decoder heads); the data-dependent
+  anchor generator, query preparation, proposal stage and post-processing stay eager;
+* optional **reduced precision** (``float16`` on CUDA, ``bfloat16`` on CUDA or on CPUs with native
+  bf16): the backbone and FPN weights are cast and the features are cast back to float32 before the
+  anchor generator, as the release's autocast does on GPU (spec section 1); everything after the FPN
+  runs in float32.
+
+With the default settings (fold + channels-last, float32) the outputs equal the plain model's up to
+float rounding (tested against the official fixtures). :class:`SyncAudit` counts the operations that
+force a host-device synchronisation on CUDA, so the eager stages can be reviewed on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.overrides import TorchFunctionMode
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
+
+from asag.errors import ConfigError
+from asag.modeling.backbone import FrozenBatchNorm2d
+from asag.modeling.detector import ASAG
+
+# ``--precision`` names -> dtype of the backbone and FPN (None = float32, no cast).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Convolution / batch-norm attribute pairs of torchvision's residual blocks (conv_i feeds bn_i directly).
+BLOCK_CONV_BN_PAIRS: dict[type, tuple[tuple[str, str], ...]] = {
+    BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+    Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+}
+# Containers that run their children in registration order (a conv child followed by a norm child is
+# a conv -> norm chain): ``nn.Sequential`` (ResNet ``downsample``) and torchvision's
+# ``IntermediateLayerGetter`` (the ResNet stem ``conv1 -> bn1``).
+ORDERED_CONTAINERS = (nn.Sequential, IntermediateLayerGetter)
+
+
+# ------------------------------------------------------------------------------------- precision
+
+
+def resolve_precision(precision: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp32" | "fp16" | "bf16"`` (or a dtype, or None) -> the feature dtype (None for float32)."""
+    if precision is None or precision == torch.float32:
+        return None
+    if isinstance(precision, torch.dtype):
+        if precision not in PRECISIONS.values():
+            raise ConfigError(f"precision {precision} is not supported; use one of {sorted(PRECISIONS)}")
+        return precision
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN has native bfloat16 kernels on this processor (e.g. AVX512-BF16, AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_precision(dtype: torch.dtype | None, device: torch.device | str) -> None:
+    """Reject a precision the device cannot run fast (:class:`ConfigError` naming the option)."""
+    device = torch.device(device)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ConfigError("precision fp16 needs a CUDA device; use bf16 (or fp32) on the CPU")
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_supports_bf16():
+        raise ConfigError("precision bf16: this CPU has no native bfloat16 support (AVX512-BF16/AMX); "
+                          "use fp32")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision bf16: this GPU does not support bfloat16; use fp16")
+
+
+# ------------------------------------------------------------------------------------ BN folding
+
+
+def _norm_statistics(norm: nn.Module) -> tuple[Tensor, Tensor, float, Tensor | None, Tensor | None] | None:
+    """``(mean, var, eps, gamma, beta)`` of a batch norm that applies fixed statistics, else None."""
+    if isinstance(norm, FrozenBatchNorm2d | TorchvisionFrozenBN):
+        return norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+    if isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.running_mean is not None:
+        return norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+    return None
+
+
+def fold_conv_bn(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d | None:
+    """A new convolution computing ``norm(conv(x))``, or None when ``norm`` cannot be folded.
+
+    Folding (``norm`` with fixed statistics): ``W' = W * s``, ``b' = (b - mean) * s + beta``,
+    ``s = gamma / sqrt(var + eps)`` per output channel (torch's ``fuse_conv_bn_weights``).
+    """
+    stats = _norm_statistics(norm)
+    if stats is None or not isinstance(conv, nn.Conv2d):
+        return None
+    mean, var, eps, gamma, beta = stats
+    fused = copy.deepcopy(conv)
+    weight, bias = fuse_conv_bn_weights(conv.weight.detach(), _detached(conv.bias), mean, var, eps,
+                                        _detached(gamma), _detached(beta))
+    fused.weight, fused.bias = weight, bias
+    return fused
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _fold_pair(parent: nn.Module, conv_name: str, norm_name: str) -> bool:
+    """Fold ``parent.norm_name`` into ``parent.conv_name``; the norm becomes ``nn.Identity``."""
+    fused = fold_conv_bn(getattr(parent, conv_name), getattr(parent, norm_name))
+    if fused is None:
+        return False
+    setattr(parent, conv_name, fused)
+    setattr(parent, norm_name, nn.Identity())
+    return True
+
+
+def _fold_pairs_of(module: nn.Module) -> int:
+    """Fold the known conv -> norm pairs among ``module``'s direct children."""
+    if isinstance(module, ORDERED_CONTAINERS):
+        names = [name for name, _ in module.named_children()]
+        return sum(_fold_pair(module, a, b) for a, b in zip(names, names[1:]))
+    pairs = next((p for cls, p in BLOCK_CONV_BN_PAIRS.items() if isinstance(module, cls)), ())
+    return sum(_fold_pair(module, conv, norm) for conv, norm in pairs)
+
+
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold, in place, every batch norm with fixed statistics into the convolution feeding it.
+
+    Recognised chains: consecutive children of ``nn.Sequential`` / ``IntermediateLayerGetter`` and the
+    ``conv_i -> bn_i`` pairs of torchvision's ``BasicBlock`` / ``Bottleneck``, i.e. every norm of a
+    torchvision ResNet. Norms that cannot be folded (group norm, batch norm in training mode) are left
+    in place. Returns the number of folded norms.
+    """
+    folded = 0
+    for child in list(module.children()):
+        folded += fold_batch_norms(child)
+    return folded + _fold_pairs_of(module)
+
+
+# ------------------------------------------------------------------------------------ fast model
+
+
+class CastInput:
+    """Forward pre-hook of the backbone: images to the backbone's dtype and memory format."""
+
+    def __init__(self, dtype: torch.dtype | None, memory_format: torch.memory_format) -> None:
+        self.dtype = dtype
+        self.memory_format = memory_format
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        images = args[0]
+        return (images.to(dtype=self.dtype or images.dtype, memory_format=self.memory_format), *args[1:])
+
+
+def float32_contiguous(module: nn.Module, args: tuple, levels: list[Tensor]) -> list[Tensor]:
+    """Forward hook of the FPN: levels back to float32 in the default layout (what the anchor
+    generator, RoIAlign and the decoders were written and tested for)."""
+    return [p.to(torch.float32, memory_format=torch.contiguous_format) for p in levels]
+
+
+class FastASAG(ASAG):
+    """An :class:`~asag.modeling.detector.ASAG` prepared by :func:`optimize_for_inference`.
+
+    Same interface and outputs as the plain model (``forward``, ``forward_features``, ``postprocess``,
+    ``predict``, and the submodules ``backbone``, ``neck``, ... called one by one); every forward runs
+    under ``torch.inference_mode``. The backbone casts its input to its own dtype and memory format and
+    the FPN returns float32 levels in the default layout (module hooks), so callers need not know how
+    the copy was optimised. It cannot be put back into training mode.
+
+    Args:
+        model: the detector whose (already transformed) submodules are taken over.
+        settings: what was applied (for reports): ``fold_bn``, ``channels_last``, ``compile``, ``dtype``.
+    """
+
+    def __init__(self, model: ASAG, settings: dict) -> None:
+        super().__init__(
+            backbone=model.backbone, neck=model.neck, anchor_generator=model.anchor_generator,
+            proposal=model.proposal, decoder=model.decoder, postprocessor=model.postprocessor,
+            attention_heads=model.attention_heads, num_dn=model.num_dn, dn_noise_scale=model.dn_noise_scale,
+            dn_noise_decay=model.dn_noise_decay, used_head=model.used_head,
+        )
+        self.settings = dict(settings)
+        super().train(False)
+
+    @torch.inference_mode()
+    def forward(self, *args, **kwargs):  # type: ignore[override]
+        """:meth:`ASAG.forward` under ``torch.inference_mode`` (evaluation behaviour only)."""
+        return super().forward(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> FastASAG:
+        if mode:
+            raise RuntimeError("an inference-optimised model cannot be trained (its batch norms are folded); "
+                               "train the plain model and optimise a copy")
+        return super().train(False)
+
+
+def _compile_options(device_type: str) -> dict:
+    """Inductor options: on the CPU, freeze the weights (constant folding and oneDNN weight prepacking)."""
+    return {"freezing": True} if device_type == "cpu" else {}
+
+
+def optimize_for_inference(
+    model: ASAG,
+    *,
+    fold_bn: bool = True,
+    channels_last: bool = True,
+    compile: bool = False,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> FastASAG:
+    """An inference-optimised copy of ``model`` (the original is left untouched).
+
+    Args:
+        model: a plain detector (trained, converted or freshly built).
+        fold_bn: fold frozen / eval-mode batch norms into the backbone convolutions.
+        channels_last: run backbone and FPN in the channels-last memory format.
+        compile: ``torch.compile`` the backbone, the FPN and the decoder heads (the first calls compile,
+            and every new input shape may recompile; on the CPU inductor needs a C++ compiler). The
+            anchor generator, proposal stage and post-processing stay eager.
+        dtype: backbone / FPN precision: None or ``"fp32"``, ``"fp16"`` (CUDA), ``"bf16"``; checked
+            against ``device`` (default: the model's device) by :func:`check_precision`.
+    Returns:
+        a :class:`FastASAG` in evaluation mode whose parameters do not require gradients.
+    """
+    feature_dtype = resolve_precision(dtype)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    check_precision(feature_dtype, device)
+    plain = copy.deepcopy(model).eval().requires_grad_(False)
+    if fold_bn:
+        fold_batch_norms(plain.backbone)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for part in (plain.backbone, plain.neck):
+        part.to(dtype=feature_dtype, memory_format=memory_format)
+    plain.backbone.register_forward_pre_hook(CastInput(feature_dtype, memory_format))
+    plain.neck.register_forward_hook(float32_contiguous)
+    settings = {"fold_bn": fold_bn, "channels_last": channels_last, "compile": compile,
+                "dtype": str(feature_dtype or torch.float32).removeprefix("torch.")}
+    fast = FastASAG(plain, settings)
+    if compile:
+        options = _compile_options(device.type)
+        for part in (fast.backbone, fast.neck):
+            part.compile(options=options)
+        fast.decoder.compile(dynamic=True, options=options)
+    return fast
+
+
+# --------------------------------------------------------------------------------------- syncs
+
+# Tensor operations that make the host wait for a CUDA device (values or sizes read back).
+SYNC_METHODS = frozenset({
+    "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero",
+    "argwhere", "masked_select", "unique", "unique_consecutive", "nms", "bincount",
+})
+INDEXING_METHODS = frozenset({"__getitem__", "__setitem__", "index_put", "index_put_"})
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def _has_bool_index(index: object) -> bool:
+    items = index if isinstance(index, tuple | list) else (index,)
+    return any(isinstance(i, Tensor) and i.dtype == torch.bool for i in items)
+
+
+def _is_sync(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether a call of torch function ``name`` synchronises a CUDA device."""
+    if name in SYNC_METHODS:
+        return True
+    if name in INDEXING_METHODS:
+        return len(args) > 1 and _has_bool_index(args[1])
+    if name == "where":
+        return len(args) + len(kwargs) == 1  # torch.where(condition) == nonzero
+    if name == "repeat_interleave":
+        return "output_size" not in kwargs and len(args) > 1 and isinstance(args[1], Tensor)
+    return False
+
+
+def _caller() -> str:
+    """``file:line`` of the innermost asag frame outside this module (where the sync was asked for)."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if frame.filename.startswith(PACKAGE_DIR) and not frame.filename.endswith("fast.py"):
+            return f"{Path(frame.filename).relative_to(PACKAGE_DIR)}:{frame.lineno}"
+    return "<outside asag>"
+
+
+class SyncAudit(TorchFunctionMode):
+    """Count the operations that would synchronise host and CUDA device, on any device.
+
+    A torch-function mode sees every Python-level torch call; those in :data:`SYNC_METHODS`, boolean-mask
+    indexing, one-argument ``torch.where`` and ``repeat_interleave`` without ``output_size`` are
+    counted by ``op`` and by the asag source line that made them (``sites``). Syncs inside C++ kernels
+    called once (e.g. inside ``nms``) count as that one call. On CUDA,
+    ``torch.cuda.set_sync_debug_mode`` is the ground truth; this audit lets the CPU build check that
+    the count stays small and does not grow with the number of images or patches.
+
+    >>> with SyncAudit() as audit:
+    ...     model(images, image_sizes)
+    >>> audit.total, audit.sites.most_common(3)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.sites: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if _is_sync(name, args, kwargs):
+            self.ops[name] += 1
+            self.sites[_caller()] += 1
+        return func(*args, **kwargs)

@@ -31,9 +31,8 @@ def valid_region_cells(image_sizes: Tensor, stride: int, limit: tuple[int, int])
     Returns:
         ``[B, 2]`` int64 ``(rows, cols)``.
     """
-    cells = torch.round(image_sizes.to(torch.float64) / stride).long()
-    upper = torch.tensor(limit, device=image_sizes.device)
-    return torch.minimum(cells.clamp(min=1), upper)
+    cells = torch.round(image_sizes.to(torch.float64) / stride).long()  # [B, 2]
+    return torch.stack([cells[:, 0].clamp(1, limit[0]), cells[:, 1].clamp(1, limit[1])], dim=1)
 
 
 def ceil_cells(image_wh: Tensor, stride: int) -> Tensor:
@@ -213,7 +212,8 @@ def split_into_crops(grid: Tensor, patch_size: int) -> Tensor:
 
 def crop_offsets(patch_size: int, device: torch.device | None = None) -> Tensor:
     """``[4, 2]`` int64 ``(row, col)`` offsets of the four crops on the resized P5 grid."""
-    return torch.tensor([[0, 0], [0, patch_size], [patch_size, 0], [patch_size, patch_size]], device=device)
+    starts = torch.arange(2, device=device) * patch_size  # [0, P], built on the device (no host copy)
+    return torch.stack([starts.repeat_interleave(2), starts.repeat(2)], dim=1)
 
 
 def crops_to_image_frame(boxes: Tensor, offsets_rc: Tensor, grid_size: int, patch_size: int) -> Tensor:

@@ -87,6 +87,17 @@ def check_precision(dtype: torch.dtype | None, device: torch.device | str) -> No
         raise ConfigError("precision bf16: this GPU does not support bfloat16; use fp16")
 
 
+def add_inference_arguments(parser) -> None:
+    """The ``--fast``, ``--compile`` and ``--precision`` options of ``asag predict | eval | benchmark``."""
+    parser.add_argument("--fast", action="store_true",
+                        help="fold batch norms, run backbone/FPN channels-last (same outputs up to rounding)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile backbone, FPN and decoder heads (slow first call)")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="backbone/FPN precision: fp16 (CUDA) or bf16 (CUDA, CPUs with bf16); see "
+                             "docs/inference.md for the AP effect")
+
+
 # ------------------------------------------------------------------------------------ BN folding
 
 
@@ -268,6 +279,8 @@ SYNC_METHODS = frozenset({
     "argwhere", "masked_select", "unique", "unique_consecutive", "nms", "bincount",
 })
 INDEXING_METHODS = frozenset({"__getitem__", "__setitem__", "index_put", "index_put_"})
+# Tensors built from Python data: a blocking copy from pageable host memory when made on a CUDA device.
+HOST_DATA_FACTORIES = frozenset({"tensor", "as_tensor", "new_tensor"})
 PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 
 
@@ -282,6 +295,9 @@ def _is_sync(name: str, args: tuple, kwargs: dict) -> bool:
         return True
     if name in INDEXING_METHODS:
         return len(args) > 1 and _has_bool_index(args[1])
+    if name in HOST_DATA_FACTORIES:
+        data = args[1] if name == "new_tensor" and len(args) > 1 else (args[0] if args else None)
+        return not isinstance(data, Tensor)
     if name == "where":
         return len(args) + len(kwargs) == 1  # torch.where(condition) == nonzero
     if name == "repeat_interleave":
@@ -301,9 +317,10 @@ class SyncAudit(TorchFunctionMode):
     """Count the operations that would synchronise host and CUDA device, on any device.
 
     A torch-function mode sees every Python-level torch call; those in :data:`SYNC_METHODS`, boolean-mask
-    indexing, one-argument ``torch.where`` and ``repeat_interleave`` without ``output_size`` are
-    counted by ``op`` and by the asag source line that made them (``sites``). Syncs inside C++ kernels
-    called once (e.g. inside ``nms``) count as that one call. On CUDA,
+    indexing, one-argument ``torch.where``, ``repeat_interleave`` without ``output_size`` and tensors
+    built from Python data (a blocking host-to-device copy on CUDA) are counted by ``op`` and by the
+    asag source line that made them (``sites``). Syncs inside C++ kernels called once (e.g. inside
+    ``nms``) count as that one call. On CUDA,
     ``torch.cuda.set_sync_debug_mode`` is the ground truth; this audit lets the CPU build check that
     the count stays small and does not grow with the number of images or patches.
 

@@ -13,6 +13,7 @@ from asag.build import build_dataset, check_num_classes
 from asag.commands.train import build_evaluate_fn
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process
 from asag.engine.evaluator import CrowdHumanEvalResult
+from asag.modeling.fast import add_inference_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--per-class", action="store_true", help="also report AP per class")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", metavar="DIR", default=".", help="where results JSON and metrics go")
+    add_inference_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -40,9 +42,11 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dist = init_distributed(device.type)
     try:
-        model, cfg, label_map = load_model(args.checkpoint, used_head=args.used_head,
-                                           inference_level=args.inference_level, overrides=overrides)
         device = dist.device if dist.distributed else device
+        model, cfg, label_map = load_model(args.checkpoint, used_head=args.used_head,
+                                           inference_level=args.inference_level, overrides=overrides,
+                                           fast=args.fast, compile=args.compile, dtype=args.precision,
+                                           device=device)
         dataset = build_dataset(cfg.data, "val")
         check_num_classes(cfg.model, dataset.label_map, str(dataset.ann_file))
         out = Path(args.out)

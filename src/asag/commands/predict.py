@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from asag.api import Detector
 from asag.errors import DataError
+from asag.modeling.fast import add_inference_arguments
 from asag.viz.draw import draw_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -26,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--used-head", help="head to use: main or aux_k")
     parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"])
     parser.add_argument("--device", default="auto")
+    add_inference_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -54,7 +56,8 @@ def expand_images(specs: list[str]) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     paths = expand_images(args.images)
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
-                                        inference_level=args.inference_level)
+                                        inference_level=args.inference_level, fast=args.fast,
+                                        compile=args.compile, dtype=args.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []

@@ -24,6 +24,7 @@ from asag.engine.recall import format_recall
 from asag.engine.trainer import autocast_context, check_amp
 from asag.errors import ConfigError
 from asag.modeling.detector import ASAG
+from asag.modeling.fast import add_inference_arguments, optimize_for_inference
 
 PRESET_SUFFIXES = (".yaml", ".yml")
 
@@ -50,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="craft anchor-generator biases so that probing happens on random inputs "
                              "(default: on for presets, off for checkpoints)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights and crafting")
+    add_inference_arguments(parser)
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     parser.add_argument("--data", metavar="ROOT", help="data set root (data.root) to scan")
@@ -107,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
     crafted = args.craft if args.craft is not None else not is_checkpoint(args.target)
     if crafted:
         craft_probing_biases(model.anchor_generator, args.seed)
+    if args.fast or args.compile or args.precision != "fp32":
+        model = optimize_for_inference(model.to(device), fold_bn=args.fast, channels_last=args.fast,
+                                       compile=args.compile, dtype=args.precision)
+        print(f"inference-optimised model: {model.settings}")
     amp_context = functools.partial(autocast_context, device, args.amp)
     settings = BenchmarkSettings(size=size, batch_size=args.batch_size, warmup=args.warmup,
                                  repeats=args.repeats, inference_level=args.inference_level,

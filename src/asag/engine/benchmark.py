@@ -196,7 +196,7 @@ def run_stages(
         features = wrap("neck", lambda: _run_neck(model, c_feats, inputs.image_sizes))
     with torch.autocast(inputs.images.device.type, enabled=False):
         anchors = wrap("anchor_generator", lambda: model.anchor_generator(
-            _anchor_levels(model, features), inputs.image_sizes, inference_level=inference_level))
+            model.anchor_features(features), inputs.image_sizes, inference_level=inference_level))
         generated = anchors.valid_mask.sum(dim=1)
         if num_queries is not None:
             boxes, valid = fixed_anchors(inputs.image_sizes, num_queries)
@@ -217,16 +217,9 @@ def run_stages(
 
 def _run_neck(model: ASAG, backbone_features, image_sizes: Tensor) -> list[Tensor]:
     """The neck's levels as float32, as ``ASAG.extract_features`` computes them."""
-    if getattr(model, "neck_uses_image_sizes", False):  # ASAG-D's encoder masks the padding
+    if model.neck_uses_image_sizes:  # ASAG-D's encoder masks the padding
         return [p.float() for p in model.neck(backbone_features, image_sizes)]
     return [p.float() for p in model.neck(backbone_features)]
-
-
-def _anchor_levels(model: ASAG, features: list[Tensor]) -> list[Tensor]:
-    """``[P3, P4, P5]`` for the anchor generator (``features[1:4]`` of the FPN's ``[P2..P5]``)."""
-    if hasattr(model, "anchor_features"):
-        return model.anchor_features(features)
-    return features[1:4]
 
 
 # ------------------------------------------------------------------------------------ timing

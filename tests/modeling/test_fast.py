@@ -1,0 +1,409 @@
+"""The inference-optimised model: batch-norm folding, equivalence with the plain model and the release,
+reduced precision, inference-only behaviour, host-sync counts, and the command-line flags."""
+
+import copy
+import pickle
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+from tests.modeling.test_official_end_to_end import COCO_IDS, fixture_model
+from tests.official import CASES, LEVELS, load, load_inputs
+from torch import nn
+
+from asag.api import load_model
+from asag.build import build_model
+from asag.cli import main
+from asag.config import load_config
+from asag.data.synthetic import generate_synthetic
+from asag.engine.benchmark import craft_probing_biases
+from asag.engine.checkpoint import save_checkpoint
+from asag.errors import ConfigError
+from asag.modeling.anchor_generator import AnchorGenerator
+from asag.modeling.backbone import Backbone, FrozenBatchNorm2d
+from asag.modeling.fast import (
+    FastASAG,
+    SyncAudit,
+    check_precision,
+    cpu_supports_bf16,
+    fold_batch_norms,
+    fold_conv_bn,
+    optimize_for_inference,
+    resolve_precision,
+)
+from asag.modeling.postprocess import postprocess
+from asag.structures import HeadOutput
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cpu_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="CPU without native bfloat16")
+
+
+def randomise_norms(module: nn.Module, seed: int = 0) -> None:
+    """Non-trivial statistics and affine terms for every frozen / batch norm (as a trained model has)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in module.modules():
+            if isinstance(norm, FrozenBatchNorm2d | nn.BatchNorm2d):
+                c = norm.running_mean.numel()
+                norm.running_mean.copy_(torch.randn(c, generator=generator) * 0.2)
+                norm.running_var.copy_(torch.rand(c, generator=generator) * 1.5 + 0.5)
+                norm.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                norm.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(load_config("tiny_cpu").model).eval()
+    randomise_norms(model, seed)
+    return model
+
+
+def tiny_inputs():
+    images = torch.randn(2, 3, 160, 224, generator=torch.Generator().manual_seed(1))
+    return images, torch.tensor([[160, 224], [150, 200]])
+
+
+def count(module: nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in module.modules())
+
+
+# ------------------------------------------------------------------------------------- folding
+
+
+def test_fold_conv_bn_hand_computed():
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    nn.init.constant_(conv.weight, 2.0)
+    norm = FrozenBatchNorm2d(1, eps=1.0)
+    norm.running_mean.fill_(1.0)
+    norm.running_var.fill_(3.0)  # s = gamma / sqrt(3 + 1) = gamma / 2
+    with torch.no_grad():
+        norm.weight.fill_(4.0)
+        norm.bias.fill_(0.5)
+    fused = fold_conv_bn(conv, norm)
+    # W' = 2 * 2 = 4; b' = (0 - 1) * 2 + 0.5 = -1.5
+    assert fused.weight.item() == pytest.approx(4.0)
+    assert fused.bias.item() == pytest.approx(-1.5)
+    x = torch.tensor([[[[3.0]]]])
+    assert fused(x).item() == pytest.approx(4.0 * 3.0 - 1.5)
+    assert conv.bias is None and conv.weight.item() == 2.0  # the original is untouched
+
+
+def test_folding_a_random_r50_backbone_keeps_its_features():
+    torch.manual_seed(0)
+    backbone = Backbone("resnet50", norm="frozen_bn").eval()
+    randomise_norms(backbone)
+    folded = copy.deepcopy(backbone)
+    # R50: stem 1 + 16 blocks x 3 + 4 downsample = 53 frozen batch norms
+    assert fold_batch_norms(folded) == 53
+    assert count(folded, FrozenBatchNorm2d) == 0
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref, out = backbone(images), folded(images)
+    for name in ref:
+        scale = ref[name].abs().max()
+        assert torch.allclose(out[name], ref[name], atol=1e-5 * scale, rtol=1e-4), name
+
+
+def test_folding_eval_batch_norm_but_not_training_or_group_norm():
+    torch.manual_seed(0)
+    backbone = Backbone("resnet18", norm="batch_norm").eval()
+    randomise_norms(backbone)
+    folded = copy.deepcopy(backbone)
+    assert fold_batch_norms(folded) == 1 + 8 * 2 + 3  # stem, 8 basic blocks, 3 downsamples
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(backbone(images).values(), folded(images).values()):
+            assert torch.allclose(a, b, atol=1e-5 * a.abs().max())
+    assert fold_batch_norms(Backbone("resnet18", norm="group_norm")) == 0
+    assert fold_batch_norms(Backbone("resnet18", norm="batch_norm").train()) == 0
+
+
+# ----------------------------------------------------------------------------------- fast model
+
+
+def test_fast_model_matches_the_plain_model_and_leaves_it_alone():
+    model = tiny_model()
+    trainable = [p.requires_grad for p in model.parameters()]
+    fast = optimize_for_inference(model)
+    images, sizes = tiny_inputs()
+    with torch.no_grad():
+        ref, out = model(images, sizes), fast(images, sizes)
+    assert torch.equal(out.valid_mask, ref.valid_mask)
+    for a, b in zip(ref.heads, out.heads):
+        assert torch.allclose(b.logits, a.logits, atol=1e-4)
+        assert torch.allclose(b.boxes, a.boxes, atol=1e-5)
+    dets, ref_dets = fast.postprocess(out, sizes), model.postprocess(ref, sizes)
+    assert [len(d.scores) for d in dets] == [len(d.scores) for d in ref_dets]
+    assert fast.settings == {"fold_bn": True, "channels_last": True, "compile": False, "dtype": "float32"}
+    assert count(fast, nn.BatchNorm2d) == 0 and count(model, nn.BatchNorm2d) == 20
+    assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert [p.requires_grad for p in model.parameters()] == trainable and any(trainable)
+    assert model.backbone.body.conv1.weight.is_contiguous()
+
+
+def test_fast_model_carries_every_setting_of_the_plain_model():
+    model = tiny_model()
+    model.used_head = 0
+    fast = optimize_for_inference(model)
+    plain_attrs = {k: v for k, v in vars(model).items() if not k.startswith("_") and k != "training"}
+    for key, value in plain_attrs.items():
+        assert getattr(fast, key) == value, key
+    assert isinstance(fast, FastASAG) and fast.used_head == 0
+
+
+def test_fast_model_is_inference_only():
+    fast = optimize_for_inference(tiny_model())
+    images, sizes = tiny_inputs()
+    out = fast(images, sizes)  # no torch.no_grad needed
+    assert out.heads[-1].logits.is_inference()
+    assert not any(p.requires_grad for p in fast.parameters())
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        fast.train()
+    fast.eval()  # allowed
+
+
+def test_fast_model_runs_stage_by_stage():
+    """Callers that run ``backbone`` and ``neck`` themselves (benchmark, visualisation) get float32,
+    default-layout FPN levels: the casts live in module hooks."""
+    model = tiny_model()
+    fast = optimize_for_inference(model)
+    images, _ = tiny_inputs()
+    with torch.inference_mode():
+        levels = fast.neck(fast.backbone(images))
+        ref = model.neck(model.backbone(images))
+    for a, b in zip(ref, levels):
+        assert b.dtype == torch.float32 and b.is_contiguous()
+        assert torch.allclose(a, b, atol=1e-4 * a.abs().max())
+
+
+@pytest.fixture(scope="module")
+def fast_fixture_models(fixtures_dir):
+    """variant -> the fixture model (official weights, random R50) optimised for inference, built once."""
+    cache = {}
+
+    def get(variant: str) -> FastASAG:
+        if variant not in cache:
+            model, weights = fixture_model(fixtures_dir, variant, "P3P6")
+            model.load_state_dict(weights, strict=False)
+            cache[variant] = optimize_for_inference(model)
+        return cache[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", ["asag_a", "asag_s"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("level", LEVELS)
+def test_fast_path_matches_the_release(fixtures_dir, fast_fixture_models, variant, case, level):
+    """The chained fixture comparison of ``test_official_end_to_end`` through the optimised model (the
+    FPN runs channels-last on channels-last inputs, as after the backbone; the R50 backbone is folded
+    but the fixtures start at C2..C5)."""
+    fast = fast_fixture_models(variant)
+    assert count(fast.backbone, FrozenBatchNorm2d) == 0
+    inputs = load_inputs(fixtures_dir, case)
+    ref = load(fixtures_dir, f"eval_{variant}_case_{case}_{level}.pt")
+    c_levels = OrderedDict((k, inputs[k].contiguous(memory_format=torch.channels_last))
+                           for k in ("C2", "C3", "C4", "C5"))
+    with torch.inference_mode():
+        out = fast.forward_features(fast.neck(c_levels), inputs["image_sizes"], inference_level=level)
+        dets = fast.postprocess(out, inputs["orig_sizes"])
+    assert torch.equal(out.anchors.valid_mask, ref["ag.valid_mask"]), "anchor valid mask"
+    assert torch.allclose(out.anchors.boxes, ref["ag.padded_output_anchors"], atol=1e-3), "anchors"
+    assert torch.allclose(out.proposals.logits, ref["rpn.pred_logits"], atol=2e-4), "proposal logits"
+    assert torch.allclose(out.proposals.boxes, ref["rpn.pred_boxes"], atol=1e-5), "proposal boxes"
+    for head, name in zip(out.heads, ("aux_0", "main")):
+        assert torch.allclose(head.logits, ref[f"heads.{name}.pred_logits"], atol=2e-4), f"{name} logits"
+        assert torch.allclose(head.boxes, ref[f"heads.{name}.pred_boxes"], atol=1e-5), f"{name} boxes"
+    expected = fast.postprocessor(HeadOutput(ref["heads.main.pred_logits"], ref["heads.main.pred_boxes"]),
+                                  ref["ag.valid_mask"], inputs["orig_sizes"])
+    for b, det in enumerate(dets):
+        if bool(ref["ag.valid_mask"][b].all()):
+            scores, boxes, ids = (ref[f"post.main.{b}.{k}"] for k in ("scores", "boxes", "labels"))
+        else:
+            scores, boxes = expected[b].scores, expected[b].boxes
+            ids = torch.tensor(COCO_IDS)[expected[b].labels]
+        assert torch.allclose(det.scores, scores, atol=1e-5), f"image {b} scores"
+        ours = torch.tensor(COCO_IDS)[det.labels]
+        assert sorted(ours.tolist()) == sorted(ids.tolist()), f"image {b} labels"
+        assert torch.allclose(det.boxes.sort(0).values, boxes.sort(0).values, atol=1e-2), f"image {b} boxes"
+
+
+# ------------------------------------------------------------------------------------ precision
+
+
+def test_precision_names_and_device_checks():
+    assert resolve_precision("fp32") is None and resolve_precision(None) is None
+    assert resolve_precision("bf16") == torch.bfloat16 and resolve_precision(torch.float16) == torch.float16
+    with pytest.raises(ConfigError, match="precision"):
+        resolve_precision("fp8")
+    with pytest.raises(ConfigError, match="CUDA"):
+        check_precision(torch.float16, "cpu")
+    with pytest.raises(ConfigError, match="CUDA"):
+        optimize_for_inference(tiny_model(), dtype="fp16", device="cpu")
+
+
+@needs_cpu_bf16
+def test_bf16_features_stay_close_and_the_rest_stays_float32():
+    model = tiny_model()
+    fast = optimize_for_inference(model, dtype="bf16")
+    assert fast.backbone.body.conv1.weight.dtype == torch.bfloat16
+    assert fast.anchor_generator.proj_all.layers[0].weight.dtype == torch.float32
+    images, sizes = tiny_inputs()
+    with torch.inference_mode():
+        levels, ref = fast.extract_features(images), model.extract_features(images)
+        out = fast(images, sizes)
+    for a, b in zip(ref, levels):
+        assert b.dtype == torch.float32
+        assert (a - b).norm() / a.norm() < 2e-2  # bf16 keeps 8 mantissa bits
+    assert out.heads[-1].logits.dtype == torch.float32
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_reduced_precision_stays_close(precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("GPU without bfloat16")
+    model = tiny_model().cuda()
+    fast = optimize_for_inference(model, dtype=precision)
+    images, _ = tiny_inputs()
+    with torch.inference_mode():
+        levels, ref = fast.extract_features(images.cuda()), model.extract_features(images.cuda())
+    for a, b in zip(ref, levels):
+        assert b.dtype == torch.float32 and (a - b).norm() / a.norm() < 2e-2
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_the_plain_model():
+    model = tiny_model()
+    fast = optimize_for_inference(model, compile=True)
+    images, sizes = tiny_inputs()
+    with torch.inference_mode():
+        ref, out = model(images, sizes), fast(images, sizes)
+    assert torch.equal(out.valid_mask, ref.valid_mask)
+    assert torch.allclose(out.heads[-1].logits, ref.heads[-1].logits, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- syncs
+
+
+def test_sync_audit_counts_what_would_wait_for_the_device():
+    x = torch.arange(6.0)
+    with SyncAudit() as audit:
+        x[x > 2]  # boolean mask: sync
+        x[torch.tensor([0, 1])]  # integer index built from Python data: one host copy
+        x.sum().item()
+        x.nonzero()
+        torch.nonzero_static(x, size=3)  # static size: no sync
+        x.repeat_interleave(2)  # int repeats: no sync
+    assert audit.ops == {"__getitem__": 1, "tensor": 1, "item": 1, "nonzero": 1}
+    assert audit.total == 4
+
+
+def crafted_generator() -> AnchorGenerator:
+    torch.manual_seed(0)
+    generator = AnchorGenerator().eval()
+    craft_probing_biases(generator)
+    return generator
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_anchor_generator_syncs_do_not_grow_with_images_or_patches(batch):
+    generator = crafted_generator()
+    h, w = 256, 384
+    levels = [torch.randn(batch, 256, h // s, w // s, generator=torch.Generator().manual_seed(s))
+              for s in (8, 16, 32)]
+    sizes = torch.tensor([[h, w]] * batch)
+    with torch.inference_mode(), SyncAudit() as audit:
+        out = generator(levels, sizes)
+    assert [p.level for p in out.patch_predictions] == ["P6", "P5", "P4", "P3"]  # probing happened
+    # per probed level: candidate positions + patch NMS (+ torchvision's offset constant); once: the
+    # output count and Q, and the full-image padding box built from Python numbers (ops/boxes.py)
+    assert audit.ops == {"nonzero": 2, "nms": 2, "tensor": 2, "tolist": 1, "new_tensor": 1}, audit.sites
+    with SyncAudit() as groups_audit:
+        assert len(out.selected) == batch  # per-image groups are built on first use, with one sync
+    assert groups_audit.total == 1
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_postprocess_reads_the_device_once_per_batch(batch):
+    logits = torch.randn(batch, 30, 5)
+    boxes = torch.rand(batch, 30, 4) * 0.5 + 0.25
+    valid = torch.arange(30)[None].expand(batch, -1) < torch.arange(batch)[:, None] * 5 + 10
+    orig_sizes = torch.tensor([[100, 200]] * batch)
+    with SyncAudit() as audit:
+        dets = postprocess(logits, boxes, orig_sizes, valid, top_k=None)
+    assert audit.total == 1
+    for b, det in enumerate(dets):
+        assert len(det.scores) == int(valid[b].sum()) * 5  # padded queries give nothing
+
+
+def test_selected_groups_behave_as_a_list():
+    generator = crafted_generator()
+    levels = [torch.randn(2, 256, 256 // s, 384 // s) for s in (8, 16, 32)]
+    with torch.inference_mode():
+        out = generator(levels, torch.tensor([[256, 384], [224, 320]]))
+    plain = [list(stages) for stages in out.selected]
+    assert [len(stages) for stages in plain] == [3, 3]  # P5/P6, P4, P3 reached by both images
+    for b, stages in enumerate(plain):
+        valid = int(out.valid_mask[b].sum())
+        assert valid < generator.max_anchors  # not capped: the groups are exactly the valid anchors
+        assert torch.equal(torch.cat(stages)[:, :4], out.boxes[b, :valid])
+    for other in (copy.deepcopy(out.selected), pickle.loads(pickle.dumps(out.selected)),
+                  out.to("cpu").selected):
+        assert type(other) is list
+        pairs = [(a, b) for g, h in zip(other, plain, strict=True) for a, b in zip(g, h, strict=True)]
+        assert all(torch.equal(a, b) for a, b in pairs)
+
+
+@needs_cuda
+def test_cuda_syncs_do_not_grow_with_images_or_patches():
+    """Ground truth of the sync audit on a GPU: ``torch.cuda.set_sync_debug_mode`` warnings."""
+    generator = crafted_generator().cuda()
+    counts = []
+    for batch in (1, 3):
+        levels = [torch.randn(batch, 256, 256 // s, 384 // s, device="cuda") for s in (8, 16, 32)]
+        sizes = torch.tensor([[256, 384]] * batch, device="cuda")
+        torch.cuda.synchronize()
+        with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                generator(levels, sizes)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1] and counts[0] <= 16, counts
+
+
+# -------------------------------------------------------------------------------- commands / API
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    generate_synthetic(root / "data", 2, seed=3, val_images=2)
+    cfg = load_config("tiny_cpu", [f"data.root={root / 'data'}"])
+    torch.manual_seed(0)
+    save_checkpoint(root / "ckpt.pth", model=build_model(cfg.model), optimizer=None, scheduler=None,
+                    scaler=None, epoch=0, iteration=0, config=cfg.to_dict(), label_map={})
+    return root
+
+
+def test_load_model_returns_the_optimised_model(checkpoint):
+    plain, _, _ = load_model(checkpoint / "ckpt.pth")
+    fast, _, _ = load_model(checkpoint / "ckpt.pth", fast=True)
+    assert not isinstance(plain, FastASAG) and isinstance(fast, FastASAG)
+    assert fast.settings["fold_bn"] and fast.settings["channels_last"]
+
+
+def test_commands_accept_the_fast_flags(checkpoint, capsys):
+    ckpt = str(checkpoint / "ckpt.pth")
+    assert main(["eval", ckpt, "--fast", "--out", str(checkpoint)]) == 0
+    assert "AP" in capsys.readouterr().out
+    image = next((checkpoint / "data").rglob("*.jpg"), None) or next((checkpoint / "data").rglob("*.png"))
+    assert main(["predict", ckpt, str(image), "--fast", "--out", str(checkpoint / "pred")]) == 0
+    assert (checkpoint / "pred" / "predictions.json").is_file()
+    assert main(["predict", ckpt, str(image), "--precision", "fp16", "--device", "cpu",
+                 "--out", str(checkpoint / "pred")]) == 2
+    assert "fp16 needs a CUDA device" in capsys.readouterr().err

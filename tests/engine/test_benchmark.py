@@ -107,7 +107,7 @@ def test_cpu_memory_probe_sees_an_allocation():
 
 
 def test_benchmark_result_is_complete(tiny):
-    settings = BenchmarkSettings(size=SIZE, warmup=1, repeats=2, num_queries=11)
+    settings = BenchmarkSettings(size=SIZE, warmup=0, repeats=2, num_queries=11)
     result = benchmark(tiny, settings, device=torch.device("cpu"), name="tiny", crafted=True)
     assert result.queries_per_image == 11 and result.fixed_queries == 11
     assert result.latency_ms.runs == 2 and result.fps > 0
@@ -145,7 +145,7 @@ def test_scan_counts_queries_per_image(tiny, data_root):
 
 def test_command_writes_json_with_positive_numbers(data_root, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["benchmark", "tiny_cpu", "--size", "96x128", "--warmup", "1", "--repeats", "2",
+    argv = ["benchmark", "tiny_cpu", "--size", "96x128", "--warmup", "0", "--repeats", "2",
             "--json", str(out), "--data", str(data_root), "--max-images", "2", "--recall"]
     assert main(argv) == 0
     result = json.loads(out.read_text())

@@ -9,11 +9,12 @@ made by :func:`asag.modeling.fast.optimize_for_inference` from that same model:
     plain         the model as built, ``torch.no_grad`` (what ``asag eval`` runs without flags)
     infer         inference mode only (no folding, default layout)
     fold          + batch norms folded into the convolutions
-    fold_cl       + channels-last backbone and FPN               (``--fast``)
-    fold_cl_bf16  + bfloat16 backbone and FPN                   (``--fast --precision bf16``)
-    fold_cl_fp16  + float16 backbone and FPN (CUDA only)        (``--fast --precision fp16``)
-    cl            channels-last without folding
-    fold_cl_compile + torch.compile of backbone, FPN, decoder   (``--fast --compile``; slow to start)
+    cl            channels-last backbone and FPN, no folding
+    fold_cl       folding + channels-last
+    fast          + RoIAlign shared by the CPU threads            (``--fast``)
+    fast_bf16     + bfloat16 backbone and FPN                      (``--fast --precision bf16``)
+    fast_fp16     + float16 backbone and FPN (CUDA only)           (``--fast --precision fp16``)
+    fast_compile  + torch.compile of backbone, FPN, decoder        (``--fast --compile``; slow to start)
 
 All settings see the same random images; the timed rounds run the settings round-robin (interleaved),
 so that the drifts of a shared machine hit all of them alike, and medians are reported. Each timed call
@@ -26,7 +27,7 @@ audit (:class:`asag.modeling.fast.SyncAudit`) of one extra run counts the operat
 host wait for a CUDA device (on CUDA the count comes from the same audit).
 
     python benchmarks/inference_speed.py [--models ASAG-A ASAG-S] [--batch-sizes 1 4] [--size 800x1216]
-        [--settings plain fold fold_cl fold_cl_bf16] [--repeats 5] [--warmup 1] [--threads 2]
+        [--settings plain fold fold_cl fast fast_bf16] [--repeats 5] [--warmup 1] [--threads 2]
         [--device cpu]
 """
 
@@ -51,13 +52,14 @@ PRESETS = {"ASAG-A": "asag_a_r50_speed", "ASAG-S": "asag_s_r50_speed"}
 # Setting name -> optimize_for_inference arguments (None: the plain model under torch.no_grad).
 SETTINGS: dict[str, dict | None] = {
     "plain": None,
-    "infer": dict(fold_bn=False, channels_last=False),
-    "fold": dict(fold_bn=True, channels_last=False),
-    "cl": dict(fold_bn=False, channels_last=True),
-    "fold_cl": dict(fold_bn=True, channels_last=True),
-    "fold_cl_bf16": dict(fold_bn=True, channels_last=True, dtype="bf16"),
-    "fold_cl_fp16": dict(fold_bn=True, channels_last=True, dtype="fp16"),
-    "fold_cl_compile": dict(fold_bn=True, channels_last=True, compile=True),
+    "infer": dict(fold_bn=False, channels_last=False, roi_workers=1),
+    "fold": dict(fold_bn=True, channels_last=False, roi_workers=1),
+    "cl": dict(fold_bn=False, channels_last=True, roi_workers=1),
+    "fold_cl": dict(fold_bn=True, channels_last=True, roi_workers=1),
+    "fast": dict(fold_bn=True, channels_last=True),
+    "fast_bf16": dict(fold_bn=True, channels_last=True, dtype="bf16"),
+    "fast_fp16": dict(fold_bn=True, channels_last=True, dtype="fp16"),
+    "fast_compile": dict(fold_bn=True, channels_last=True, compile=True),
 }
 # Stages timed with module hooks; "features" (backbone + FPN) and "decoder" are the gaps between them.
 STAGES = ("features", "anchor_generator", "proposal", "decoder", "postprocess")
@@ -283,11 +285,11 @@ def run_case(name: str, model: ASAG, settings: list[str], batch: int, size: tupl
 
 
 def default_settings(device: torch.device) -> list[str]:
-    names = ["plain", "fold", "fold_cl"]
+    names = ["plain", "fold", "fold_cl", "fast"]
     if device.type == "cuda":
-        names += ["fold_cl_fp16"] + (["fold_cl_bf16"] if torch.cuda.is_bf16_supported() else [])
+        names += ["fast_fp16"] + (["fast_bf16"] if torch.cuda.is_bf16_supported() else [])
     elif cpu_supports_bf16():
-        names.append("fold_cl_bf16")
+        names.append("fast_bf16")
     return names
 
 
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--size", default="800x1216", help="HxW of the random images")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="default: plain fold fold_cl "
-                        "and the reduced precisions the device supports")
+                        "fast and the reduced precisions the device supports")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)

@@ -22,9 +22,11 @@ from asag.engine.checkpoint import save_checkpoint
 from asag.errors import ConfigError
 from asag.modeling.anchor_generator import AnchorGenerator
 from asag.modeling.backbone import Backbone, FrozenBatchNorm2d
+from asag.modeling.blocks import RoIFeatureExtractor
 from asag.modeling.fast import (
     FastASAG,
     SyncAudit,
+    ThreadedRoIPooling,
     check_precision,
     cpu_supports_bf16,
     fold_batch_norms,
@@ -135,7 +137,8 @@ def test_fast_model_matches_the_plain_model_and_leaves_it_alone():
         assert torch.allclose(b.boxes, a.boxes, atol=1e-5)
     dets, ref_dets = fast.postprocess(out, sizes), model.postprocess(ref, sizes)
     assert [len(d.scores) for d in dets] == [len(d.scores) for d in ref_dets]
-    assert fast.settings == {"fold_bn": True, "channels_last": True, "compile": False, "dtype": "float32"}
+    assert fast.settings == {"fold_bn": True, "channels_last": True, "compile": False, "dtype": "float32",
+                             "roi_workers": torch.get_num_threads()}
     assert count(fast, nn.BatchNorm2d) == 0 and count(model, nn.BatchNorm2d) == 20
     assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert [p.requires_grad for p in model.parameters()] == trainable and any(trainable)
@@ -227,6 +230,26 @@ def test_fast_path_matches_the_release(fixtures_dir, fast_fixture_models, varian
         ours = torch.tensor(COCO_IDS)[det.labels]
         assert sorted(ours.tolist()) == sorted(ids.tolist()), f"image {b} labels"
         assert torch.allclose(det.boxes.sort(0).values, boxes.sort(0).values, atol=1e-2), f"image {b} boxes"
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_threaded_roi_pooling_is_bit_identical(workers):
+    extractor = RoIFeatureExtractor()
+    features = [torch.randn(2, 8, 64 // s, 96 // s) for s in (4, 8, 16, 32)]
+    xy = torch.rand(2, 7, 2) * torch.tensor([80.0, 50.0])
+    boxes = torch.cat([xy, xy + torch.rand(2, 7, 2) * 60 + 1], dim=-1)  # [B, N, 4] xyxy px, several levels
+    sizes = torch.tensor([[64, 96], [60, 90]])
+    threaded = ThreadedRoIPooling(extractor, workers)
+    assert torch.equal(threaded(features, boxes, sizes), extractor(features, boxes, sizes))
+    assert threaded(features, boxes[:, :1], sizes).shape == (2, 8, 7, 7)  # one query: no split
+
+
+def test_every_roi_extractor_is_threaded_on_the_cpu():
+    model = tiny_model()
+    model.decoder = build_model(load_config("tiny_cpu", ["model.decoder.type=sparse_rcnn"]).model).decoder
+    fast = optimize_for_inference(model, roi_workers=2)
+    assert count(fast, ThreadedRoIPooling) == 1 + len(fast.decoder.heads)  # proposal stage + each head
+    assert count(optimize_for_inference(model, roi_workers=1), ThreadedRoIPooling) == 0
 
 
 # ------------------------------------------------------------------------------------ precision

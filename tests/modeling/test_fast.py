@@ -242,6 +242,9 @@ def test_threaded_roi_pooling_is_bit_identical(workers):
     threaded = ThreadedRoIPooling(extractor, workers)
     assert torch.equal(threaded(features, boxes, sizes), extractor(features, boxes, sizes))
     assert threaded(features, boxes[:, :1], sizes).shape == (2, 8, 7, 7)  # one query: no split
+    with SyncAudit() as audit:  # audits see the work: it stays on the calling thread
+        threaded(features, boxes, sizes)
+    assert audit.ops["where"] == 4  # torchvision's level split, one per level
 
 
 def test_every_roi_extractor_is_threaded_on_the_cpu():

@@ -184,12 +184,19 @@ def _pool_chunk(extractor: nn.Module, features: list[Tensor], boxes: Tensor, ima
         return extractor(features, boxes, image_sizes)
 
 
+def _modes_active() -> bool:
+    """True inside a torch-function or dispatch mode (sync audit, FLOP counter): modes are per thread,
+    so the work must stay on this one to be seen."""
+    return torch._C._len_torch_function_stack() > 0 or torch._C._len_torch_dispatch_stack() > 0
+
+
 class ThreadedRoIPooling(nn.Module):
     """Runs a :class:`~asag.modeling.blocks.RoIFeatureExtractor` on ``workers`` slices of the queries in
     parallel threads.
 
     torchvision's CPU RoIAlign kernel uses one core; each query's features depend on its own box only,
     so splitting the queries gives bit-identical results ``workers`` times faster on a multi-core CPU.
+    Under a torch-function or dispatch mode (audits, FLOP counting) it runs on the calling thread.
     Same call as the wrapped extractor: ``(features, boxes_xyxy_px [B, N, 4], image_sizes)`` ->
     ``[B * N, d, S, S]`` (batch-major).
     """
@@ -202,7 +209,7 @@ class ThreadedRoIPooling(nn.Module):
     def forward(self, features: list[Tensor], boxes_xyxy_px: Tensor, image_sizes: Tensor) -> Tensor:
         batch, num = boxes_xyxy_px.shape[:2]
         slices = boxes_xyxy_px.split(max(math.ceil(num / self.workers), 1), dim=1)  # [B, n_i, 4] each
-        if len(slices) < 2:
+        if len(slices) < 2 or _modes_active():
             return self.extractor(features, boxes_xyxy_px, image_sizes)
         pool = _thread_pool(self.workers)
         jobs = [pool.submit(_pool_chunk, self.extractor, features, part, image_sizes) for part in slices]

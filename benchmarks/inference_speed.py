@@ -9,9 +9,8 @@ made by :func:`asag.modeling.fast.optimize_for_inference` from that same model:
     plain         the model as built, ``torch.no_grad`` (what ``asag eval`` runs without flags)
     infer         inference mode only (no folding, default layout)
     fold          + batch norms folded into the convolutions
-    cl            channels-last backbone and FPN, no folding
-    fold_cl       folding + channels-last
-    fast          + RoIAlign shared by the CPU threads            (``--fast``)
+    cl            channels-last levels (backbone, FPN, anchor generator, RoI pooling as a gather), no folding
+    fast          folding + channels-last                          (``--fast``)
     fast_bf16     + bfloat16 backbone and FPN                      (``--fast --precision bf16``)
     fast_fp16     + float16 backbone and FPN (CUDA only)           (``--fast --precision fp16``)
     fast_compile  + torch.compile of backbone, FPN, decoder        (``--fast --compile``; slow to start)
@@ -27,7 +26,7 @@ audit (:class:`asag.modeling.fast.SyncAudit`) of one extra run counts the operat
 host wait for a CUDA device (on CUDA the count comes from the same audit).
 
     python benchmarks/inference_speed.py [--models ASAG-A ASAG-S] [--batch-sizes 1 4] [--size 800x1216]
-        [--settings plain fold fold_cl fast fast_bf16] [--repeats 5] [--warmup 1] [--threads 2]
+        [--settings plain fold cl fast fast_bf16] [--repeats 5] [--warmup 1] [--threads 2]
         [--device cpu]
 """
 
@@ -52,10 +51,9 @@ PRESETS = {"ASAG-A": "asag_a_r50_speed", "ASAG-S": "asag_s_r50_speed"}
 # Setting name -> optimize_for_inference arguments (None: the plain model under torch.no_grad).
 SETTINGS: dict[str, dict | None] = {
     "plain": None,
-    "infer": dict(fold_bn=False, channels_last=False, roi_workers=1),
-    "fold": dict(fold_bn=True, channels_last=False, roi_workers=1),
-    "cl": dict(fold_bn=False, channels_last=True, roi_workers=1),
-    "fold_cl": dict(fold_bn=True, channels_last=True, roi_workers=1),
+    "infer": dict(fold_bn=False, channels_last=False),
+    "fold": dict(fold_bn=True, channels_last=False),
+    "cl": dict(fold_bn=False, channels_last=True),
     "fast": dict(fold_bn=True, channels_last=True),
     "fast_bf16": dict(fold_bn=True, channels_last=True, dtype="bf16"),
     "fast_fp16": dict(fold_bn=True, channels_last=True, dtype="fp16"),
@@ -285,7 +283,7 @@ def run_case(name: str, model: ASAG, settings: list[str], batch: int, size: tupl
 
 
 def default_settings(device: torch.device) -> list[str]:
-    names = ["plain", "fold", "fold_cl", "fast"]
+    names = ["plain", "fold", "cl", "fast"]
     if device.type == "cuda":
         names += ["fast_fp16"] + (["fast_bf16"] if torch.cuda.is_bf16_supported() else [])
     elif cpu_supports_bf16():
@@ -298,8 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", choices=list(PRESETS), default=list(PRESETS))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--size", default="800x1216", help="HxW of the random images")
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="default: plain fold fold_cl "
-                        "fast and the reduced precisions the device supports")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="default: plain fold cl fast "
+                        "and the reduced precisions the device supports")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)

@@ -11,6 +11,7 @@ import torch
 from tests.modeling.test_official_end_to_end import COCO_IDS, fixture_model
 from tests.official import CASES, LEVELS, load, load_inputs
 from torch import nn
+from torchvision.ops import roi_align
 
 from asag.api import load_model
 from asag.build import build_model
@@ -25,14 +26,15 @@ from asag.modeling.backbone import Backbone, FrozenBatchNorm2d
 from asag.modeling.blocks import RoIFeatureExtractor
 from asag.modeling.fast import (
     FastASAG,
+    GatherRoIPooling,
     SyncAudit,
-    ThreadedRoIPooling,
     check_precision,
     cpu_supports_bf16,
     fold_batch_norms,
     fold_conv_bn,
     optimize_for_inference,
     resolve_precision,
+    roi_align_gather,
 )
 from asag.modeling.postprocess import postprocess
 from asag.structures import HeadOutput
@@ -137,8 +139,7 @@ def test_fast_model_matches_the_plain_model_and_leaves_it_alone():
         assert torch.allclose(b.boxes, a.boxes, atol=1e-5)
     dets, ref_dets = fast.postprocess(out, sizes), model.postprocess(ref, sizes)
     assert [len(d.scores) for d in dets] == [len(d.scores) for d in ref_dets]
-    assert fast.settings == {"fold_bn": True, "channels_last": True, "compile": False, "dtype": "float32",
-                             "roi_workers": torch.get_num_threads()}
+    assert fast.settings == {"fold_bn": True, "channels_last": True, "compile": False, "dtype": "float32"}
     assert count(fast, nn.BatchNorm2d) == 0 and count(model, nn.BatchNorm2d) == 20
     assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert [p.requires_grad for p in model.parameters()] == trainable and any(trainable)
@@ -167,8 +168,8 @@ def test_fast_model_is_inference_only():
 
 
 def test_fast_model_runs_stage_by_stage():
-    """Callers that run ``backbone`` and ``neck`` themselves (benchmark, visualisation) get float32,
-    default-layout FPN levels: the casts live in module hooks."""
+    """Callers that run ``backbone`` and ``neck`` themselves (benchmark, visualisation) get float32 FPN
+    levels: the casts live in module hooks (the levels stay channels-last)."""
     model = tiny_model()
     fast = optimize_for_inference(model)
     images, _ = tiny_inputs()
@@ -176,7 +177,7 @@ def test_fast_model_runs_stage_by_stage():
         levels = fast.neck(fast.backbone(images))
         ref = model.neck(model.backbone(images))
     for a, b in zip(ref, levels):
-        assert b.dtype == torch.float32 and b.is_contiguous()
+        assert b.dtype == torch.float32 and b.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(a, b, atol=1e-4 * a.abs().max())
 
 
@@ -232,27 +233,49 @@ def test_fast_path_matches_the_release(fixtures_dir, fast_fixture_models, varian
         assert torch.allclose(det.boxes.sort(0).values, boxes.sort(0).values, atol=1e-2), f"image {b} boxes"
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_threaded_roi_pooling_is_bit_identical(workers):
+def random_boxes(num: int, width: float, height: float, seed: int = 0) -> torch.Tensor:
+    """``[num, 4]`` xyxy boxes of all sizes, some reaching outside the image or thinner than a cell."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(num, 2, generator=g) * torch.tensor([width * 1.2, height * 1.2]) - 20.0
+    wh = torch.rand(num, 2, generator=g) ** 2 * torch.tensor([width, height]) + 0.5
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_gather_equals_torchvision(channels_last):
+    feature = torch.randn(2, 16, 20, 30)
+    boxes = random_boxes(40, 120.0, 80.0)
+    image_idx = torch.arange(40) % 2
+    ref = roi_align(feature, torch.cat([image_idx[:, None].float(), boxes], 1), 7, 0.25, 2, aligned=False)
+    if channels_last:
+        feature = feature.contiguous(memory_format=torch.channels_last)
+    out = roi_align_gather(feature, boxes, image_idx, 0.25, 7, 2)
+    assert out.shape == (40, 16, 7, 7)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_gather_roi_pooling_equals_the_extractor_with_one_sync():
     extractor = RoIFeatureExtractor()
-    features = [torch.randn(2, 8, 64 // s, 96 // s) for s in (4, 8, 16, 32)]
-    xy = torch.rand(2, 7, 2) * torch.tensor([80.0, 50.0])
-    boxes = torch.cat([xy, xy + torch.rand(2, 7, 2) * 60 + 1], dim=-1)  # [B, N, 4] xyxy px, several levels
-    sizes = torch.tensor([[64, 96], [60, 90]])
-    threaded = ThreadedRoIPooling(extractor, workers)
-    assert torch.equal(threaded(features, boxes, sizes), extractor(features, boxes, sizes))
-    assert threaded(features, boxes[:, :1], sizes).shape == (2, 8, 7, 7)  # one query: no split
-    with SyncAudit() as audit:  # audits see the work: it stays on the calling thread
-        threaded(features, boxes, sizes)
-    assert audit.ops["where"] == 4  # torchvision's level split, one per level
+    features = [torch.randn(2, 8, 256 // s, 384 // s).contiguous(memory_format=torch.channels_last)
+                for s in (4, 8, 16, 32)]
+    boxes = random_boxes(2 * 30, 384.0, 256.0, seed=1).view(2, 30, 4)  # boxes of every FPN level
+    sizes = torch.tensor([[256, 384], [240, 360]])
+    gathered = GatherRoIPooling(extractor)
+    with SyncAudit() as audit:
+        out = gathered(features, boxes, sizes)
+    assert torch.allclose(out, extractor(features, boxes, sizes), atol=1e-5)
+    assert audit.ops == {"tolist": 1, "tensor": 1}  # level counts; torchvision's level-mapper constant
 
 
-def test_every_roi_extractor_is_threaded_on_the_cpu():
+def test_channels_last_replaces_every_roi_extractor():
     model = tiny_model()
-    model.decoder = build_model(load_config("tiny_cpu", ["model.decoder.type=sparse_rcnn"]).model).decoder
-    fast = optimize_for_inference(model, roi_workers=2)
-    assert count(fast, ThreadedRoIPooling) == 1 + len(fast.decoder.heads)  # proposal stage + each head
-    assert count(optimize_for_inference(model, roi_workers=1), ThreadedRoIPooling) == 0
+    sparse_cfg = load_config("tiny_cpu", ["model.decoder.type=sparse_rcnn"])
+    sparse = optimize_for_inference(build_model(sparse_cfg.model))
+    assert count(sparse, GatherRoIPooling) == 1 + len(sparse.decoder.heads)  # proposal stage + each head
+    assert count(sparse, RoIFeatureExtractor) == 0
+    fast = optimize_for_inference(model)  # AdaMixer: proposal only; its decoder samples contiguous levels
+    assert count(fast, GatherRoIPooling) == 1 and len(fast.decoder._forward_pre_hooks) == 1
+    assert count(optimize_for_inference(model, channels_last=False), GatherRoIPooling) == 0
 
 
 # ------------------------------------------------------------------------------------ precision

@@ -25,13 +25,12 @@ force a host-device synchronisation on CUDA, so the eager stages can be reviewed
 from __future__ import annotations
 
 import copy
-import math
 import traceback
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
@@ -43,6 +42,7 @@ from asag.errors import ConfigError
 from asag.modeling.backbone import FrozenBatchNorm2d
 from asag.modeling.blocks import RoIFeatureExtractor
 from asag.modeling.detector import ASAG
+from asag.modeling.patches import count_per_group
 
 # ``--precision`` names -> dtype of the backbone and FPN (None = float32, no cast).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -93,7 +93,7 @@ def check_precision(dtype: torch.dtype | None, device: torch.device | str) -> No
 def add_inference_arguments(parser) -> None:
     """The ``--fast``, ``--compile`` and ``--precision`` options of ``asag predict | eval | benchmark``."""
     parser.add_argument("--fast", action="store_true",
-                        help="fold batch norms, channels-last backbone/FPN, RoIAlign on all CPU threads "
+                        help="fold batch norms, channels-last backbone/FPN, RoIAlign as a gather "
                              "(same outputs up to rounding)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile backbone, FPN and decoder heads (slow first call)")
@@ -170,63 +170,118 @@ def fold_batch_norms(module: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------- RoI pooling
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+def _axis_samples(start: Tensor, length: Tensor, size: int, output_size: int, sampling_ratio: int
+                  ) -> tuple[Tensor, Tensor]:
+    """Bilinear taps of RoIAlign's sample points along one axis (torchvision, ``aligned=False``).
+
+    Args:
+        start: ``[R]`` RoI start in feature cells; length: ``[R]`` RoI length (>= 1 cell).
+        size: feature length along the axis.
+    Returns:
+        ``[R, S, sr, 2]`` int64 cell index of the low / high tap of each sample of each bin, and the
+        matching ``[R, S, sr, 2]`` weights (0 for samples outside ``[-1, size]``).
+    """
+    bin_size = (length / output_size)[:, None]  # [R, 1]
+    k = torch.arange(output_size * sampling_ratio, device=start.device, dtype=start.dtype)  # [S * sr]
+    bins, sub = torch.div(k, sampling_ratio, rounding_mode="floor"), k % sampling_ratio + 0.5
+    # torchvision's order of operations: start + bin * size + (sub * size) / sampling_ratio
+    pos = start[:, None] + bins * bin_size + sub * bin_size / sampling_ratio  # [R, S * sr]
+    inside = ((pos >= -1.0) & (pos <= size)).to(pos.dtype)
+    pos = pos.clamp(min=0.0)
+    low = pos.floor().clamp(max=size - 1)
+    at_end = low >= size - 1
+    high = torch.where(at_end, low, low + 1)
+    frac = torch.where(at_end, torch.zeros_like(pos), pos - low)
+    taps = torch.stack([low, high], dim=-1).long()  # [R, S * sr, 2]
+    weights = torch.stack([1.0 - frac, frac], dim=-1) * inside[..., None]  # [R, S * sr, 2]
+    shape = (-1, output_size, sampling_ratio, 2)
+    return taps.view(shape), weights.view(shape)
 
 
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="asag-roi")
-    return _POOLS[workers]
+def roi_align_gather(feature: Tensor, boxes_xyxy_px: Tensor, image_idx: Tensor, spatial_scale: float,
+                     output_size: int, sampling_ratio: int) -> Tensor:
+    """torchvision's ``roi_align(aligned=False)`` as one weighted gather (``F.embedding_bag``).
+
+    Every output cell averages ``sampling_ratio ** 2`` bilinear samples, i.e. a weighted sum of
+    ``4 * sampling_ratio ** 2`` feature vectors; the gather reads whole channel vectors, so on a
+    channels-last map it needs no copy and runs on all intra-op threads (torchvision's CPU kernel uses
+    one core and reads channel planes). Equal to ``roi_align`` up to float rounding.
+
+    Args:
+        feature: ``[B, C, H, W]`` (channels-last avoids a copy).
+        boxes_xyxy_px: ``[R, 4]`` xyxy boxes in input pixels; image_idx: ``[R]`` int64 image of each.
+        spatial_scale: feature cells per pixel (1 / stride).
+    Returns:
+        ``[R, C, S, S]``.
+    """
+    batch, channels, height, width = feature.shape
+    num, s, sr = boxes_xyxy_px.shape[0], output_size, sampling_ratio
+    cells = boxes_xyxy_px * spatial_scale  # [R, 4]
+    size = (cells[:, 2:] - cells[:, :2]).clamp(min=1.0)  # [R, 2] (w, h), at least one cell
+    x_taps, x_weights = _axis_samples(cells[:, 0], size[:, 0], width, s, sr)  # [R, S, sr, 2]
+    y_taps, y_weights = _axis_samples(cells[:, 1], size[:, 1], height, s, sr)
+    base = image_idx * (height * width)  # [R]
+    # [R, Sy, Sx, sy, sx, ty, tx]: bins, samples per bin, taps per sample
+    index = (base.view(num, 1, 1, 1, 1, 1, 1) + y_taps.view(num, s, 1, sr, 1, 2, 1) * width
+             + x_taps.view(num, 1, s, 1, sr, 1, 2))
+    weight = y_weights.view(num, s, 1, sr, 1, 2, 1) * x_weights.view(num, 1, s, 1, sr, 1, 2) / (sr * sr)
+    table = feature.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # a view if channels-last
+    pooled = F.embedding_bag(index.reshape(num * s * s, -1), table, mode="sum",
+                             per_sample_weights=weight.reshape(num * s * s, -1).to(table.dtype))
+    return pooled.view(num, s, s, channels).permute(0, 3, 1, 2)  # [R, C, S, S]
 
 
-def _pool_chunk(extractor: nn.Module, features: list[Tensor], boxes: Tensor, image_sizes: Tensor) -> Tensor:
-    with torch.inference_mode():  # grad mode is per thread
-        return extractor(features, boxes, image_sizes)
+class GatherRoIPooling(nn.Module):
+    """Drop-in for :class:`~asag.modeling.blocks.RoIFeatureExtractor` built on :func:`roi_align_gather`.
 
-
-def _modes_active() -> bool:
-    """True inside a torch-function or dispatch mode (sync audit, FLOP counter): modes are per thread,
-    so the work must stay on this one to be seen."""
-    return torch._C._len_torch_function_stack() > 0 or torch._C._len_torch_dispatch_stack() > 0
-
-
-class ThreadedRoIPooling(nn.Module):
-    """Runs a :class:`~asag.modeling.blocks.RoIFeatureExtractor` on ``workers`` slices of the queries in
-    parallel threads.
-
-    torchvision's CPU RoIAlign kernel uses one core; each query's features depend on its own box only,
-    so splitting the queries gives bit-identical results ``workers`` times faster on a multi-core CPU.
-    Under a torch-function or dispatch mode (audits, FLOP counting) it runs on the calling thread.
-    Same call as the wrapped extractor: ``(features, boxes_xyxy_px [B, N, 4], image_sizes)`` ->
-    ``[B * N, d, S, S]`` (batch-major).
+    Same levels (torchvision's level mapper of the wrapped extractor), scales, output size and sampling
+    ratio; the boxes are sorted by level once (one host sync, instead of one per level). Call:
+    ``(features, boxes_xyxy_px [B, N, 4], image_sizes)`` -> ``[B * N, d, S, S]`` (batch-major).
     """
 
-    def __init__(self, extractor: nn.Module, workers: int) -> None:
+    def __init__(self, extractor: RoIFeatureExtractor) -> None:
         super().__init__()
-        self.extractor = extractor
-        self.workers = workers
+        pooler = extractor.pooler
+        self.map_levels = pooler.map_levels
+        self.scales = list(pooler.scales)
+        self.output_size = int(pooler.output_size[0])
+        self.sampling_ratio = int(pooler.sampling_ratio)
 
     def forward(self, features: list[Tensor], boxes_xyxy_px: Tensor, image_sizes: Tensor) -> Tensor:
         batch, num = boxes_xyxy_px.shape[:2]
-        slices = boxes_xyxy_px.split(max(math.ceil(num / self.workers), 1), dim=1)  # [B, n_i, 4] each
-        if len(slices) < 2 or _modes_active():
-            return self.extractor(features, boxes_xyxy_px, image_sizes)
-        pool = _thread_pool(self.workers)
-        jobs = [pool.submit(_pool_chunk, self.extractor, features, part, image_sizes) for part in slices]
-        parts = [job.result().unflatten(0, (batch, -1)) for job in jobs]  # [B, n_i, d, S, S]
-        return torch.cat(parts, dim=1).flatten(0, 1)  # [B * N, d, S, S]
+        boxes = boxes_xyxy_px.reshape(-1, 4)  # [R, 4], R = B * N, image-major
+        images = torch.arange(batch, device=boxes.device).repeat_interleave(num)  # [R]
+        levels = self.map_levels([boxes])  # [R] int64 in 0..L-1
+        order = torch.argsort(levels, stable=True)
+        counts = count_per_group(levels, len(self.scales)).tolist()  # one host sync
+        s = self.output_size
+        out = boxes.new_empty(len(boxes), features[0].shape[1], s, s)  # [R, d, S, S]
+        for level, rows in enumerate(torch.split(order, counts)):
+            if len(rows):
+                pooled = roi_align_gather(features[level], boxes[rows], images[rows], self.scales[level], s,
+                                          self.sampling_ratio)
+                out[rows] = pooled.to(out.dtype)
+        return out
 
 
-def thread_roi_pooling(module: nn.Module, workers: int) -> int:
-    """Wrap, in place, every RoI feature extractor below ``module`` in :class:`ThreadedRoIPooling`."""
-    wrapped = 0
+def gather_roi_pooling(module: nn.Module) -> int:
+    """Replace, in place, every RoI feature extractor below ``module`` by :class:`GatherRoIPooling`."""
+    replaced = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, RoIFeatureExtractor):
-            setattr(module, name, ThreadedRoIPooling(child, workers))
-            wrapped += 1
-        elif not isinstance(child, ThreadedRoIPooling):
-            wrapped += thread_roi_pooling(child, workers)
-    return wrapped
+        if isinstance(child, RoIFeatureExtractor) and child.pooler.sampling_ratio > 0:
+            setattr(module, name, GatherRoIPooling(child))
+            replaced += 1
+        else:
+            replaced += gather_roi_pooling(child)
+    return replaced
+
+
+def contiguous_features(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of a decoder that samples with ``grid_sample`` (AdaMixer): FPN levels in the
+    default layout, converted once for all heads (argument 1 of ``decoder(proposals, features, ...)``)."""
+    features = [f.contiguous() for f in args[1]]
+    return (args[0], features, *args[2:])
 
 
 # ------------------------------------------------------------------------------------ fast model
@@ -244,10 +299,10 @@ class CastInput:
         return (images.to(dtype=self.dtype or images.dtype, memory_format=self.memory_format), *args[1:])
 
 
-def float32_contiguous(module: nn.Module, args: tuple, levels: list[Tensor]) -> list[Tensor]:
-    """Forward hook of the FPN: levels back to float32 in the default layout (what the anchor
-    generator, RoIAlign and the decoders were written and tested for)."""
-    return [p.to(torch.float32, memory_format=torch.contiguous_format) for p in levels]
+def float32_levels(module: nn.Module, args: tuple, levels: list[Tensor]) -> list[Tensor]:
+    """Forward hook of the FPN: levels back to float32 (layout kept; everything after the FPN runs in
+    float32, as in the release)."""
+    return [p.float() for p in levels]
 
 
 class FastASAG(ASAG):
@@ -300,7 +355,15 @@ def _prepare_features(model: ASAG, fold_bn: bool, memory_format: torch.memory_fo
     for part in (model.backbone, model.neck):
         part.to(dtype=dtype, memory_format=memory_format)
     model.backbone.register_forward_pre_hook(CastInput(dtype, memory_format))
-    model.neck.register_forward_hook(float32_contiguous)
+    model.neck.register_forward_hook(float32_levels)
+
+
+def _prepare_channels_last_consumers(model: ASAG) -> None:
+    """RoI pooling gathers from the channels-last levels; a decoder without RoI pooling (AdaMixer's
+    ``grid_sample``) gets them in the default layout."""
+    gather_roi_pooling(model.proposal)
+    if gather_roi_pooling(model.decoder) == 0:
+        model.decoder.register_forward_pre_hook(contiguous_features)
 
 
 def optimize_for_inference(
@@ -311,21 +374,20 @@ def optimize_for_inference(
     compile: bool = False,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
-    roi_workers: int | None = None,
 ) -> FastASAG:
     """An inference-optimised copy of ``model`` (the original is left untouched).
 
     Args:
         model: a plain detector (trained, converted or freshly built).
         fold_bn: fold frozen / eval-mode batch norms into the backbone convolutions.
-        channels_last: run backbone and FPN in the channels-last memory format.
+        channels_last: run backbone and FPN in the channels-last memory format; the levels stay
+            channels-last for the anchor generator and the RoI pooling, which becomes a gather
+            (:class:`GatherRoIPooling`); an AdaMixer decoder gets them in the default layout.
         compile: ``torch.compile`` the backbone, the FPN and the decoder heads (the first calls compile,
             and every new input shape may recompile; on the CPU inductor needs a C++ compiler). The
             anchor generator, proposal stage and post-processing stay eager.
         dtype: backbone / FPN precision: None or ``"fp32"``, ``"fp16"`` (CUDA), ``"bf16"``; checked
             against ``device`` (default: the model's device) by :func:`check_precision`.
-        roi_workers: threads sharing each RoIAlign call (:class:`ThreadedRoIPooling`); None: torch's
-            intra-op thread count on the CPU, 1 (off) on CUDA.
     Returns:
         a :class:`FastASAG` in evaluation mode whose parameters do not require gradients.
     """
@@ -335,13 +397,10 @@ def optimize_for_inference(
     plain = copy.deepcopy(model).eval().requires_grad_(False)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     _prepare_features(plain, fold_bn, memory_format, feature_dtype)
-    if roi_workers is None:
-        roi_workers = torch.get_num_threads() if device.type == "cpu" else 1
-    if roi_workers > 1:
-        thread_roi_pooling(plain, roi_workers)
+    if channels_last:
+        _prepare_channels_last_consumers(plain)
     fast = FastASAG(plain, {"fold_bn": fold_bn, "channels_last": channels_last, "compile": compile,
-                            "dtype": str(feature_dtype or torch.float32).removeprefix("torch."),
-                            "roi_workers": roi_workers})
+                            "dtype": str(feature_dtype or torch.float32).removeprefix("torch.")})
     if compile:
         options = _compile_options(device.type)
         for part in (fast.backbone, fast.neck):

@@ -86,7 +86,7 @@ def load_model(
     model = model.eval()
     if fast or compile or resolve_precision(dtype) is not None:
         model = optimize_for_inference(model.to(device or "cpu"), fold_bn=fast, channels_last=fast,
-                                       compile=compile, dtype=dtype, roi_workers=None if fast else 1)
+                                       compile=compile, dtype=dtype)
     return model, cfg, label_map
 
 

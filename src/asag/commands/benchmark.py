@@ -111,8 +111,7 @@ def run(args: argparse.Namespace) -> int:
         craft_probing_biases(model.anchor_generator, args.seed)
     if args.fast or args.compile or args.precision != "fp32":
         model = optimize_for_inference(model.to(device), fold_bn=args.fast, channels_last=args.fast,
-                                       compile=args.compile, dtype=args.precision,
-                                       roi_workers=None if args.fast else 1)
+                                       compile=args.compile, dtype=args.precision)
         print(f"inference-optimised model: {model.settings}")
     amp_context = functools.partial(autocast_context, device, args.amp)
     settings = BenchmarkSettings(size=size, batch_size=args.batch_size, warmup=args.warmup,

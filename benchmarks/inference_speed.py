@@ -253,7 +253,8 @@ def report(name: str, batch: int, timings: dict[str, Timings], drifts: dict[str,
     print(f"{'setting':>16} {'median':>8} {'q1':>8} {'q3':>8} {'vs plain':>9} {'AG+prop+post':>13} "
           f"{'features':>9} {'AG':>7} {'proposal':>9} {'decoder':>8} {'post':>6}")
     for setting, t in timings.items():
-        q1, _, q3 = statistics.quantiles([v * MS_PER_S for v in t.total], n=4)
+        ms = [v * MS_PER_S for v in t.total]
+        q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0],) * 3
         stage = {s: _median_ms(v) for s, v in t.stages.items()}
         median = _median_ms(t.total)
         share = statistics.median(sum(t.stages[s][i] for s in DATA_DEPENDENT) / total

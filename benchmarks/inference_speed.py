@@ -20,8 +20,9 @@ so that the drifts of a shared machine hit all of them alike, and medians are re
 is ``model(images, image_sizes)`` followed by ``model.postprocess``. Module hooks timestamp the anchor
 generator, the proposal stage (with query preparation) and the post-processing inside the same timed
 calls, so the share of these data-dependent stages in the end-to-end time comes from the same runs.
-Output drift of each setting against ``plain``: whether the anchor query sets are identical, the
-largest difference of the main head's logits and boxes, and of the detection scores. The host-sync
+Output drift of each setting against ``plain``: whether the query counts agree, the largest shift of
+an anchor, queries that moved by more than a pixel, the largest difference of the main head's logits
+and boxes (queries paired by anchor box, see ``pair_queries``) and of the detection scores. The host-sync
 audit (:class:`asag.modeling.fast.SyncAudit`) of one extra run counts the operations that would make the
 host wait for a CUDA device (on CUDA the count comes from the same audit).
 
@@ -190,21 +191,25 @@ def time_interleaved(models: dict[str, ASAG], images: Tensor, sizes: Tensor, rep
 # ------------------------------------------------------------------------------------------- drift
 
 
-# A query "moves" when one of its main-head logits changes by more than this (a level switch of RoIAlign
-# or a probing decision near a threshold; smooth float rounding stays far below).
-MOVED_LOGIT = 1e-2
+# Queries are paired with the plain model's query of the nearest anchor box. Anchors of nearly equal
+# confidence may swap places in the capped, confidence-sorted query list; the pairing undoes such
+# swaps, so the differences are those of the same query. A pair farther apart than this (pixels)
+# counts as "moved" (a different query).
+PAIR_DISTANCE_PX = 1.0
 
 
 @dataclass
 class Drift:
-    """Output differences of a setting against ``plain``: identical query sets, largest |difference| of
-    the main head's logits and normalised boxes and of the detection scores, queries that moved."""
+    """Output differences of a setting against ``plain``: same query counts, largest anchor shift of
+    a paired query (pixels), queries that moved, largest |difference| of the main head's logits and
+    normalised boxes over the paired queries, and of the detection scores."""
 
     same_queries: bool
+    anchor_shift: float | None
+    moved: int | None
     logits: float | None
     boxes: float | None
     scores: float | None
-    moved: int | None
 
 
 def _max_abs(a: Tensor, b: Tensor) -> float:
@@ -214,18 +219,33 @@ def _max_abs(a: Tensor, b: Tensor) -> float:
 Result = tuple[ModelOutput, list[Detections]]
 
 
+def pair_queries(ref_anchors: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
+    """For each query of ``anchors`` ``[Q, 4]``, the nearest query of ``ref_anchors`` (L-inf pixels)
+    and that distance."""
+    distance = torch.cdist(anchors, ref_anchors, p=float("inf"))  # [Q, Q]
+    nearest = distance.min(dim=1)
+    return nearest.indices, nearest.values
+
+
 def output_drift(ref: Result, out: Result) -> Drift:
-    """Differences against the plain model; only comparable when the query sets agree."""
+    """Differences against the plain model; only comparable when the query counts agree."""
     (ref_out, ref_dets), (fast_out, fast_dets) = ref, out
     mask_a, mask_b = ref_out.valid_mask, fast_out.valid_mask
-    if mask_a.shape != mask_b.shape or not torch.equal(mask_a, mask_b):
-        return Drift(False, None, None, None, None)
+    if mask_a.shape != mask_b.shape or not torch.equal(mask_a.sum(1), mask_b.sum(1)):
+        return Drift(False, None, None, None, None, None)
+    shift, moved, logits, boxes = 0.0, 0, 0.0, 0.0
     a, b = ref_out.heads[-1], fast_out.heads[-1]
-    per_query = (a.logits - b.logits).abs().amax(dim=-1)[mask_a]  # [n valid]
+    for i in range(len(mask_a)):
+        ref_valid, valid = mask_a[i], mask_b[i]
+        pair, distance = pair_queries(ref_out.anchors.boxes[i][ref_valid], fast_out.anchors.boxes[i][valid])
+        kept = distance <= PAIR_DISTANCE_PX
+        moved += int((~kept).sum())
+        shift = max(shift, float(distance[kept].max()) if kept.any() else 0.0)
+        logits = max(logits, _max_abs(a.logits[i][ref_valid][pair[kept]], b.logits[i][valid][kept]))
+        boxes = max(boxes, _max_abs(a.boxes[i][ref_valid][pair[kept]], b.boxes[i][valid][kept]))
     scores = max((_max_abs(r.scores, f.scores) for r, f in zip(ref_dets, fast_dets)
                   if r.scores.shape == f.scores.shape), default=0.0)
-    return Drift(True, _max_abs(a.logits, b.logits), _max_abs(a.boxes, b.boxes), scores,
-                 int((per_query > MOVED_LOGIT).sum()))
+    return Drift(True, shift, moved, logits, boxes, scores)
 
 
 def count_syncs(model: ASAG, images: Tensor, sizes: Tensor) -> int:
@@ -262,12 +282,12 @@ def report(name: str, batch: int, timings: dict[str, Timings], drifts: dict[str,
         print(f"{setting:>16} {median:>8.1f} {q1:>8.1f} {q3:>8.1f} {median / base:>9.3f} {share:>13.1%} "
               f"{stage['features']:>9.1f} {stage['anchor_generator']:>7.1f} {stage['proposal']:>9.1f} "
               f"{stage['decoder']:>8.1f} {stage['postprocess']:>6.1f}")
-    print(f"{'setting':>16} {'queries':>8} {'same Q':>7} {'max|dlogit|':>12} {'moved Q':>8} "
-          f"{'max|dbox|':>10} "
-          f"{'max|dscore|':>12} {'syncs':>6}")
+    print(f"{'setting':>16} {'queries':>8} {'same n':>7} {'anchor px':>10} {'moved Q':>8} "
+          f"{'max|dlogit|':>12} {'max|dbox|':>10} {'max|dscore|':>12} {'syncs':>6}")
     for setting, d in drifts.items():
-        print(f"{setting:>16} {queries[setting]:>8.1f} {str(d.same_queries):>7} {_sci(d.logits):>12} "
-              f"{str(d.moved):>8} {_sci(d.boxes):>10} {_sci(d.scores):>12} {syncs[setting]:>6}")
+        print(f"{setting:>16} {queries[setting]:>8.1f} {str(d.same_queries):>7} {_sci(d.anchor_shift):>10} "
+              f"{str(d.moved):>8} {_sci(d.logits):>12} {_sci(d.boxes):>10} {_sci(d.scores):>12} "
+              f"{syncs[setting]:>6}")
 
 
 def run_case(name: str, model: ASAG, settings: list[str], batch: int, size: tuple[int, int],

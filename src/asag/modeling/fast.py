@@ -6,8 +6,10 @@
   the backbone (torchvision ResNet layout) is folded into that convolution's weight and bias
   (``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``);
 * **channels-last** memory format for the backbone and FPN convolutions and their input (oneDNN's and
-  cuDNN's preferred layout); the FPN outputs are handed on in the default layout, so the anchor
-  generator, RoIAlign and the decoders run exactly as in the plain model;
+  cuDNN's preferred layout); the FPN levels stay channels-last for the anchor generator and for RoI
+  pooling, which becomes one weighted gather of channel vectors (:class:`GatherRoIPooling`, equal to
+  torchvision's RoIAlign up to rounding); an AdaMixer decoder (``grid_sample``) gets the levels in
+  the default layout;
 * **no autograd state**: parameters stop requiring gradients and every forward runs under
   :func:`torch.inference_mode`;
 * optional **torch.compile** of the static parts (backbone + FPN, decoder heads); the data-dependent
@@ -19,7 +21,8 @@
 
 With the default settings (fold + channels-last, float32) the outputs equal the plain model's up to
 float rounding (tested against the official fixtures). :class:`SyncAudit` counts the operations that
-force a host-device synchronisation on CUDA, so the eager stages can be reviewed on a CPU.
+force a host-device synchronisation on CUDA, so the eager stages can be reviewed on a CPU. Measurements
+and usage: ``docs/inference.md``.
 """
 
 from __future__ import annotations

@@ -146,6 +146,23 @@ def test_fast_model_matches_the_plain_model_and_leaves_it_alone():
     assert model.backbone.body.conv1.weight.is_contiguous()
 
 
+@pytest.mark.parametrize("decoder", [
+    ["model.decoder.type=sparse_rcnn"],
+    ["model.decoder.type=deformable", "model.decoder.encoder_layers=1", "model.decoder.encoder_ffn_dim=64",
+     "model.decoder.deformable_points=2"],
+], ids=["asag_s", "asag_d"])
+def test_fast_model_matches_the_plain_model_for_every_decoder(decoder):
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny_cpu", decoder).model).eval()
+    randomise_norms(model)
+    images, sizes = tiny_inputs()
+    with torch.no_grad():
+        ref, out = model(images, sizes), optimize_for_inference(model)(images, sizes)
+    assert torch.equal(out.valid_mask, ref.valid_mask)
+    assert torch.allclose(out.heads[-1].logits, ref.heads[-1].logits, atol=1e-4)
+    assert torch.allclose(out.heads[-1].boxes, ref.heads[-1].boxes, atol=1e-5)
+
+
 def test_fast_model_carries_every_setting_of_the_plain_model():
     model = tiny_model()
     model.used_head = 0

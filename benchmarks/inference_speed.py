@@ -144,6 +144,8 @@ class StageClock:
     def stages(self) -> dict[str, float]:
         """Seconds per stage of the last call (between ``mark('start')`` and ``mark('end')``)."""
         m = self.marks
+        if "anchor_generator>" not in m:  # hooks not attached
+            return {}
         return {
             "features": m["anchor_generator>"] - m["start"],
             "anchor_generator": m["anchor_generator<"] - m["anchor_generator>"],
@@ -166,11 +168,13 @@ class Timings:
 
 
 def time_interleaved(models: dict[str, ASAG], images: Tensor, sizes: Tensor, repeats: int, warmup: int,
-                     device: torch.device) -> dict[str, Timings]:
-    """``repeats`` round-robin rounds over the settings (after ``warmup`` untimed calls each)."""
+                     device: torch.device, stage_hooks: bool = True) -> dict[str, Timings]:
+    """``repeats`` round-robin rounds over the settings (after ``warmup`` untimed calls each). Without
+    ``stage_hooks`` only end-to-end times are taken (on CUDA the hooks synchronise at each stage)."""
     clocks = {name: StageClock(device) for name in models}
     for name, model in models.items():
-        clocks[name].attach(model)
+        if stage_hooks:
+            clocks[name].attach(model)
         for _ in range(warmup):
             detect(model, images, sizes)
     timings = {name: Timings() for name in models}
@@ -275,11 +279,15 @@ def report(name: str, batch: int, timings: dict[str, Timings], drifts: dict[str,
     for setting, t in timings.items():
         ms = [v * MS_PER_S for v in t.total]
         q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0],) * 3
-        stage = {s: _median_ms(v) for s, v in t.stages.items()}
         median = _median_ms(t.total)
+        line = f"{setting:>16} {median:>8.1f} {q1:>8.1f} {q3:>8.1f} {median / base:>9.3f}"
+        if not t.stages["features"]:  # no stage hooks: end-to-end only
+            print(f"{line} {'-':>13}   ({1e3 / median * batch:.1f} images/s)")
+            continue
+        stage = {s: _median_ms(v) for s, v in t.stages.items()}
         share = statistics.median(sum(t.stages[s][i] for s in DATA_DEPENDENT) / total
                                   for i, total in enumerate(t.total))  # per run, then the median
-        print(f"{setting:>16} {median:>8.1f} {q1:>8.1f} {q3:>8.1f} {median / base:>9.3f} {share:>13.1%} "
+        print(f"{line} {share:>13.1%} "
               f"{stage['features']:>9.1f} {stage['anchor_generator']:>7.1f} {stage['proposal']:>9.1f} "
               f"{stage['decoder']:>8.1f} {stage['postprocess']:>6.1f}")
     print(f"{'setting':>16} {'queries':>8} {'same n':>7} {'anchor px':>10} {'moved Q':>8} "
@@ -291,7 +299,7 @@ def report(name: str, batch: int, timings: dict[str, Timings], drifts: dict[str,
 
 
 def run_case(name: str, model: ASAG, settings: list[str], batch: int, size: tuple[int, int],
-             repeats: int, warmup: int, device: torch.device) -> None:
+             repeats: int, warmup: int, device: torch.device, stage_hooks: bool = True) -> None:
     models = make_settings(model.to(device), settings, device)
     inputs = random_inputs(batch, size, device, seed=1)
     images, sizes = inputs.images, inputs.image_sizes
@@ -299,7 +307,7 @@ def run_case(name: str, model: ASAG, settings: list[str], batch: int, size: tupl
     drifts = {s: output_drift(outputs["plain"], out) for s, out in outputs.items()}
     queries = {s: float(out[0].valid_mask.sum()) / batch for s, out in outputs.items()}
     syncs = {s: count_syncs(m, images, sizes) for s, m in models.items()}
-    timings = time_interleaved(models, images, sizes, repeats, warmup, device)
+    timings = time_interleaved(models, images, sizes, repeats, warmup, device, stage_hooks)
     report(name, batch, timings, drifts, syncs, queries)
 
 
@@ -323,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-stage-hooks", action="store_true",
+                        help="time end to end only (the stage hooks synchronise a CUDA device at each stage)")
     parser.add_argument("--override", nargs="*", default=[], metavar="key=value",
                         help="preset overrides, e.g. model.anchor_generator.max_anchors=312")
     args = parser.parse_args(argv)
@@ -336,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         model = benchmark_model(PRESETS[name], args.override)
         for batch in args.batch_sizes:
-            run_case(name, model, settings, batch, parse_size(args.size), args.repeats, args.warmup, device)
+            run_case(name, model, settings, batch, parse_size(args.size), args.repeats, args.warmup, device,
+                     stage_hooks=not args.no_stage_hooks)
 
 
 if __name__ == "__main__":

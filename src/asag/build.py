@@ -36,6 +36,7 @@ from asag.modeling.deformable_encoder import ENCODER_STRIDES, DeformableEncoder
 from asag.modeling.detector import ASAG
 from asag.modeling.neck import Neck
 from asag.modeling.postprocess import PostProcessor
+from asag.modeling.fast import gather_roi_pooling
 from asag.modeling.proposal import ProposalStage
 
 # The anchor generator reads P3, P4, P5 (spec 3.1); the proposal stage and decoders read P2..P5.
@@ -138,7 +139,7 @@ def build_model(cfg: ModelConfig, denoising: DenoisingConfig | None = None) -> A
     decoder = ParallelHeads(heads, cfg.hidden_dim)
     p = cfg.postprocess
     postprocessor = PostProcessor(topk=p.topk, nms=p.nms, nms_threshold=p.nms_threshold)
-    return ASAG(
+    model = ASAG(
         backbone=backbone,
         neck=neck,
         anchor_generator=build_anchor_generator(cfg),
@@ -153,6 +154,9 @@ def build_model(cfg: ModelConfig, denoising: DenoisingConfig | None = None) -> A
         anchor_levels=ENCODER_ANCHOR_LEVELS if is_deformable(cfg) else FPN_ANCHOR_LEVELS,
         neck_uses_image_sizes=is_deformable(cfg),
     )
+    if cfg.roi_pooling == "gather":
+        gather_roi_pooling(model)
+    return model
 
 
 def build_criterion(cfg: Config) -> nn.Module:

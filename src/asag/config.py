@@ -119,6 +119,10 @@ class ModelConfig:
     proposal: ProposalConfig = field(default_factory=ProposalConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    # RoIAlign of the proposal stage and Sparse R-CNN heads: torchvision's kernel, or the same sampling
+    # as one weighted gather of channel vectors (equal up to float rounding; about 3x faster forward +
+    # backward on CPU, where torchvision's backward runs on one core).
+    roi_pooling: Literal["torchvision", "gather"] = "torchvision"
 
 
 @dataclass

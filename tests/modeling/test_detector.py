@@ -93,3 +93,29 @@ def test_padded_queries_never_become_detections():
     for b, d in enumerate(dets):
         n_valid = int(out.valid_mask[b].sum())
         assert len(d) == min(cfg.model.postprocess.topk, n_valid * cfg.model.num_classes)
+
+
+@pytest.mark.parametrize("decoder", ["adamixer", "sparse_rcnn"])
+def test_gather_roi_pooling_trains_like_torchvision_roi_align(decoder):
+    """``model.roi_pooling=gather``: same losses and gradients as torchvision's RoIAlign (to float
+    rounding), no gradient reaching the pooled boxes, and the same state dict layout."""
+    results = []
+    for pooling in ("torchvision", "gather"):
+        cfg, model, criterion = tiny(decoder, f"model.roi_pooling={pooling}")
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad and p.abs().sum() == 0:
+                    p.normal_(0, 0.01)
+        model.train()
+        sizes = torch.tensor([[128, 160], [96, 128]])
+        images = torch.randn(2, 3, 128, 160, generator=torch.Generator().manual_seed(1))
+        tg = targets_for(sizes)
+        loss = criterion(model(images, sizes, tg, epoch=0), tg, sizes)
+        loss.total.backward()
+        results.append((model, loss))
+    (ref, ref_loss), (gather, gather_loss) = results
+    assert ref.state_dict().keys() == gather.state_dict().keys()
+    assert torch.allclose(ref_loss.total, gather_loss.total, rtol=1e-5)
+    for (name, a), b in zip(ref.named_parameters(), gather.parameters(), strict=True):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5), name

@@ -253,7 +253,10 @@ class GatherRoIPooling(nn.Module):
 
     def forward(self, features: list[Tensor], boxes_xyxy_px: Tensor, image_sizes: Tensor) -> Tensor:
         batch, num = boxes_xyxy_px.shape[:2]
-        boxes = boxes_xyxy_px.reshape(-1, 4)  # [R, 4], R = B * N, image-major
+        # No gradient reaches the boxes, as with torchvision's RoIAlign.
+        boxes = boxes_xyxy_px.detach().reshape(-1, 4)  # [R, 4], R = B * N, image-major
+        if torch.is_autocast_enabled(boxes.device.type):  # torchvision's RoIAlign runs in fp32 under autocast
+            features = [f.float() for f in features]
         images = torch.arange(batch, device=boxes.device).repeat_interleave(num)  # [R]
         levels = self.map_levels([boxes])  # [R] int64 in 0..L-1
         order = torch.argsort(levels, stable=True)
@@ -365,7 +368,8 @@ def _prepare_channels_last_consumers(model: ASAG) -> None:
     """RoI pooling gathers from the channels-last levels; a decoder without RoI pooling (AdaMixer's
     ``grid_sample``) gets them in the default layout."""
     gather_roi_pooling(model.proposal)
-    if gather_roi_pooling(model.decoder) == 0:
+    gather_roi_pooling(model.decoder)
+    if not any(isinstance(m, GatherRoIPooling) for m in model.decoder.modules()):
         model.decoder.register_forward_pre_hook(contiguous_features)
 
 

@@ -171,7 +171,7 @@ def train_for(contestant, loader, budget_s: float, clip: float) -> int:
         iteration += 1
         if elapsed - last_print >= 30:
             print(f"  {contestant.name}: {elapsed:5.0f} s, iteration {iteration}, epoch {epoch}, "
-                  f"loss {float(loss):.3f}", flush=True)
+                  f"loss {float(loss.detach()):.3f}", flush=True)
             last_print = elapsed
     return iteration
 

@@ -116,3 +116,19 @@ def test_bad_files(trained, tmp_path, capsys):
     empty.mkdir()
     assert main(["predict", str(trained / "last.pth"), str(empty)]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def test_bf16_training_falls_back_to_float32_without_native_support(monkeypatch, capsys):
+    import torch
+
+    import asag.commands.train as train_command
+    from asag.config import load_config
+
+    cfg = load_config("demo")
+    monkeypatch.setattr(train_command, "cpu_supports_bf16", lambda: True)
+    assert train_command.resolve_amp(cfg, torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(train_command, "cpu_supports_bf16", lambda: False)
+    assert train_command.resolve_amp(cfg, torch.device("cpu")) is None
+    assert "no native bf16" in capsys.readouterr().out
+    cfg.runtime.amp = "auto"
+    assert train_command.resolve_amp(cfg, torch.device("cpu")) is None

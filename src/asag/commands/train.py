@@ -25,6 +25,7 @@ from asag.engine.distributed import cleanup_distributed, init_distributed, is_ma
 from asag.engine.evaluator import evaluate, evaluate_crowdhuman
 from asag.engine.logger import RunLogger
 from asag.engine.trainer import FitResult, fit, make_grad_scaler
+from asag.modeling.fast import cpu_supports_bf16
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,9 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve_amp(cfg: Config, device: torch.device) -> str | None:
+    """The training precision: ``auto`` is fp16 on CUDA and float32 on the CPU; ``bf16`` on a CPU without
+    native bf16 instructions (emulated, slower than float32) falls back to float32 with a message."""
     amp = cfg.runtime.amp
     if amp == "auto":
         return "fp16" if device.type == "cuda" else None
+    if amp == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
+        print("runtime.amp=bf16: this CPU has no native bf16 support; training in float32 instead")
+        return None
     return None if amp == "none" else amp
 
 

@@ -25,15 +25,19 @@ def targets_for(sizes: torch.Tensor, n: int = 3, seed: int = 0) -> list[ImageTar
     return out
 
 
-@pytest.mark.parametrize("decoder", ["adamixer", "sparse_rcnn"])
-def test_gradients_reach_every_trainable_parameter(decoder):
-    cfg, model, criterion = tiny(decoder, "denoising.enabled=true", "denoising.num_queries=12")
-    # Zero-initialised regression layers block gradients to the layers before them at step 0;
-    # perturb them as one optimizer step would.
+def perturb_zero_parameters(model: torch.nn.Module) -> None:
+    """Zero-initialised regression layers block gradients to the layers before them at step 0;
+    perturb them as one optimizer step would."""
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad and p.abs().sum() == 0:
                 p.normal_(0, 0.01)
+
+
+@pytest.mark.parametrize("decoder", ["adamixer", "sparse_rcnn"])
+def test_gradients_reach_every_trainable_parameter(decoder):
+    cfg, model, criterion = tiny(decoder, "denoising.enabled=true", "denoising.num_queries=12")
+    perturb_zero_parameters(model)
     model.train()
     sizes = torch.tensor([[128, 160], [96, 128]])
     images = torch.randn(2, 3, 128, 160)
@@ -102,10 +106,7 @@ def test_gather_roi_pooling_trains_like_torchvision_roi_align(decoder):
     results = []
     for pooling in ("torchvision", "gather"):
         cfg, model, criterion = tiny(decoder, f"model.roi_pooling={pooling}")
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad and p.abs().sum() == 0:
-                    p.normal_(0, 0.01)
+        perturb_zero_parameters(model)
         model.train()
         sizes = torch.tensor([[128, 160], [96, 128]])
         images = torch.randn(2, 3, 128, 160, generator=torch.Generator().manual_seed(1))

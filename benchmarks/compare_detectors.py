@@ -32,8 +32,6 @@ from crafting import crafted_detector
 from torch import Tensor
 from torchvision.models.detection import fasterrcnn_resnet50_fpn, fcos_resnet50_fpn, retinanet_resnet50_fpn
 
-from asag.build import build_model
-from asag.config import load_config
 from asag.engine.benchmark import random_inputs
 
 MS_PER_S = 1e3
@@ -46,14 +44,7 @@ Runner = Callable[[Tensor, Tensor], int]  # run(images, image_sizes) -> count pe
 
 def asag_runner(preset: str, crafted: bool, device: torch.device) -> Runner:
     """``run(images, image_sizes) -> number of queries`` for an ASAG preset with random weights."""
-    if crafted:
-        model = crafted_detector(preset)
-    else:
-        torch.manual_seed(0)
-        cfg = load_config(preset)
-        cfg.model.backbone.weights = None
-        model = build_model(cfg.model).eval()
-    model.to(device)
+    model = crafted_detector(preset, craft=crafted).to(device)
 
     def run(images: Tensor, sizes: Tensor) -> int:
         output = model(images, sizes)

@@ -41,11 +41,14 @@ def crafted_anchor_generator(seed: int = 0) -> AnchorGenerator:
     return model.eval()
 
 
-def crafted_detector(preset: str, overrides: list[str] | None = None, seed: int = 0) -> ASAG:
-    """A preset's detector with random (seeded) weights, no backbone checkpoint, crafted anchor biases."""
+def crafted_detector(preset: str, overrides: list[str] | None = None, seed: int = 0,
+                     craft: bool = True) -> ASAG:
+    """A preset's detector with random (seeded) weights, no backbone checkpoint, crafted anchor biases
+    (plain random weights throughout with ``craft=False``); eval mode."""
     torch.manual_seed(seed)
     cfg = load_config(preset, list(overrides or []))
     cfg.model.backbone.weights = None
     model = build_model(cfg.model)
-    craft_probing_biases(model.anchor_generator, seed)
+    if craft:
+        craft_probing_biases(model.anchor_generator, seed)
     return model.eval()

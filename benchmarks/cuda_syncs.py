@@ -19,51 +19,32 @@ import warnings
 
 import torch
 from crafting import crafted_detector
+from inference_speed import STAGES, StageClock, detect
 
 from asag.engine.benchmark import random_inputs
 from asag.modeling.detector import ASAG
 from asag.modeling.fast import optimize_for_inference
 
 PRESETS = {"ASAG-A": "asag_a_r50_speed", "ASAG-S": "asag_s_r50_speed"}
-HOOKED = ("anchor_generator", "proposal", "postprocessor")
-STAGES = ("features", "anchor_generator", "proposal", "decoder", "postprocess")
 
 
 def count_stage_syncs(model: ASAG, images: torch.Tensor, sizes: torch.Tensor) -> dict[str, int]:
-    """Sync warnings per stage of one ``model(images, sizes)`` + ``model.postprocess`` call."""
-    marks: dict[str, int] = {}
-    caught: list = []
-    handles = []
-    for name in HOOKED:
-        module = getattr(model, name)
-        handles.append(module.register_forward_pre_hook(
-            lambda m, a, n=name: marks.__setitem__(f"{n}>", len(caught))))
-        handles.append(module.register_forward_hook(
-            lambda m, a, o, n=name: marks.__setitem__(f"{n}<", len(caught))))
+    """Sync warnings per stage of one ``model(images, sizes)`` + ``model.postprocess`` call, and in all."""
     torch.cuda.synchronize()
-    try:
-        with torch.inference_mode(), warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            caught = record
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                output = model(images, sizes)
-                model.postprocess(output, sizes)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-            total = sum("synchroniz" in str(w.message) for w in record)
-    finally:
-        for handle in handles:
-            handle.remove()
-    m = marks
-    return {
-        "features": m["anchor_generator>"],
-        "anchor_generator": m["anchor_generator<"] - m["anchor_generator>"],
-        "proposal": m["proposal<"] - m["anchor_generator<"],
-        "decoder": m["postprocessor>"] - m["proposal<"],
-        "postprocess": m["postprocessor<"] - m["postprocessor>"],
-        "total": total,
-    }
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clock = StageClock(images.device, read=lambda: sum("synchroniz" in str(w.message) for w in caught))
+        clock.attach(model)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            clock.mark("start")
+            detect(model, images, sizes)
+            clock.mark("end")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            clock.detach()
+    counts = {stage: int(n) for stage, n in clock.stages().items()}
+    return {**counts, "total": int(clock.marks["end"])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,8 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batch_sizes:
             inputs = random_inputs(batch, (h, w), device, seed=1)
             for setting, m in settings.items():
-                with torch.inference_mode():
-                    m(inputs.images, inputs.image_sizes)  # warm-up (lazy init, cudnn autotune)
+                detect(m, inputs.images, inputs.image_sizes)  # warm-up (lazy init, cudnn autotune)
                 counts = count_stage_syncs(m, inputs.images, inputs.image_sizes)
                 print(f"{name:>7} {setting:>6} {batch:>5} " + " ".join(f"{counts[s]:>16}" for s in STAGES)
                       + f" {counts['total']:>6} {counts['anchor_generator'] / batch:>7.2f}")

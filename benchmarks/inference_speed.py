@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -119,13 +120,20 @@ def make_settings(model: ASAG, names: list[str], device: torch.device) -> dict[s
 
 @dataclass
 class StageClock:
-    """Timestamps from hooks on the eager stages of one model; ``stages()`` turns one call into times."""
+    """Readings from hooks on the eager stages of one model; ``stages()`` splits one call into stages.
+
+    The reading is the time (CUDA synchronised first) unless ``read`` gives another counter (e.g. the
+    number of sync warnings so far, ``cuda_syncs.py``)."""
 
     device: torch.device
+    read: Callable[[], float] | None = None
     marks: dict[str, float] = field(default_factory=dict)
     handles: list = field(default_factory=list)
 
     def mark(self, name: str) -> None:
+        if self.read is not None:
+            self.marks[name] = self.read()
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.marks[name] = time.perf_counter()
@@ -142,7 +150,7 @@ class StageClock:
         self.handles.clear()
 
     def stages(self) -> dict[str, float]:
-        """Seconds per stage of the last call (between ``mark('start')`` and ``mark('end')``)."""
+        """Per stage of the last call (from ``mark('start')`` on): differences of the readings."""
         m = self.marks
         if "anchor_generator>" not in m:  # hooks not attached
             return {}

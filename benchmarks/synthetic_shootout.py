@@ -35,7 +35,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from asag.build import build_criterion, build_dataset, build_loader, build_model
 from asag.config import Config, load_config
 from asag.engine.evaluator import evaluate
-from asag.engine.trainer import to_float32
+from asag.engine.trainer import autocast_context, to_float32
 from asag.modeling.fast import cpu_supports_bf16
 from asag.structures import Batch, Detections
 
@@ -53,7 +53,7 @@ def autocast_bf16(fn: Callable, enabled: bool) -> Callable:
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast_context("cpu", "bf16"):
             return to_float32(fn(*args, **kwargs))
 
     return wrapped

@@ -34,10 +34,10 @@ from asag.modeling.decoders.parallel import ParallelHeads
 from asag.modeling.decoders.sparse_rcnn import SparseRCNNStage
 from asag.modeling.deformable_encoder import ENCODER_STRIDES, DeformableEncoder
 from asag.modeling.detector import ASAG
-from asag.modeling.fast import gather_roi_pooling
 from asag.modeling.neck import Neck
 from asag.modeling.postprocess import PostProcessor
 from asag.modeling.proposal import ProposalStage
+from asag.modeling.roi_gather import gather_roi_pooling
 
 # The anchor generator reads P3, P4, P5 (spec 3.1); the proposal stage and decoders read P2..P5.
 ANCHOR_STRIDES = (8, 16, 32)

@@ -26,7 +26,6 @@ from asag.modeling.backbone import Backbone, FrozenBatchNorm2d
 from asag.modeling.blocks import RoIFeatureExtractor
 from asag.modeling.fast import (
     FastASAG,
-    GatherRoIPooling,
     SyncAudit,
     check_precision,
     cpu_supports_bf16,
@@ -34,9 +33,9 @@ from asag.modeling.fast import (
     fold_conv_bn,
     optimize_for_inference,
     resolve_precision,
-    roi_align_gather,
 )
 from asag.modeling.postprocess import postprocess
+from asag.modeling.roi_gather import GatherRoIPooling, roi_align_gather
 from asag.structures import HeadOutput
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

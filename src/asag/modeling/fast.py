@@ -7,9 +7,9 @@
   (``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``);
 * **channels-last** memory format for the backbone and FPN convolutions and their input (oneDNN's and
   cuDNN's preferred layout); the FPN levels stay channels-last for the anchor generator and for RoI
-  pooling, which becomes one weighted gather of channel vectors (:class:`GatherRoIPooling`, equal to
-  torchvision's RoIAlign up to rounding); an AdaMixer decoder (``grid_sample``) gets the levels in
-  the default layout;
+  pooling, which becomes one weighted gather of channel vectors
+  (:class:`~asag.modeling.roi_gather.GatherRoIPooling`, equal to torchvision's RoIAlign up to
+  rounding); an AdaMixer decoder (``grid_sample``) gets the levels in the default layout;
 * **no autograd state**: parameters stop requiring gradients and every forward runs under
   :func:`torch.inference_mode`;
 * optional **torch.compile** of the static parts (backbone + FPN, decoder heads); the data-dependent
@@ -33,7 +33,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
@@ -43,9 +42,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
 
 from asag.errors import ConfigError
 from asag.modeling.backbone import FrozenBatchNorm2d
-from asag.modeling.blocks import RoIFeatureExtractor
 from asag.modeling.detector import ASAG
-from asag.modeling.patches import count_per_group
+from asag.modeling.roi_gather import GatherRoIPooling, gather_roi_pooling
 
 # ``--precision`` names -> dtype of the backbone and FPN (None = float32, no cast).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -169,118 +167,6 @@ def fold_batch_norms(module: nn.Module) -> int:
     for child in list(module.children()):
         folded += fold_batch_norms(child)
     return folded + _fold_pairs_of(module)
-
-
-# ------------------------------------------------------------------------------- RoI pooling
-
-
-def _axis_samples(start: Tensor, length: Tensor, size: int, output_size: int, sampling_ratio: int
-                  ) -> tuple[Tensor, Tensor]:
-    """Bilinear taps of RoIAlign's sample points along one axis (torchvision, ``aligned=False``).
-
-    Args:
-        start: ``[R]`` RoI start in feature cells; length: ``[R]`` RoI length (>= 1 cell).
-        size: feature length along the axis.
-    Returns:
-        ``[R, S, sr, 2]`` int64 cell index of the low / high tap of each sample of each bin, and the
-        matching ``[R, S, sr, 2]`` weights (0 for samples outside ``[-1, size]``).
-    """
-    bin_size = (length / output_size)[:, None]  # [R, 1]
-    k = torch.arange(output_size * sampling_ratio, device=start.device, dtype=start.dtype)  # [S * sr]
-    bins, sub = torch.div(k, sampling_ratio, rounding_mode="floor"), k % sampling_ratio + 0.5
-    # torchvision's order of operations: start + bin * size + (sub * size) / sampling_ratio
-    pos = start[:, None] + bins * bin_size + sub * bin_size / sampling_ratio  # [R, S * sr]
-    inside = ((pos >= -1.0) & (pos <= size)).to(pos.dtype)
-    pos = pos.clamp(min=0.0)
-    low = pos.floor().clamp(max=size - 1)
-    at_end = low >= size - 1
-    high = torch.where(at_end, low, low + 1)
-    frac = torch.where(at_end, torch.zeros_like(pos), pos - low)
-    taps = torch.stack([low, high], dim=-1).long()  # [R, S * sr, 2]
-    weights = torch.stack([1.0 - frac, frac], dim=-1) * inside[..., None]  # [R, S * sr, 2]
-    shape = (-1, output_size, sampling_ratio, 2)
-    return taps.view(shape), weights.view(shape)
-
-
-def roi_align_gather(feature: Tensor, boxes_xyxy_px: Tensor, image_idx: Tensor, spatial_scale: float,
-                     output_size: int, sampling_ratio: int) -> Tensor:
-    """torchvision's ``roi_align(aligned=False)`` as one weighted gather (``F.embedding_bag``).
-
-    Every output cell averages ``sampling_ratio ** 2`` bilinear samples, i.e. a weighted sum of
-    ``4 * sampling_ratio ** 2`` feature vectors; the gather reads whole channel vectors, so on a
-    channels-last map it needs no copy and runs on all intra-op threads (torchvision's CPU kernel uses
-    one core and reads channel planes). Equal to ``roi_align`` up to float rounding.
-
-    Args:
-        feature: ``[B, C, H, W]`` (channels-last avoids a copy).
-        boxes_xyxy_px: ``[R, 4]`` xyxy boxes in input pixels; image_idx: ``[R]`` int64 image of each.
-        spatial_scale: feature cells per pixel (1 / stride).
-    Returns:
-        ``[R, C, S, S]``.
-    """
-    batch, channels, height, width = feature.shape
-    num, s, sr = boxes_xyxy_px.shape[0], output_size, sampling_ratio
-    cells = boxes_xyxy_px * spatial_scale  # [R, 4]
-    size = (cells[:, 2:] - cells[:, :2]).clamp(min=1.0)  # [R, 2] (w, h), at least one cell
-    x_taps, x_weights = _axis_samples(cells[:, 0], size[:, 0], width, s, sr)  # [R, S, sr, 2]
-    y_taps, y_weights = _axis_samples(cells[:, 1], size[:, 1], height, s, sr)
-    base = image_idx * (height * width)  # [R]
-    # [R, Sy, Sx, sy, sx, ty, tx]: bins, samples per bin, taps per sample
-    index = (base.view(num, 1, 1, 1, 1, 1, 1) + y_taps.view(num, s, 1, sr, 1, 2, 1) * width
-             + x_taps.view(num, 1, s, 1, sr, 1, 2))
-    weight = y_weights.view(num, s, 1, sr, 1, 2, 1) * x_weights.view(num, 1, s, 1, sr, 1, 2) / (sr * sr)
-    table = feature.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # a view if channels-last
-    pooled = F.embedding_bag(index.reshape(num * s * s, -1), table, mode="sum",
-                             per_sample_weights=weight.reshape(num * s * s, -1).to(table.dtype))
-    return pooled.view(num, s, s, channels).permute(0, 3, 1, 2)  # [R, C, S, S]
-
-
-class GatherRoIPooling(nn.Module):
-    """Drop-in for :class:`~asag.modeling.blocks.RoIFeatureExtractor` built on :func:`roi_align_gather`.
-
-    Same levels (torchvision's level mapper of the wrapped extractor), scales, output size and sampling
-    ratio; the boxes are sorted by level once (one host sync, instead of one per level). Call:
-    ``(features, boxes_xyxy_px [B, N, 4], image_sizes)`` -> ``[B * N, d, S, S]`` (batch-major).
-    """
-
-    def __init__(self, extractor: RoIFeatureExtractor) -> None:
-        super().__init__()
-        pooler = extractor.pooler
-        self.map_levels = pooler.map_levels
-        self.scales = list(pooler.scales)
-        self.output_size = int(pooler.output_size[0])
-        self.sampling_ratio = int(pooler.sampling_ratio)
-
-    def forward(self, features: list[Tensor], boxes_xyxy_px: Tensor, image_sizes: Tensor) -> Tensor:
-        batch, num = boxes_xyxy_px.shape[:2]
-        # No gradient reaches the boxes, as with torchvision's RoIAlign.
-        boxes = boxes_xyxy_px.detach().reshape(-1, 4)  # [R, 4], R = B * N, image-major
-        if torch.is_autocast_enabled(boxes.device.type):  # torchvision's RoIAlign runs in fp32 under autocast
-            features = [f.float() for f in features]
-        images = torch.arange(batch, device=boxes.device).repeat_interleave(num)  # [R]
-        levels = self.map_levels([boxes])  # [R] int64 in 0..L-1
-        order = torch.argsort(levels, stable=True)
-        counts = count_per_group(levels, len(self.scales)).tolist()  # one host sync
-        s = self.output_size
-        out = boxes.new_empty(len(boxes), features[0].shape[1], s, s)  # [R, d, S, S]
-        for level, rows in enumerate(torch.split(order, counts)):
-            if len(rows):
-                pooled = roi_align_gather(features[level], boxes[rows], images[rows], self.scales[level], s,
-                                          self.sampling_ratio)
-                out[rows] = pooled.to(out.dtype)
-        return out
-
-
-def gather_roi_pooling(module: nn.Module) -> int:
-    """Replace, in place, every RoI feature extractor below ``module`` by :class:`GatherRoIPooling`."""
-    replaced = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, RoIFeatureExtractor) and child.pooler.sampling_ratio > 0:
-            setattr(module, name, GatherRoIPooling(child))
-            replaced += 1
-        else:
-            replaced += gather_roi_pooling(child)
-    return replaced
 
 
 def contiguous_features(module: nn.Module, args: tuple) -> tuple:

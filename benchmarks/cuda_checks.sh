@@ -4,6 +4,7 @@
 # mixed-precision (fp16 + grad scaler) training run of the demo on the GPU.
 #
 #     bash benchmarks/cuda_checks.sh [OUTPUT_DIR]      (default runs/cuda_checks)
+#     CKPT=runs/demo/best.pth bash benchmarks/cuda_checks.sh   (also: AP of fp16/bf16 on that checkpoint)
 #
 # Works from a source checkout without installation (PYTHONPATH=src). Each step has its own time limit,
 # cut to what is left of BUDGET seconds (default one hour) for the whole script; the most important
@@ -25,6 +26,12 @@ $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvisio
 
 step "host-device synchronisations per stage"
 timeout $(limit 120) $PY benchmarks/cuda_syncs.py 2>&1 | tee "$OUT_DIR/syncs.log"
+
+if [ -n "${CKPT:-}" ]; then
+    step "AP and detection differences of the precision settings on $CKPT"
+    timeout $(limit 240) $PY benchmarks/precision_accuracy.py "$CKPT" --device cuda \
+        --settings plain fp16 bf16 fast fast_fp16 fast_bf16 2>&1 | tee "$OUT_DIR/precision.log"
+fi
 
 step "inference speed, end to end (no stage hooks)"
 timeout $(limit 180) $PY benchmarks/inference_speed.py --device cuda --batch-sizes 1 4 --repeats 30 --warmup 5 \

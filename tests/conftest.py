@@ -30,3 +30,21 @@ def fixtures_dir() -> Path:
 def _deterministic_threads():
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A folder with ``ckpt.pth`` (the ``tiny_cpu`` preset, random weights, seed 0) and ``data/`` (a
+    synthetic data set of 2 train and 2 validation images that the checkpoint's configuration names)."""
+    from asag.build import build_model
+    from asag.config import load_config
+    from asag.data.synthetic import generate_synthetic
+    from asag.engine.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_checkpoint")
+    generate_synthetic(root / "data", 2, seed=3, val_images=2)
+    cfg = load_config("tiny_cpu", [f"data.root={root / 'data'}"])
+    torch.manual_seed(0)
+    save_checkpoint(root / "ckpt.pth", model=build_model(cfg.model), optimizer=None, scheduler=None,
+                    scaler=None, epoch=0, iteration=0, config=cfg.to_dict(), label_map={})
+    return root

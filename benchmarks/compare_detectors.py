@@ -23,18 +23,17 @@ latency and its ratio to ASAG-A are printed.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from crafting import crafted_detector
 from torch import Tensor
 from torchvision.models.detection import fasterrcnn_resnet50_fpn, fcos_resnet50_fpn, retinanet_resnet50_fpn
 
-from asag.engine.benchmark import random_inputs
+from asag.commands.benchmark import parse_size
+from asag.engine.benchmark import MS_PER_S, random_inputs, time_call, timing_stats
 
-MS_PER_S = 1e3
 ASAG_PRESETS = {"ASAG-A": "asag_a_r50_speed", "ASAG-S": "asag_s_r50_speed"}
 TORCHVISION = {"RetinaNet": retinanet_resnet50_fpn, "FCOS": fcos_resnet50_fpn,
                "Faster R-CNN": fasterrcnn_resnet50_fpn}
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    size = tuple(int(v) for v in args.size.lower().split("x"))
+    size = parse_size(args.size)
     names = args.models if BASELINE in args.models else [BASELINE, *args.models]
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, size {args.size}, "
           f"batch {args.batch_size}, {args.repeats} interleaved rounds after {args.warmup} warm-up call(s)")
@@ -95,35 +94,24 @@ def main(argv: list[str] | None = None) -> None:
     inputs = random_inputs(args.batch_size, size, device, seed=1)
     images, sizes = inputs.images, inputs.image_sizes
 
-    def timed(run) -> tuple[float, int]:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        count = run(images, sizes)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start, count
-
     times: dict[str, list[float]] = {name: [] for name in runners}
     counts: dict[str, int] = {}
     with torch.inference_mode():
         for run in runners.values():
             for _ in range(args.warmup):
-                timed(run)
+                time_call(partial(run, images, sizes), device)
         for _ in range(args.repeats):
             for name, run in runners.items():
-                seconds, counts[name] = timed(run)
+                counts[name], seconds = time_call(partial(run, images, sizes), device)
                 times[name].append(seconds)
 
-    base = statistics.median(times[BASELINE])
+    stats = {name: timing_stats(values) for name, values in times.items()}
+    base = stats[BASELINE].median
     print(f"\n{'model':>14} {'median ms':>10} {'q1':>8} {'q3':>8} {'vs ASAG-A':>10} {'images/s':>9} "
           f"{'queries / dets':>15}")
-    for name, values in times.items():
-        ms = [v * MS_PER_S for v in values]
-        q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0],) * 3
-        median = statistics.median(values)
-        print(f"{name:>14} {median * MS_PER_S:>10.1f} {q1:>8.1f} {q3:>8.1f} {median / base:>10.2f} "
-              f"{args.batch_size / median:>9.2f} {counts[name]:>15}")
+    for name, t in stats.items():
+        print(f"{name:>14} {t.median:>10.1f} {t.q1:>8.1f} {t.q3:>8.1f} {t.median / base:>10.2f} "
+              f"{args.batch_size * MS_PER_S / t.median:>9.2f} {counts[name]:>15}")
     print("\nqueries / dets: ASAG queries per image (before post-processing); torchvision: detections "
           "per image after its score threshold")
 

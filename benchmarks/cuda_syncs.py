@@ -21,6 +21,7 @@ import torch
 from crafting import crafted_detector
 from inference_speed import STAGES, StageClock, detect
 
+from asag.commands.benchmark import parse_size
 from asag.engine.benchmark import random_inputs
 from asag.modeling.detector import ASAG
 from asag.modeling.fast import optimize_for_inference
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("cuda_syncs.py needs a CUDA device")
     device = torch.device("cuda")
-    h, w = (int(v) for v in args.size.lower().split("x"))
+    h, w = parse_size(args.size)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, size {h}x{w}")
     print(f"{'model':>7} {'setting':>6} {'batch':>5} " + " ".join(f"{s:>16}" for s in STAGES)
           + f" {'total':>6} {'AG/img':>7}")

@@ -43,6 +43,7 @@ import torch
 from crafting import crafted_detector
 from torch import Tensor, nn
 
+from asag.commands.benchmark import parse_size
 from asag.engine.benchmark import random_inputs
 from asag.modeling.backbone import FrozenBatchNorm2d
 from asag.modeling.detector import ASAG
@@ -66,11 +67,6 @@ STAGES = ("features", "anchor_generator", "proposal", "decoder", "postprocess")
 DATA_DEPENDENT = ("anchor_generator", "proposal", "postprocess")
 CALIBRATION_SIZE = (256, 384)  # (h, w) of the random image that sets the frozen-BN statistics
 MS_PER_S = 1e3
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    h, w = text.lower().split("x")
-    return int(h), int(w)
 
 
 # ------------------------------------------------------------------------------------------ models

@@ -30,6 +30,7 @@ from functools import partial
 import torch
 from crafting import crafted_detector
 
+from asag.commands.benchmark import parse_size
 from asag.engine.benchmark import (
     STAGES,
     StagedRun,
@@ -45,11 +46,6 @@ AG_SIZES = [(512, 512), (800, 1216), (1333, 1333)]  # (h, w) of the unpadded ima
 MS_PER_S = 1e3
 # Average query count of the 300-query R50 models on COCO val (README model zoo rows 4 and 7).
 PAPER_QUERIES = 312
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    h, w = text.lower().split("x")
-    return int(h), int(w)
 
 
 def time_stages(models: dict, size: tuple[int, int], warmup: int, repeats: int, queries: int | None

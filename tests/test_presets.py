@@ -3,6 +3,7 @@ input; parameter counts of the paper's R50 and R101 models equal the official on
 
 import pytest
 import torch
+from tests.targets import random_targets
 
 from asag.build import build_criterion, build_model, build_optimizer_and_schedule
 from asag.config import available_presets, load_config
@@ -21,15 +22,7 @@ def build(preset: str, *overrides: str):
 
 
 def targets(num_classes: int, seed: int = 0) -> list[ImageTargets]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, (h, w) in enumerate(SIZES.tolist()):
-        n = 3 + i
-        centres = torch.rand(n, 2, generator=g) * 0.6 + 0.2
-        sides = torch.rand(n, 2, generator=g) * 0.3 + 0.05
-        labels = torch.randint(0, num_classes, (n,), generator=g)
-        out.append(ImageTargets(torch.cat([centres, sides], 1), labels, i, (h, w), (h, w)))
-    return out
+    return random_targets(SIZES, counts=(3, 4), num_classes=num_classes, min_side=0.05, seed=seed)
 
 
 def test_every_model_zoo_row_has_a_preset():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tests.targets import random_targets
 
 from asag.build import build_criterion, build_model
 from asag.config import load_config
@@ -15,14 +16,7 @@ def tiny(decoder: str = "adamixer", *overrides: str):
 
 
 def targets_for(sizes: torch.Tensor, n: int = 3, seed: int = 0) -> list[ImageTargets]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, (h, w) in enumerate(sizes.tolist()):
-        centres = torch.rand(n, 2, generator=g) * 0.6 + 0.2
-        sides = torch.rand(n, 2, generator=g) * 0.3 + 0.02
-        out.append(ImageTargets(torch.cat([centres, sides], 1), torch.randint(0, 5, (n,), generator=g),
-                                i, (h, w), (h, w)))
-    return out
+    return random_targets(sizes, n, seed=seed)
 
 
 def perturb_zero_parameters(model: torch.nn.Module) -> None:

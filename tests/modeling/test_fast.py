@@ -371,13 +371,19 @@ def crafted_generator() -> AnchorGenerator:
     return generator
 
 
+def probing_inputs(batch: int, device: str = "cpu") -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Seeded P3-P5 levels of a 256x384 image and its sizes, on which :func:`crafted_generator` probes P4
+    and P3 at any batch size."""
+    h, w = 256, 384
+    levels = [torch.randn(batch, 256, h // s, w // s, generator=torch.Generator().manual_seed(s)).to(device)
+              for s in (8, 16, 32)]
+    return levels, torch.tensor([[h, w]] * batch, device=device)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_anchor_generator_syncs_do_not_grow_with_images_or_patches(batch):
     generator = crafted_generator()
-    h, w = 256, 384
-    levels = [torch.randn(batch, 256, h // s, w // s, generator=torch.Generator().manual_seed(s))
-              for s in (8, 16, 32)]
-    sizes = torch.tensor([[h, w]] * batch)
+    levels, sizes = probing_inputs(batch)
     with torch.inference_mode(), SyncAudit() as audit:
         out = generator(levels, sizes)
     assert [p.level for p in out.patch_predictions] == ["P6", "P5", "P4", "P3"]  # probing happened
@@ -425,13 +431,8 @@ def test_cuda_syncs_do_not_grow_with_images_or_patches():
     """Ground truth of the sync audit on a GPU: ``torch.cuda.set_sync_debug_mode`` warnings."""
     generator = crafted_generator().cuda()
 
-    def inputs(batch):  # the CPU audit test's seeded inputs: P4 and P3 are probed at every batch size
-        levels = [torch.randn(batch, 256, 256 // s, 384 // s, generator=torch.Generator().manual_seed(s))
-                  for s in (8, 16, 32)]
-        return [level.cuda() for level in levels], torch.tensor([[256, 384]] * batch, device="cuda")
-
     def count_syncs(batch):
-        levels, sizes = inputs(batch)
+        levels, sizes = probing_inputs(batch, "cuda")
         torch.cuda.synchronize()
         with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

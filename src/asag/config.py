@@ -216,6 +216,11 @@ class RuntimeConfig:
 class EvaluationConfig:
     metric: Literal["coco", "crowdhuman"] = "coco"
     per_class: bool = False
+    # CrowdHuman mMR: how the miss rate is sampled at each FPPI reference point. "toolkit": the first
+    # point of the curve with FPPI >= r (the CrowdHuman toolkit's rule, behind the published numbers);
+    # "caltech": the last point with FPPI <= r (Dollar's toolbox). They differ only where the FPPI
+    # equals r exactly (asag.engine.crowdhuman_eval, step 5).
+    miss_rate_rule: Literal["toolkit", "caltech"] = "toolkit"
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """CrowdHuman metrics: hand-computed AP / mMR / Recall, edge cases, the toolkit's matching and miss-rate
 rules as independent brute force, and the evaluation entry point end to end."""
 
+import functools
 import json
 import math
 
@@ -12,6 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
+from asag.config import Config, config_from_dict
 from asag.engine.crowdhuman_eval import (
     FALSE_POSITIVE,
     IGNORED,
@@ -89,7 +91,8 @@ def test_hand_computed_example():
     #   1->2: 0.2 * (1 + 1) / 2 = 0.2;  4->5: 0.2 * (1/2 + 3/5) / 2 = 0.11;  AP = 0.31
     assert m.ap == pytest.approx(0.31, abs=1e-12)
     assert m.recall == pytest.approx(0.6, abs=1e-12)
-    # mMR, miss rate at the last entry with fppi <= r:
+    # mMR. No FPPI of the list equals a reference point except r = 1 at the last entry, so both rules
+    # give the same samples. Caltech rule, the miss rate at the last entry with fppi <= r:
     #   r = 0.01 ... 0.1778 (6 points): entry 2 (fppi 0)    -> 0.6
     #   r = 0.3162:                      entry 3 (fppi 0.25) -> 0.6
     #   r = 0.5623:                      entry 5 (fppi 0.5)  -> 0.4
@@ -189,23 +192,44 @@ def test_reference_points():
     assert torch.allclose(refs[1:] / refs[:-1], torch.full((8,), 10**0.25, dtype=torch.float64))
 
 
-def test_miss_rate_sampling_rules():
+def test_caltech_miss_rate_sampling_rule():
     refs = torch.tensor([0.01, 0.1, 1.0], dtype=torch.float64)
     # equal FPPI: the last entry at that FPPI (lowest miss rate) is taken
     fppi = torch.tensor([0.0, 0.01, 0.01, 0.05], dtype=torch.float64)
     miss = torch.tensor([0.9, 0.9, 0.7, 0.7], dtype=torch.float64)
-    assert sample_miss_rates(fppi, miss, refs).tolist() == [0.7, 0.7, 0.7]  # curve ends at 0.05 < 0.1
+    caltech = functools.partial(sample_miss_rates, rule="caltech")
+    assert caltech(fppi, miss, refs).tolist() == [0.7, 0.7, 0.7]  # curve ends at 0.05 < 0.1
     # the first entry is an FP beyond r = 0.01 and 0.1: no entry qualifies -> 1 (the origin)
     fppi = torch.tensor([0.5, 0.5], dtype=torch.float64)
     miss = torch.tensor([1.0, 0.5], dtype=torch.float64)
-    assert sample_miss_rates(fppi, miss, refs).tolist() == [1.0, 1.0, 0.5]
+    assert caltech(fppi, miss, refs).tolist() == [1.0, 1.0, 0.5]
     # the rule holds for any values: a reference before the first entry samples 1, not that entry
-    assert sample_miss_rates(fppi, miss * 0.5, refs).tolist() == [1.0, 1.0, 0.25]
-    # one image, ranked FP then TP of 2 people: samples 1 (x8) and 0.5 at r = 1 -> mMR = 0.5^(1/9)
+    assert caltech(fppi, miss * 0.5, refs).tolist() == [1.0, 1.0, 0.25]
+    assert caltech(fppi[:0], miss[:0], refs).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_toolkit_miss_rate_sampling_rule_is_the_default():
+    refs = torch.tensor([0.01, 0.1, 1.0], dtype=torch.float64)
+    # equal FPPI 0.01 = r: the first entry reaching it (miss 0.9), not the last one (0.7)
+    fppi = torch.tensor([0.0, 0.01, 0.01, 0.05], dtype=torch.float64)
+    miss = torch.tensor([0.9, 0.9, 0.7, 0.7], dtype=torch.float64)
+    assert sample_miss_rates(fppi, miss, refs).tolist() == [0.9, 0.7, 0.7]  # 0.1, 1: never reached
+    # the first entry is already beyond r = 0.01 and 0.1: it is taken (0.8); r = 1 is never reached: the last
+    fppi = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    miss = torch.tensor([0.8, 0.5], dtype=torch.float64)
+    assert sample_miss_rates(fppi, miss, refs).tolist() == [0.8, 0.8, 0.5]
+    assert sample_miss_rates(fppi[:0], miss[:0], refs).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_log_average_miss_rate_of_a_tie_at_fppi_one():
+    # one image, ranked FP then TP of 2 people: fppi [1, 1], miss [1, 0.5]
     curves = detection_curves(torch.tensor([False, True]), num_people=2, num_images=1)
     assert curves.fppi.tolist() == [1.0, 1.0] and curves.miss_rate.tolist() == [1.0, 0.5]
-    assert log_average_miss_rate(curves.fppi, curves.miss_rate) == pytest.approx(0.5 ** (1 / 9), abs=1e-12)
-    assert sample_miss_rates(fppi[:0], miss[:0], refs).tolist() == [1.0, 1.0, 1.0]
+    # toolkit (default): every reference r <= 1 takes the first entry, the FP: miss 1 everywhere -> mMR 1
+    assert log_average_miss_rate(curves.fppi, curves.miss_rate) == 1.0
+    # caltech: nothing at fppi <= r < 1 (origin, 1) for 8 points, the last entry (0.5) at r = 1
+    caltech = log_average_miss_rate(curves.fppi, curves.miss_rate, rule="caltech")
+    assert caltech == pytest.approx(0.5 ** (1 / 9), abs=1e-12)
 
 
 def test_average_precision_trapezoid():
@@ -237,7 +261,7 @@ def test_sampling_rules_against_the_toolkit_rule(is_tp, num_images, extra_people
     theirs = [toolkit_sample(curves.fppi.tolist(), curves.miss_rate.tolist(), float(r)) for r in refs]
     toolkit = sample_miss_rates(curves.fppi, curves.miss_rate, refs, rule="toolkit").tolist()
     assert toolkit == pytest.approx(theirs, abs=1e-15)
-    caltech = sample_miss_rates(curves.fppi, curves.miss_rate, refs).tolist()
+    caltech = sample_miss_rates(curves.fppi, curves.miss_rate, refs, rule="caltech").tolist()
     if not any(bool((curves.fppi == r).any()) for r in refs):  # the rules differ on exact ties only
         assert caltech == pytest.approx(theirs, abs=1e-15)
     assert all(c <= t + 1e-15 for c, t in zip(caltech, theirs))  # a tie can only lower the sample
@@ -248,10 +272,39 @@ def test_exact_fppi_tie_separates_the_rules():
     curves = detection_curves(torch.tensor([True, False, True, True, False]), num_people=4, num_images=10)
     r = torch.tensor([0.1], dtype=torch.float64)
     # caltech: last entry with fppi <= 0.1 is the 4th (3 TPs): miss 1/4; toolkit: the FP itself: miss 3/4
-    assert sample_miss_rates(curves.fppi, curves.miss_rate, r).tolist() == [0.25]
+    assert sample_miss_rates(curves.fppi, curves.miss_rate, r, rule="caltech").tolist() == [0.25]
     assert sample_miss_rates(curves.fppi, curves.miss_rate, r, rule="toolkit").tolist() == [0.75]
     with pytest.raises(ValueError, match="unknown miss-rate rule"):
         sample_miss_rates(curves.fppi, curves.miss_rate, r, rule="dollar")
+
+
+# A tie on whole images: 10 images, 4 people P1-P4 in image 1; ranked TP 0.9, FP 0.8, TP 0.7, TP 0.6, FP 0.5.
+P1, P2, P3, P4 = [0, 0, 10, 20], [20, 0, 30, 20], [40, 0, 50, 20], [60, 0, 70, 20]
+TIE_GT = [gt([P1, P2, P3, P4])] + [gt() for _ in range(9)]
+TIE_DETS = [dets((0.9, P1), (0.8, [0, 60, 10, 80]), (0.7, P2), (0.6, P3), (0.5, [20, 60, 30, 80]))] + [
+    dets() for _ in range(9)]
+# entry  outcome  fppi  miss
+#   1    TP       0     0.75
+#   2    FP       0.1   0.75
+#   3    TP       0.1   0.5
+#   4    TP       0.1   0.25
+#   5    FP       0.2   0.25
+# toolkit: r = 0.01 ... 0.1 (5 points): first fppi >= r is entry 2 -> 0.75; r = 0.1778: entry 5 -> 0.25;
+#          r = 0.3162 ... 1 (never reached): the last entry -> 0.25.      mMR = 0.75^(5/9) 0.25^(4/9)
+# caltech: r = 0.01 ... 0.0562 (4 points): last fppi <= r is entry 1 -> 0.75; r = 0.1: entry 4 -> 0.25;
+#          r >= 0.1778: entry 4 or 5 -> 0.25.                              mMR = 0.75^(4/9) 0.25^(5/9)
+TIE_MMR = {"toolkit": 0.75 ** (5 / 9) * 0.25 ** (4 / 9), "caltech": 0.75 ** (4 / 9) * 0.25 ** (5 / 9)}
+
+
+def test_hand_computed_tie_under_both_rules():
+    assert TIE_MMR["toolkit"] == pytest.approx(0.460264, abs=1e-6)
+    assert TIE_MMR["caltech"] == pytest.approx(0.407374, abs=1e-6)
+    default = crowdhuman_metrics(TIE_DETS, TIE_GT)
+    assert default.mmr == pytest.approx(TIE_MMR["toolkit"], abs=1e-12)
+    for rule, expected in TIE_MMR.items():
+        m = crowdhuman_metrics(TIE_DETS, TIE_GT, miss_rate_rule=rule)
+        assert m.mmr == pytest.approx(expected, abs=1e-12)
+        assert (m.ap, m.recall) == (default.ap, default.recall)  # the rule only changes mMR
 
 
 def test_example_under_the_toolkit_rule():
@@ -351,10 +404,10 @@ def test_ignored_detections_change_nothing():
 # ------------------------------------------------------------------------------- COCO and end to end
 
 
-def example_coco() -> dict:
+def example_coco(truths=EXAMPLE_GT) -> dict:
     """The hand-computed example as COCO ground truth (xywh boxes; the ignore region has iscrowd 1)."""
     images, annotations = [], []
-    for image_id, truth in enumerate(EXAMPLE_GT, start=1):
+    for image_id, truth in enumerate(truths, start=1):
         images.append({"id": image_id, "width": 100, "height": 100, "file_name": f"{image_id}.jpg"})
         for xyxy, ignore in zip(truth.boxes.tolist(), truth.ignore.tolist()):
             x1, y1, x2, y2 = xyxy
@@ -365,8 +418,8 @@ def example_coco() -> dict:
             "categories": [{"id": 1, "name": "person", "supercategory": "person"}]}
 
 
-def oracle_table() -> dict:
-    return {i: (d.boxes, d.scores, d.labels) for i, d in enumerate(EXAMPLE_DETS, start=1) if len(d)}
+def oracle_table(detections=EXAMPLE_DETS) -> dict:
+    return {i: (d.boxes, d.scores, d.labels) for i, d in enumerate(detections, start=1) if len(d)}
 
 
 def test_coco_results_give_the_hand_computed_numbers():
@@ -396,6 +449,27 @@ def test_evaluation_entry_point_end_to_end(tmp_path):
     assert len(json.loads((tmp_path / "r.json").read_text())) == 8
     assert result.results_path == str(tmp_path / "r.json")
     assert "mMR 0.5483" in result.summary
+
+
+@pytest.mark.parametrize("rule", [None, "toolkit", "caltech"])
+def test_evaluation_entry_point_samples_by_the_rule(rule):
+    coco = example_coco(TIE_GT)
+    dataset = SyntheticDataset(coco)
+    dataset.cat_index = {1: 0}
+    loader = DataLoader(dataset, batch_size=4, sampler=build_eval_sampler(dataset), collate_fn=collate)
+    kwargs = {} if rule is None else {"miss_rate_rule": rule}
+    result = evaluate_crowdhuman(OracleDetector(oracle_table(TIE_DETS)), loader, coco_gt=make_coco(coco),
+                                 label_map=FakeLabelMap((1,)), device="cpu", **kwargs)
+    assert result.num_images == 10
+    assert result.mmr == pytest.approx(TIE_MMR[rule or "toolkit"], abs=1e-9)
+
+
+def test_miss_rate_rule_is_an_evaluation_config_field():
+    assert Config().evaluation.miss_rate_rule == "toolkit"
+    cfg = config_from_dict({"evaluation": {"miss_rate_rule": "caltech"}})
+    assert cfg.evaluation.miss_rate_rule == "caltech"
+    with pytest.raises(ConfigError, match="evaluation.miss_rate_rule"):
+        config_from_dict({"evaluation": {"miss_rate_rule": "dollar"}})
 
 
 def test_multi_category_ground_truth_is_rejected():

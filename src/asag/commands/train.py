@@ -111,7 +111,7 @@ def build_evaluate_fn(cfg: Config, dataset, *, device: torch.device, amp: str | 
                   label_map=label_map, device=device, amp=amp, results_json=results_json)
     if cfg.evaluation.metric == "crowdhuman":
         check_single_category(dataset.coco, str(dataset.ann_file))  # fail before training, not after
-        return functools.partial(evaluate_crowdhuman, **common)
+        return functools.partial(evaluate_crowdhuman, **common, miss_rate_rule=cfg.evaluation.miss_rate_rule)
     per_class = cfg.evaluation.per_class if per_class is None else per_class
     return functools.partial(evaluate, **common, per_class=per_class)
 

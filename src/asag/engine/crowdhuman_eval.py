@@ -18,16 +18,22 @@ The protocol of the CrowdHuman benchmark (Shao et al., 2018), which uses Caltech
    As in the CrowdHuman toolkit, the curve starts at the first entry: no segment is added from
    recall 0.
 5. **mMR**: the miss rate sampled at 9 FPPI reference points ``r`` log-spaced in ``[1e-2, 1]`` and
-   averaged in log space, ``exp(mean(log(max(miss(r), 1e-10))))``. The sample ``miss(r)`` is the miss
-   rate of the *last* entry with ``fppi_i <= r`` (the largest FPPI not exceeding ``r``; among entries of
-   equal FPPI the last, i.e. the lowest miss rate). When the curve never reaches ``r`` (its final FPPI
-   is below ``r``) this is the final miss rate; when the list starts with an FP whose FPPI ``1 / N``
-   already exceeds ``r``, no entry qualifies and the sample is 1 (the curve's origin: nothing
-   detected). This is the rule of Dollár's Caltech toolbox. The CrowdHuman toolkit takes instead the
-   *first* entry with ``fppi_i >= r``; the two give the same sample unless some ``fppi_i`` equals
-   ``r`` exactly (then the toolkit ignores the TPs ranked between that FP and the next one). Exact
-   ties do happen: on the 4370 CrowdHuman val images at r = 0.1 (437 FPs) and r = 1. The toolkit's
-   rule is available as ``miss_rate_rule="toolkit"`` for comparisons with numbers computed by it.
+   averaged in log space, ``exp(mean(log(max(miss(r), 1e-10))))``. Two sampling rules
+   (``evaluation.miss_rate_rule``); they give the same sample unless some ``fppi_i`` equals ``r``
+   exactly:
+
+   * ``toolkit`` (default): the rule of the CrowdHuman evaluation toolkit, which produced the published
+     CrowdHuman numbers (the paper's included). ``miss(r)`` is the miss rate of the *first* entry with
+     ``fppi_i >= r``, or of the final entry when the curve never reaches ``r``. On an exact tie the
+     entry taken is the FP that brings the FPPI to ``r``: the TPs ranked after it at the same FPPI
+     are not counted.
+   * ``caltech``: the rule of Dollár's Caltech toolbox. ``miss(r)`` is the miss rate of the *last*
+     entry with ``fppi_i <= r`` (among entries of equal FPPI the last, i.e. the lowest miss rate); the
+     final miss rate when the curve never reaches ``r``; 1 (the curve's origin, nothing detected) when
+     the list starts with an FP whose FPPI ``1 / N`` already exceeds ``r``.
+
+   A tie can only make the toolkit's sample higher. Exact ties do happen: on the 4370 CrowdHuman val
+   images at r = 0.1 (437 FPs) and r = 1, where they change mMR by 0.01-0.02.
 6. **Recall**: the final recall of the ranked list.
 
 All three are in ``[0, 1]`` (mMR: lower is better). Without any person box (``G = 0``) they are
@@ -35,11 +41,11 @@ undefined and reported as -1, the convention of pycocotools. Without detections 
 ignored) AP and Recall are 0 and mMR is 1.
 
 The protocol has one class: detection labels are not used, and a ground truth with several
-categories is rejected. Differences from the CrowdHuman toolkit besides the sampling rule, all
-negligible: reference points are exact powers of ten (the toolkit rounds them to 4 decimals), the left
-and top edges clip to ``W`` / ``H`` (the toolkit ``W - 1`` / ``H - 1``), overlaps carry no epsilon in
-their denominators, and miss rates are floored at 1e-10 (the toolkit reports mMR 0 for a miss rate
-of 0).
+categories is rejected. Differences from the CrowdHuman toolkit, all negligible: reference points
+are exact powers of ten (the toolkit rounds them to 4 decimals; 0.01, 0.1 and 1, where ties occur,
+are exact in both), the left and top edges clip to ``W`` / ``H`` (the toolkit ``W - 1`` / ``H - 1``),
+overlaps carry no epsilon in their denominators, and miss rates are floored at 1e-10 (the toolkit
+reports mMR 0 for a miss rate of 0).
 """
 
 from __future__ import annotations
@@ -71,7 +77,9 @@ MISS_RATE_FLOOR = 1e-10
 UNDEFINED = -1.0
 # How the miss rate is sampled at a reference FPPI (module docstring, step 5).
 MissRateRule = Literal["caltech", "toolkit"]
-MISS_RATE_RULES: tuple[str, ...] = ("caltech", "toolkit")
+MISS_RATE_RULES: tuple[str, ...] = ("toolkit", "caltech")
+# The CrowdHuman toolkit's rule: the published CrowdHuman mMR numbers (the paper's included) come from it.
+DEFAULT_MISS_RATE_RULE: MissRateRule = "toolkit"
 # Outcome of one detection (the CrowdHuman toolkit's labels).
 TRUE_POSITIVE, FALSE_POSITIVE, IGNORED = 1, 0, -1
 # Boxes are evaluated in double precision (areas of ~1e3 px boxes, ratios near the 0.5 thresholds).
@@ -289,13 +297,14 @@ def average_precision(recall: Tensor, precision: Tensor) -> float:
 
 
 def sample_miss_rates(
-    fppi: Tensor, miss_rate: Tensor, references: Tensor, rule: MissRateRule = "caltech"
+    fppi: Tensor, miss_rate: Tensor, references: Tensor, rule: MissRateRule = DEFAULT_MISS_RATE_RULE
 ) -> Tensor:
     """``[R]`` miss-rate samples of a curve at the FPPI references.
 
     fppi: ``[M]`` non-decreasing; miss_rate: ``[M]``; references: ``[R]``.
-    rule: "caltech" (default): the last point with ``fppi <= r``, 1 if there is none; "toolkit": the
-    first point with ``fppi >= r``, the last point if there is none (1 for an empty curve).
+    rule: "toolkit" (default, the CrowdHuman toolkit's): the first point with ``fppi >= r``, the last
+    point if there is none; "caltech": the last point with ``fppi <= r``, 1 if there is none. An empty
+    curve samples 1 under both.
     """
     if rule not in MISS_RATE_RULES:
         raise ValueError(f"unknown miss-rate rule {rule!r}; expected one of {MISS_RATE_RULES}")
@@ -310,7 +319,8 @@ def sample_miss_rates(
 
 
 def log_average_miss_rate(
-    fppi: Tensor, miss_rate: Tensor, references: Tensor | None = None, rule: MissRateRule = "caltech"
+    fppi: Tensor, miss_rate: Tensor, references: Tensor | None = None,
+    rule: MissRateRule = DEFAULT_MISS_RATE_RULE,
 ) -> float:
     """``exp(mean(log(max(miss(r), 1e-10))))`` over the FPPI references (default: 9 in [1e-2, 1]),
     sampled by ``rule`` (see :func:`sample_miss_rates`)."""
@@ -328,7 +338,7 @@ def final_recall(recall: Tensor) -> float:
 
 
 def metrics_from_matches(
-    matches: Sequence[ImageMatch], miss_rate_rule: MissRateRule = "caltech"
+    matches: Sequence[ImageMatch], miss_rate_rule: MissRateRule = DEFAULT_MISS_RATE_RULE
 ) -> CrowdHumanMetrics:
     """AP, mMR and Recall (steps 3-6) from the per-image matching results."""
     ranked = rank_matches(matches)
@@ -359,11 +369,12 @@ def crowdhuman_metrics(
     *,
     iou_threshold: float = IOU_THRESHOLD,
     ioa_threshold: float = IOA_THRESHOLD,
-    miss_rate_rule: MissRateRule = "caltech",
+    miss_rate_rule: MissRateRule = DEFAULT_MISS_RATE_RULE,
 ) -> CrowdHumanMetrics:
     """CrowdHuman AP, mMR and Recall of ``detections`` (one per image, boxes ``[K, 4]`` xyxy original
     pixels; labels are not used: the protocol has one class) against ``ground_truth`` (same order).
-    ``miss_rate_rule``: "toolkit" samples miss rates like the CrowdHuman toolkit (module docstring)."""
+    ``miss_rate_rule``: how miss rates are sampled at the FPPI references ("toolkit", the default, or
+    "caltech"; module docstring, step 5)."""
     if len(detections) != len(ground_truth):
         raise ValueError(f"{len(detections)} detection sets for {len(ground_truth)} images")
     matches = [
@@ -414,7 +425,8 @@ def detections_from_coco_results(results: Sequence[Mapping]) -> Detections:
 
 
 def evaluate_coco_results(
-    coco_gt: COCO, results_by_image: Mapping[int, Sequence[Mapping]], miss_rate_rule: MissRateRule = "caltech"
+    coco_gt: COCO, results_by_image: Mapping[int, Sequence[Mapping]],
+    miss_rate_rule: MissRateRule = DEFAULT_MISS_RATE_RULE,
 ) -> CrowdHumanMetrics:
     """CrowdHuman metrics of COCO result records grouped by image id; the images evaluated are the
     keys (an image without detections must be present with an empty list)."""

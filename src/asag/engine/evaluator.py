@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from asag.engine.checkpoint import unwrap_model
 from asag.engine.coco_eval import LabelMapping, detections_to_coco_results, run_coco_eval, write_results_json
-from asag.engine.crowdhuman_eval import evaluate_coco_results
+from asag.engine.crowdhuman_eval import DEFAULT_MISS_RATE_RULE, MissRateRule, evaluate_coco_results
 from asag.engine.distributed import all_gather_object, broadcast_object, is_main_process
 from asag.engine.logger import RunLogger
 from asag.engine.trainer import autocast_context, check_amp
@@ -223,13 +223,16 @@ def evaluate_crowdhuman(
     results_json: str | Path | None = None,
     max_batches: int | None = None,
     logger: RunLogger | None = None,
+    miss_rate_rule: MissRateRule = DEFAULT_MISS_RATE_RULE,
 ) -> CrowdHumanEvalResult:
     """Evaluate ``model`` on ``loader`` with the CrowdHuman metrics (AP, mMR, Recall; spec section 10).
 
     Same arguments as :func:`evaluate` (no per-class AP: the protocol has one class). ``coco_gt`` is
     the COCO file written by ``asag data convert-crowdhuman`` (``iscrowd = 1``: ignore regions); it
     must have a single category (:class:`asag.errors.ConfigError` otherwise). Every image seen in the
-    loader counts, with or without detections.
+    loader counts, with or without detections. ``miss_rate_rule``: how mMR samples the miss rate
+    ("toolkit", the CrowdHuman toolkit's and the default, or "caltech"; see
+    :mod:`asag.engine.crowdhuman_eval`).
     Returns:
         the same :class:`CrowdHumanEvalResult` on every rank.
     """
@@ -237,7 +240,7 @@ def evaluate_crowdhuman(
                       logger=logger)
     result = None
     if is_main_process():
-        result = _score_crowdhuman(merged, coco_gt, results_json=results_json)
+        result = _score_crowdhuman(merged, coco_gt, results_json=results_json, miss_rate_rule=miss_rate_rule)
     return broadcast_object(result)
 
 
@@ -299,12 +302,13 @@ def _run_statistics(record: _ShardRecord) -> dict:
 
 
 def _score_crowdhuman(
-    record: _ShardRecord, coco_gt: COCO, *, results_json: str | Path | None
+    record: _ShardRecord, coco_gt: COCO, *, results_json: str | Path | None,
+    miss_rate_rule: MissRateRule = DEFAULT_MISS_RATE_RULE,
 ) -> CrowdHumanEvalResult:
     """Write the results JSON and compute the CrowdHuman metrics on the merged record (rank 0)."""
     results = [item for items in record.results_by_image.values() for item in items]
     path = write_results_json(results_json, results) if results_json is not None else None
-    metrics = evaluate_coco_results(coco_gt, record.results_by_image)
+    metrics = evaluate_coco_results(coco_gt, record.results_by_image, miss_rate_rule)
     return CrowdHumanEvalResult(
         ap=metrics.ap,
         mmr=metrics.mmr,

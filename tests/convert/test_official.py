@@ -103,3 +103,22 @@ def test_convert_command_writes_a_loadable_checkpoint(tmp_path, capsys):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     assert main(["convert", str(tmp_path / "junk.pth"), "--out", str(out)]) == 2
     assert "junk.pth" in capsys.readouterr().err
+
+
+def test_convert_command_picks_the_main_head_of_a_single_head_checkpoint(tmp_path):
+    from asag.api import load_model
+    from asag.cli import main
+
+    sd = manifest_state_dict("asag-a")
+    # a one-head release checkpoint: head 0 only (the default preset, asag_a_r50_1x_100q, says aux_2)
+    single = {k: v for k, v in sd.items() if not k.startswith(("decoder.bbox_head.1.", "decoder.bbox_head.2.",
+                                                               "decoder.bbox_head.3."))}
+    single["decoder.decoder_embedding.weight"] = sd["decoder.decoder_embedding.weight"][:1]
+    assert infer_architecture(single).num_heads == 1
+    official, out = tmp_path / "official.pth", tmp_path / "ours.pth"
+    torch.save({"model": single}, official)
+    assert main(["convert", str(official), "--out", str(out)]) == 0
+    model, cfg, _ = load_model(out)
+    assert (cfg.model.decoder.num_heads, cfg.model.decoder.used_head, model.used_head) == (1, "main", 0)
+    embedding = model.state_dict()["decoder.head_embedding"]
+    assert torch.equal(embedding[0], sd["decoder.decoder_embedding.weight"][0])

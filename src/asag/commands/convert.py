@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     num_heads = infer_architecture(state).num_heads
     keep = head_index(args.keep_head, num_heads) if args.keep_head else None
     if keep is not None:
-        overrides += ["model.decoder.num_heads=1", "model.decoder.used_head=main"]
+        overrides += ["model.decoder.num_heads=1"]
+    if keep is not None or num_heads == 1:  # one head left: it is the main one, whatever the preset says
+        overrides += ["model.decoder.used_head=main"]
     cfg = config_from_dict(apply_overrides(base.to_dict(), overrides + list(args.overrides)))
     converted = convert_state_dict(state, keep_head=keep)
     model = build_model(cfg.model)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
-import PIL.ImageOps
 import torch
 from torch import Tensor
 
@@ -21,6 +20,7 @@ from asag.build import build_model, build_transforms
 from asag.config import Config, config_from_dict
 from asag.convert.official import head_index
 from asag.data import LabelMap, collate
+from asag.data.image import open_image, to_rgb
 from asag.engine.checkpoint import load_checkpoint
 from asag.errors import CheckpointError, ConfigError, DataError
 from asag.modeling.detector import ASAG
@@ -115,20 +115,11 @@ class Detector:
 
     @staticmethod
     def load_image(image: PIL.Image.Image | Tensor | str | Path) -> PIL.Image.Image:
-        """An RGB PIL image from a PIL image, a ``[3, H, W]`` tensor (uint8, or float in [0, 1]) or a path
-        (EXIF orientation applied)."""
+        """An 8-bit RGB PIL image from a PIL image (any mode), a ``[3, H, W]`` tensor (uint8, or float in
+        [0, 1]) or a path (EXIF orientation applied). Files and PIL images go through
+        :func:`asag.data.image.to_rgb`, the converter of the training and evaluation reader."""
         if isinstance(image, str | Path):
-            path = Path(image)
-            if not path.is_file():
-                raise DataError(f"{path}: image file not found")
-            try:
-                with PIL.Image.open(path) as raw:
-                    raw.load()
-                    image = PIL.ImageOps.exif_transpose(raw)
-            except (OSError, SyntaxError, ValueError) as err:
-                raise DataError(f"{path}: cannot read image ({err})") from None
-        if isinstance(image, PIL.Image.Image) and image.mode in ("P", "LA", "PA", "RGBA"):
-            image = image.convert("RGBA")  # palette transparency first, then drop alpha
+            return open_image(image)[0]
         if isinstance(image, Tensor):
             if image.ndim != 3 or image.shape[0] != 3:
                 raise DataError(f"image tensor must be [3, H, W], got {tuple(image.shape)}")
@@ -137,7 +128,7 @@ class Detector:
             return PIL.Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
         if not isinstance(image, PIL.Image.Image):
             raise DataError(f"unsupported image type {type(image).__name__}")
-        return image.convert("RGB")
+        return to_rgb(image)
 
     def preprocess(self, image: PIL.Image.Image | Tensor | str | Path):
         """Any accepted image -> one ``(tensor, ImageTargets)`` sample with the evaluation transforms."""

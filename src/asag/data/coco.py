@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from asag.data.image import open_image
 from asag.data.labels import LabelMap
 from asag.data.transforms import DetectionTransform, Sample
 from asag.errors import DataError
@@ -274,34 +274,15 @@ def check_image_files(image_dir: Path, file_names: Sequence[str], source: str) -
 # ----------------------------------------------------------------------------------- image level
 
 
-def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Grayscale, 16-bit, palette, RGBA, CMYK ... -> 8-bit RGB (alpha dropped)."""
-    if image.mode == "RGB":
-        return image.copy()
-    if image.mode.startswith("I;16"):
-        scaled = (np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)).round().astype(np.uint8)
-        image = PIL.Image.fromarray(scaled)
-    elif image.mode == "P":
-        image = image.convert("RGBA")  # applies palette transparency before the alpha is dropped
-    return image.convert("RGB")
-
-
 def read_image(path: Path, width: int, height: int) -> PIL.Image.Image:
-    """Decode an image as RGB, honouring its EXIF orientation.
+    """Decode an image as RGB (:func:`asag.data.image.open_image`), honouring its EXIF orientation.
 
     ``width``/``height`` are the JSON's; the annotations live in that frame. If the EXIF-rotated image
     has that size it is used; if only the stored (unrotated) pixels have it, those are used.
     """
-    try:
-        with PIL.Image.open(path) as raw:
-            raw.load()
-            rotated = PIL.ImageOps.exif_transpose(raw)
-            image = rotated if rotated.size == (width, height) or raw.size != (width, height) else raw
-            image = _to_rgb(image)  # a new image, valid after the file is closed
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: cannot read image ({err})") from None
+    image, stored_size = open_image(path)
+    if image.size != (width, height) and stored_size == (width, height):
+        image, _ = open_image(path, exif=False)
     if image.size != (width, height):
         raise DataError(
             f"{path}: image is {image.width}x{image.height} pixels (w x h) but the annotation file says "

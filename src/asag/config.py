@@ -439,6 +439,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.schedule.epochs >= 1, "schedule.epochs must be >= 1")
     _check(all(0 <= e <= cfg.schedule.epochs for e in cfg.schedule.milestones),
            "schedule.milestones must lie within [0, schedule.epochs]")
+    _check(cfg.schedule.max_iters_per_epoch is None or cfg.schedule.max_iters_per_epoch >= 1,
+           "schedule.max_iters_per_epoch must be >= 1 or null (an epoch must run at least one iteration)")
     _check(cfg.schedule.lr > 0 and cfg.schedule.backbone_lr >= 0, "schedule.lr must be > 0, backbone_lr >= 0")
     _check(cfg.data.batch_size >= 1 and cfg.data.val_batch_size >= 1, "data batch sizes must be >= 1")
     _check(len(cfg.data.crop_size) == 2 and cfg.data.crop_size[0] <= cfg.data.crop_size[1],

@@ -103,6 +103,18 @@ def test_bad_input_gives_a_message_and_exit_code_2(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=9", "data.batch_size=9 is larger than the 8 usable training images"),
+    ("schedule.max_iters_per_epoch=0", "schedule.max_iters_per_epoch must be >= 1"),
+])
+def test_training_without_iterations_is_refused_up_front(data_root, tmp_path, capsys, override, message):
+    args = ["train", "tiny_cpu", f"data.root={data_root}", f"runtime.output_dir={tmp_path}", override]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not any(tmp_path.glob("*.pth"))
+
+
 def test_bad_files(trained, tmp_path, capsys):
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes((trained / "last.pth").read_bytes()[:1000])

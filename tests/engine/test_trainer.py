@@ -183,3 +183,15 @@ def test_eval_every_zero_disables_evaluation(tmp_path):
                  max_iters=1)
     assert calls == [] and result.best_epoch == -1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
+@pytest.mark.parametrize("loader, max_iters",
+                         [(partial(train_loader, batch_size=11), None), (train_loader, 0)],
+                         ids=["batch_larger_than_data", "max_iters_0"])
+def test_epoch_without_iterations_fails_before_saving(tmp_path, loader, max_iters):
+    model, opt, sched = setup()
+    calls = []
+    with pytest.raises(ConfigError, match="epoch 0 ran no training iteration"):
+        fit(model, FakeCriterion(), loader(), opt, sched, epochs=1, device="cpu", output_dir=tmp_path,
+            config={}, label_map={}, evaluate_fn=calls.append, max_iters=max_iters)
+    assert calls == [] and list(tmp_path.iterdir()) == []  # no evaluation, no untrained best.pth

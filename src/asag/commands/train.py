@@ -25,6 +25,7 @@ from asag.engine.distributed import cleanup_distributed, init_distributed, is_ma
 from asag.engine.evaluator import evaluate, evaluate_crowdhuman
 from asag.engine.logger import RunLogger
 from asag.engine.trainer import FitResult, fit, make_grad_scaler
+from asag.errors import ConfigError
 from asag.modeling.fast import cpu_supports_bf16
 
 
@@ -87,8 +88,10 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
         train_model = wrap_ddp(model, device) if dist.distributed else model
         evaluate_fn = build_evaluate_fn(cfg, val_set, device=device, amp=amp,
                                         results_json=out / "val_results.json")
+        train_loader = build_loader(train_set, cfg.data, train=True, seed=rt.seed)
+        check_iterations(train_loader, cfg, str(train_set.ann_file))
         result = fit(
-            train_model, criterion, build_loader(train_set, cfg.data, train=True, seed=rt.seed), optimizer,
+            train_model, criterion, train_loader, optimizer,
             scheduler, epochs=cfg.schedule.epochs, device=device, output_dir=out, config=cfg.to_dict(),
             label_map=train_set.label_map.to_dict(), evaluate_fn=evaluate_fn, eval_every=rt.eval_every,
             checkpoint_every=rt.checkpoint_every, clip_max_norm=cfg.schedule.clip_max_norm, amp=amp,
@@ -99,6 +102,17 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
         logger.close()
         cleanup_distributed()
     return TrainingRun(result, out)
+
+
+def check_iterations(train_loader, cfg: Config, source: str) -> None:
+    """Refuse a run whose epochs would perform no iteration (the incomplete last batch is dropped)."""
+    if len(train_loader) == 0:
+        images = len(train_loader.batch_sampler.sampler)  # this process's share of the usable images
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is larger than the {images} usable training images of "
+            f"{source} (per process; images without a box or smaller than data.min_image_side="
+            f"{cfg.data.min_image_side} px are left out): an epoch would run no iteration"
+        )
 
 
 def build_evaluate_fn(cfg: Config, dataset, *, device: torch.device, amp: str | None, results_json: Path,

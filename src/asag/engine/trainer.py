@@ -422,6 +422,9 @@ def fit(
             epoch=epoch, device=device, clip_max_norm=clip_max_norm, amp=amp, scaler=scaler,
             logger=logger, max_iters=max_iters, global_step=result.iteration, log_every=log_every,
         )
+        if metrics.iterations == 0:  # an empty loader or max_iters <= 0: nothing trained, nothing to save
+            raise ConfigError(f"epoch {epoch} ran no training iteration (the training loader yielded no "
+                              f"batch{'' if max_iters is None else f'; max_iters={max_iters}'}); stopping")
         scheduler.step_epoch()
         result.iteration += metrics.iterations
         result.epochs.append(metrics)

@@ -32,7 +32,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from asag.build import build_criterion, build_dataset, build_loader, build_model
+from asag.build import build_criterion, build_dataset, build_loader, build_model, prepare_synthetic
 from asag.config import Config, load_config
 from asag.engine.evaluator import evaluate
 from asag.engine.trainer import autocast_context, to_float32
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     cfg = load_config("demo", [f"data.root={args.data}"])
     bf16 = cpu_supports_bf16() and not args.no_bf16
+    prepare_synthetic(cfg.data)
     train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 backbone+FPN: {bf16}, "
           f"budget {args.budget_s:.0f} s each, {len(train_set)} train / {len(val_set)} val images")

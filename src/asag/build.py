@@ -204,7 +204,9 @@ def data_files(cfg: DataConfig, split: str) -> tuple[Path, Path]:
 
 
 def prepare_synthetic(cfg: DataConfig, log=print) -> None:
-    """Generate the synthetic data set into ``cfg.root`` unless it is already there."""
+    """Generate the synthetic data set into ``cfg.root`` unless it is already there. Only ``asag demo``
+    (and ``asag data synth``) generate data; elsewhere a missing data set is an error
+    (:func:`build_dataset`)."""
     paths = synthetic_paths(cfg.root)
     if paths.train_json.is_file() and paths.val_json.is_file():
         return
@@ -226,11 +228,14 @@ def build_transforms(cfg: DataConfig, train: bool) -> DetectionTransform:
 
 def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
     """The COCO-format data set of ``split`` with its transforms (training filter on for ``train``)."""
-    if cfg.format == "synthetic":
-        prepare_synthetic(cfg)
     ann_file, image_dir = data_files(cfg, split)
     if not ann_file.is_file():
-        raise DataError(f"{ann_file}: annotation file not found (data.root={cfg.root!r})")
+        hint = ""
+        if cfg.format == "synthetic":  # never generated behind the user's back (a mistyped root)
+            hint = (f"; to generate the synthetic data set there: asag data synth --out {cfg.root} --images "
+                    f"{cfg.synthetic_train_images} --val-images {cfg.synthetic_val_images} --seed "
+                    f"{cfg.synthetic_seed}")
+        raise DataError(f"{ann_file}: annotation file not found (data.root={cfg.root!r}){hint}")
     train = split == "train"
     return CocoDetection(ann_file, image_dir, build_transforms(cfg, train), training_filter=train,
                          min_side=cfg.min_image_side)

@@ -179,7 +179,8 @@ class DataConfig:
     batch_size: int = 2
     val_batch_size: int = 1
     num_workers: int = 4
-    # Synthetic data set (used when format == "synthetic"): generated into root if absent.
+    # Synthetic data set (format == "synthetic"): generated into root by `asag demo` (or `asag data
+    # synth`) only; other commands report a missing data set as an error naming the path.
     synthetic_train_images: int = 200
     synthetic_val_images: int = 50
     synthetic_seed: int = 0

@@ -12,6 +12,7 @@ from pycocotools.cocoeval import COCOeval
 from asag.data.coco import CocoDetection
 from asag.data.stats import MEDIUM_AREA, SMALL_AREA
 from asag.data.synthetic import SHAPE_CLASSES, SyntheticSpec, generate_synthetic, render_scene
+from asag.errors import DataError
 
 SMALL_SPEC = SyntheticSpec(min_image_side=64, max_image_side=96, min_object_size=6)
 
@@ -100,3 +101,17 @@ def test_two_hundred_images_in_a_few_seconds(tmp_path):
     start = time.perf_counter()
     generate_synthetic(tmp_path, 200, seed=0, val_images=1)
     assert time.perf_counter() - start < 10.0
+
+
+def test_a_missing_synthetic_data_set_is_an_error_not_generated(tmp_path, capsys):
+    from asag.build import build_dataset
+    from asag.cli import main
+    from asag.config import load_config
+
+    typo = tmp_path / "synthtic"
+    cfg = load_config("tiny_cpu", [f"data.root={typo}"])
+    with pytest.raises(DataError, match=r"synthtic/train.json: annotation file not found .*asag data synth"):
+        build_dataset(cfg.data, "train")
+    assert main(["train", "tiny_cpu", f"data.root={typo}", f"runtime.output_dir={tmp_path / 'run'}"]) == 2
+    assert "synthtic/train.json: annotation file not found" in capsys.readouterr().err
+    assert not typo.exists()

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from asag.api import Detector
-from asag.build import data_files
+from asag.build import data_files, prepare_synthetic
 from asag.commands.eval import format_result
 from asag.commands.train import train
 from asag.config import load_config
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = [f"data.root={out / 'data'}", *args.overrides]
     cfg = load_config(args.preset, overrides)
     print(f"asag demo: {cfg.description}")
+    prepare_synthetic(cfg.data)
     run_ = train(cfg, output_dir=out)
     result = run_.result
     final = result.evaluations[max(result.evaluations)] if result.evaluations else None

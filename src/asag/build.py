@@ -251,6 +251,17 @@ def build_loader(dataset: Dataset, cfg: DataConfig, train: bool, seed: int = 0) 
     return DataLoader(dataset, batch_size=cfg.val_batch_size, sampler=build_eval_sampler(dataset), **common)
 
 
+def check_annotated(dataset: CocoDetection) -> None:
+    """Refuse to evaluate on a data set without a single (non-crowd) box: AP, recall and mMR would be
+    undefined (pycocotools reports -1), after a full pass of the model."""
+    if int(dataset.index.num_boxes()[dataset.positions].sum()) == 0:
+        raise DataError(
+            f"{dataset.ann_file}: none of its {len(dataset)} images has an annotated box (iscrowd 0), so "
+            f"AP is undefined (pycocotools would print -1). Evaluate on annotated images; `asag predict` "
+            f"gives detections without annotations; in training, runtime.eval_every=0 turns evaluation off"
+        )
+
+
 def check_num_classes(cfg: ModelConfig, label_map: LabelMap, source: str) -> None:
     if len(label_map) != cfg.num_classes:
         raise ConfigError(

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from asag.api import load_model, resolve_device
-from asag.build import build_dataset, check_num_classes
+from asag.build import build_dataset, check_annotated, check_num_classes
 from asag.commands.train import build_evaluate_fn
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process
 from asag.engine.evaluator import CrowdHumanEvalResult
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
                                            device=device)
         dataset = build_dataset(cfg.data, "val")
         check_num_classes(cfg.model, dataset.label_map, str(dataset.ann_file))
+        check_annotated(dataset)
         out = Path(args.out)
         evaluate_fn = build_evaluate_fn(cfg, dataset, device=device, amp=None, label_map=label_map,
                                         results_json=out / "results.json", per_class=args.per_class or None)

@@ -16,6 +16,7 @@ from asag.build import (
     build_loader,
     build_model,
     build_optimizer_and_schedule,
+    check_annotated,
     check_num_classes,
 )
 from asag.config import Config, load_config
@@ -78,6 +79,8 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
         train_set = build_dataset(cfg.data, "train")
         val_set = build_dataset(cfg.data, "val")
         check_num_classes(cfg.model, train_set.label_map, str(train_set.ann_file))
+        if rt.eval_every > 0:
+            check_annotated(val_set)
         if is_main_process():
             log(f"training {cfg.description or cfg.model.variant}: {len(train_set)} train images, "
                 f"{len(val_set)} val images, device {device}, output {out}")

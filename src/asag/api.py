@@ -83,11 +83,25 @@ def load_model(
         )
     model.used_head = head_index(cfg.model.decoder.used_head, cfg.model.decoder.num_heads)
     label_map = LabelMap.from_dict(ckpt["label_map"]) if ckpt.get("label_map") else _default_labels(cfg)
+    check_label_map(label_map, cfg.model.num_classes, path)
     model = model.eval()
     if fast or compile or resolve_precision(dtype) is not None:
         model = optimize_for_inference(model.to(device or "cpu"), fold_bn=fast, channels_last=fast,
                                        compile=compile, dtype=dtype)
     return model, cfg, label_map
+
+
+def check_label_map(label_map: LabelMap, num_classes: int, path: str | Path) -> None:
+    """The stored label map must name every class the model predicts: with fewer names, detections of
+    the unnamed classes could not be mapped to category ids (nothing predicted, or an evaluation that
+    fails at the end); with more, some categories could never be predicted."""
+    if len(label_map) != num_classes:
+        relation = "fewer" if len(label_map) < num_classes else "more"
+        raise CheckpointError(
+            f"{path}: its label map has {len(label_map)} categories, {relation} than the model's "
+            f"model.num_classes={num_classes}; the checkpoint is inconsistent (written by another tool or "
+            f"edited?)"
+        )
 
 
 def _default_labels(cfg: Config) -> LabelMap:

@@ -189,6 +189,22 @@ def test_malformed_bbox(coco_writer):
         CocoDetection(json_path, image_dir)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("bbox", ["1", "2", "3", "4"], "annotation id 4 has a malformed bbox \\['1', '2', '3', '4'\\]"),
+    ("bbox", [1, 2, "3.5", 4], "annotation id 4 has a malformed bbox \\[1, 2, '3.5', 4\\]"),
+    ("bbox", [1, 2, None, 4], "annotation id 4 has a malformed bbox \\[1, 2, None, 4\\]"),
+    ("bbox", [True, False, True, True], "annotation id 4 has a malformed bbox"),
+    ("category_id", "1", "annotation id 4 needs integer id, image_id, category_id"),
+    ("image_id", 1.0, "annotation id 4 needs integer id, image_id, category_id"),
+    ("iscrowd", "0", "annotation id 4 has a non-integer 'iscrowd' '0'"),
+])
+def test_numeric_strings_and_non_numbers_are_refused(coco_writer, field, value, message):
+    annotation = {"id": 4, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], field: value}
+    json_path, image_dir = coco_writer([(1, "a.png", 40, 40)], [annotation])
+    with _raises(message, str(json_path)):
+        CocoDetection(json_path, image_dir)
+
+
 def test_empty_dataset(coco_writer):
     json_path, image_dir = coco_writer([], [])
     with _raises("the data set is empty", str(json_path)):

@@ -82,6 +82,14 @@ def test_malformed_line_named(tmp_path):
         odgt_to_coco(odgt, image_dir)
 
 
+@pytest.mark.parametrize("fbox", [["1", 2, 3, 4], [1, 2, 3, True], [1, 2, 3]])
+def test_non_numeric_fbox_named(tmp_path, fbox):
+    bad = [{"ID": "273271,c9db000d5146c15", "gtboxes": [{"tag": "person", "fbox": fbox}]}]
+    odgt, image_dir = _write(tmp_path, records=bad)
+    with pytest.raises(DataError, match="line 1: malformed 'fbox'"):
+        odgt_to_coco(odgt, image_dir)
+
+
 def test_negative_fbox_named(tmp_path):
     bad = [{"ID": "273271,c9db000d5146c15", "gtboxes": [{"tag": "person", "fbox": [1, 2, -3, 4]}]}]
     odgt, image_dir = _write(tmp_path, records=bad)

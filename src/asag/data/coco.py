@@ -115,6 +115,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    """A JSON number: not a numeric string, not a boolean."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _image_table(images: list[Any], source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Image ids, widths, heights ``[I]`` int64 and file names; rejects incomplete or duplicate entries."""
     for pos, img in enumerate(images):
@@ -145,7 +150,7 @@ def _bad_annotation(anns: list[Any], source: str) -> DataError:
             return DataError(f"{source}: {name} has a non-integer 'iscrowd' {ann['iscrowd']!r}")
         bbox = ann["bbox"]
         numbers = isinstance(bbox, list) and len(bbox) == 4
-        if not numbers or not all(isinstance(v, int | float) and np.isfinite(v) for v in bbox):
+        if not numbers or not all(_is_number(v) and np.isfinite(v) for v in bbox):
             expected = "expected 4 finite numbers x, y, w, h"
             return DataError(f"{source}: {name} has a malformed bbox {bbox!r} ({expected})")
     return DataError(f"{source}: malformed annotations")
@@ -153,16 +158,21 @@ def _bad_annotation(anns: list[Any], source: str) -> DataError:
 
 def annotation_columns(anns: list[Any], source: str) -> dict[str, np.ndarray]:
     """Columns ``id, image_id, category_id, iscrowd`` ``[A]`` int64 and ``bbox`` ``[A, 4]`` float64 (xywh)."""
-    try:
-        cols = {
-            "id": np.array([a["id"] for a in anns], dtype=np.int64),
-            "image_id": np.array([a["image_id"] for a in anns], dtype=np.int64),
-            "category_id": np.array([a["category_id"] for a in anns], dtype=np.int64),
-            "iscrowd": np.array([a.get("iscrowd", 0) for a in anns], dtype=np.int64),
-            "bbox": np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(len(anns), 4),
+    try:  # no dtype first: numeric strings ("12.5") or nulls give a str / object array, refused below
+        raw = {
+            "id": np.array([a["id"] for a in anns]),
+            "image_id": np.array([a["image_id"] for a in anns]),
+            "category_id": np.array([a["category_id"] for a in anns]),
+            "iscrowd": np.array([a.get("iscrowd", 0) for a in anns]),
+            "bbox": np.array([a["bbox"] for a in anns]),
         }
     except (KeyError, TypeError, ValueError, AttributeError):
         raise _bad_annotation(anns, source) from None
+    if anns and (any(raw[k].dtype.kind not in "iu" for k in ("id", "image_id", "category_id", "iscrowd"))
+                 or raw["bbox"].dtype.kind not in "iuf" or raw["bbox"].shape != (len(anns), 4)):
+        raise _bad_annotation(anns, source)
+    cols = {k: v.astype(np.int64) for k, v in raw.items() if k != "bbox"}
+    cols["bbox"] = raw["bbox"].astype(np.float64).reshape(len(anns), 4)
     if not np.isfinite(cols["bbox"]).all():
         raise _bad_annotation(anns, source)
     unique, counts = np.unique(cols["id"], return_counts=True)

@@ -69,7 +69,8 @@ def _coco_box(box: Mapping[str, Any], where: str) -> dict[str, Any] | None:
     if tag not in (PERSON_TAG, MASK_TAG):
         return None
     fbox = box.get("fbox")
-    if not (isinstance(fbox, list) and len(fbox) == 4 and all(isinstance(v, int | float) for v in fbox)):
+    numbers = isinstance(fbox, list) and all(type(v) in (int, float) for v in fbox)  # no "12", no true
+    if not (numbers and len(fbox) == 4):
         raise DataError(f"{where}: malformed 'fbox' {fbox!r} (expected x, y, w, h)")
     if fbox[2] < 0 or fbox[3] < 0:
         raise DataError(f"{where}: 'fbox' {fbox!r} has a negative width or height")

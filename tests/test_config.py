@@ -1,10 +1,17 @@
+import dataclasses
 import json
+import math
+import re
+import types
+import typing
 
 import pytest
 import yaml
 
 from asag.config import (
+    FIELD_RANGES,
     Config,
+    Range,
     apply_overrides,
     available_presets,
     config_from_dict,
@@ -75,3 +82,88 @@ def test_unknown_preset_lists_the_available_ones():
 def test_every_preset_resolves(name):
     cfg = load_config(name)
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+# ------------------------------------------------------------------------------ numeric validation
+
+
+def numeric_field_types(cls=Config, prefix=""):
+    """Dotted name -> (int or float, is_list) of every numeric field, found from the type hints."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        base = tp
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None -> X
+            (base,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        if dataclasses.is_dataclass(base):
+            out.update(numeric_field_types(base, f"{prefix}{name}."))
+        elif base in (int, float):
+            out[f"{prefix}{name}"] = (base, False)
+        elif typing.get_origin(base) is list and typing.get_args(base)[0] in (int, float):
+            out[f"{prefix}{name}"] = (typing.get_args(base)[0], True)
+    return out
+
+
+def test_every_numeric_field_has_a_range():
+    fields = numeric_field_types()
+    assert len(fields) > 80
+    assert sorted(set(fields) - set(FIELD_RANGES)) == []
+    assert sorted(set(FIELD_RANGES) - set(fields)) == []
+
+
+def outside(allowed: Range, kind: type):
+    if allowed.low is not None:
+        return allowed.low if allowed.low_open else allowed.low - 1
+    return allowed.high + 1 if allowed.high is not None else None
+
+
+def override(name: str, value, is_list: bool) -> dict:
+    data: dict = {}
+    node = data
+    *parents, leaf = name.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = [value] if is_list else value
+    return data
+
+
+@pytest.mark.parametrize("name", sorted(FIELD_RANGES))
+def test_every_numeric_field_is_range_checked_with_its_name(name):
+    kind, is_list = numeric_field_types()[name]
+    shown = f"{name}[0]" if is_list else name
+    bad = outside(FIELD_RANGES[name], kind)
+    if bad is not None:
+        with pytest.raises(ConfigError, match="^" + re.escape(f"{shown} must be")):
+            config_from_dict(override(name, kind(bad), is_list))
+    if kind is float:
+        for value in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ConfigError, match="must be a finite number"):
+                config_from_dict(override(name, value, is_list))
+    else:
+        with pytest.raises(ConfigError, match="expected an integer"):
+            config_from_dict(override(name, 2.5, is_list))
+        with pytest.raises(ConfigError, match="expected an integer"):
+            config_from_dict(override(name, "3", is_list))
+
+
+@pytest.mark.parametrize("override_text, message", [
+    ("runtime.num_threads=0", "runtime.num_threads must be >= 1, got 0"),
+    ("schedule.lr=.inf", "schedule.lr must be a finite number, got inf"),
+    ("schedule.lr=nan", "schedule.lr must be a finite number, got nan"),
+    ("schedule.lr=0", "schedule.lr must be > 0, got 0.0"),
+    ("data.batch_size=0", "data.batch_size must be >= 1, got 0"),
+    ("model.postprocess.topk=-1", "model.postprocess.topk must be >= 1, got -1"),
+    ("schedule.warmup_factor=0", "schedule.warmup_factor must be in \\(0, 1\\], got 0.0"),
+    ("matcher.focal_alpha=1.5", "matcher.focal_alpha must be in \\[0, 1\\], got 1.5"),
+    ("schedule.milestones=[3, -1]", "schedule.milestones\\[1\\] must be >= 0, got -1"),
+    ("model.decoder.dropout=1", "model.decoder.dropout must be in \\[0, 1\\), got 1.0"),
+    ("data.num_workers=2.0", "data.num_workers: expected an integer, got 2.0"),
+])
+def test_out_of_range_overrides_name_the_field(override_text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_cpu", [override_text])
+
+
+def test_range_membership_and_description():
+    assert 0 in Range(0) and 0 not in Range(0, low_open=True) and 1 not in Range(0, 1, high_open=True)
+    assert Range(1).describe() == ">= 1" and Range(0, 1, low_open=True).describe() == "in (0, 1]"
+    assert Range(high=2, high_open=True).describe() == "< 2" and -5 in Range(high=2)

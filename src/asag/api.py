@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from asag.build import build_model, build_transforms
-from asag.config import Config, config_from_dict
+from asag.config import FIELD_RANGES, FRACTION, Config, check_number, config_from_dict
 from asag.convert.official import head_index
 from asag.data import LabelMap, collate
 from asag.data.image import open_image, to_rgb
@@ -150,6 +150,9 @@ class Detector:
 
     def to_detections(self, dets: Detections, score_threshold: float = 0.0, topk: int | None = None
                       ) -> list[Detection]:
+        check_number("score_threshold", score_threshold, FRACTION)
+        if topk is not None:
+            check_number("topk", topk, FIELD_RANGES["model.postprocess.topk"])
         keep = dets.scores >= score_threshold
         boxes, scores, labels = dets.boxes[keep], dets.scores[keep], dets.labels[keep]
         if topk is not None:

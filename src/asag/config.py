@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -271,6 +272,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
+        if len(errors) == 1:  # X | None: say what X wants
+            raise ConfigError(f"{errors[0]} (or null)")
         raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
     if origin is list:
         if not isinstance(value, list | tuple):
@@ -400,15 +403,156 @@ def load_config(preset: str, overrides: list[str] | None = None) -> Config:
 # ------------------------------------------------------------------------------------- validation
 
 
+@dataclass(frozen=True)
+class Range:
+    """An allowed numeric interval: ``low``/``high`` (None: unbounded), ends included unless ``*_open``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def describe(self) -> str:
+        if self.low is None and self.high is None:
+            return "a number"
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE, NON_NEGATIVE = Range(1), Range(0)  # integers: >= 1, >= 0
+POSITIVE_REAL = Range(0, low_open=True)
+FRACTION = Range(0, 1)
+# The allowed range of every numeric field (list fields: of each item), checked by `validate`; every
+# float must also be finite. Consistency between fields is checked after these, in `validate`.
+FIELD_RANGES: dict[str, Range] = {
+    "model.num_classes": POSITIVE,
+    "model.hidden_dim": POSITIVE,
+    "model.backbone.frozen_bn_eps": POSITIVE_REAL,
+    "model.neck.out_channels": POSITIVE,
+    **{f"model.anchor_generator.{k}": POSITIVE for k in (
+        "compress_dim", "mlp_hidden_dim", "num_anchors_coarse", "num_anchors_patch", "interpolate_size",
+        "patch_size", "min_anchors", "max_anchors", "max_patches_per_image", "max_patches_per_level")},
+    "model.anchor_generator.threshold_low": FRACTION,
+    "model.anchor_generator.threshold_high": FRACTION,
+    "model.anchor_generator.patch_nms_threshold": Range(0, 1, low_open=True),
+    "model.anchor_generator.score_threshold": Range(0, 1, high_open=True),
+    "model.anchor_generator.use_target_epoch": NON_NEGATIVE,
+    "model.anchor_generator.min_anchor_size": NON_NEGATIVE,
+    "model.anchor_generator.min_training_patches": NON_NEGATIVE,
+    **{f"model.proposal.{k}": POSITIVE for k in ("num_heads", "ffn_dim", "roi_size", "sampling_ratio")},
+    **{f"model.decoder.{k}": POSITIVE for k in (
+        "num_heads", "attention_heads", "ffn_dim", "in_points", "out_points", "n_groups", "dim_dynamic",
+        "roi_size", "sampling_ratio", "encoder_layers", "encoder_ffn_dim", "deformable_points")},
+    "model.decoder.dropout": Range(0, 1, high_open=True),
+    "model.postprocess.topk": POSITIVE,
+    "model.postprocess.nms_threshold": Range(0, 1, low_open=True),
+    **{f"matcher.{k}": NON_NEGATIVE for k in ("cost_class", "cost_bbox", "cost_giou", "focal_gamma")},
+    "matcher.focal_alpha": FRACTION,
+    **{f"loss.{k}": NON_NEGATIVE for k in (
+        "ce", "bbox", "giou", "other", "anchor", "anchor_ce", "anchor_bbox", "anchor_giou", "area_weight",
+        "gamma1", "gamma2")},
+    "denoising.num_queries": NON_NEGATIVE,
+    "denoising.noise_scale": NON_NEGATIVE,
+    **{f"data.{k}": POSITIVE for k in (
+        "train_scales", "train_max_size", "crop_scales", "crop_size", "crop_max_size", "val_size",
+        "val_max_size", "batch_size", "val_batch_size", "synthetic_train_images", "synthetic_val_images")},
+    "data.min_image_side": NON_NEGATIVE,
+    "data.num_workers": NON_NEGATIVE,
+    "data.synthetic_seed": NON_NEGATIVE,
+    "schedule.epochs": POSITIVE,
+    "schedule.lr": POSITIVE_REAL,
+    "schedule.backbone_lr": Range(0),
+    "schedule.weight_decay": Range(0),
+    "schedule.milestones": NON_NEGATIVE,
+    "schedule.gamma": POSITIVE_REAL,
+    "schedule.warmup_iters": NON_NEGATIVE,
+    "schedule.warmup_factor": Range(0, 1, low_open=True),
+    "schedule.clip_max_norm": Range(),  # <= 0: no clipping
+    "schedule.max_iters_per_epoch": POSITIVE,
+    "runtime.seed": NON_NEGATIVE,
+    "runtime.eval_every": NON_NEGATIVE,  # 0: no evaluation
+    "runtime.checkpoint_every": POSITIVE,
+    "runtime.log_every": NON_NEGATIVE,  # 0: no per-iteration records
+    "runtime.num_threads": POSITIVE,
+}
+
+
+def check_number(name: str, value: Any, allowed: Range) -> None:
+    """Raise :class:`ConfigError` naming ``name`` unless ``value`` is a finite number in ``allowed``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if value not in allowed:
+        raise ConfigError(f"{name} must be {allowed.describe()}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def numeric_fields(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted name -> value of every int or float field (lists: the list) below the dataclass ``obj``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(numeric_fields(value, f"{name}."))
+        elif _is_number(value) or (isinstance(value, list) and all(_is_number(v) for v in value)):
+            out[name] = value
+    return out
+
+
+def _check_numbers(cfg: Config) -> None:
+    for name, value in numeric_fields(cfg).items():
+        allowed = FIELD_RANGES.get(name, Range())
+        for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            check_number(name if i is None else f"{name}[{i}]", item, allowed)
+
+
+def option_type(kind: type, allowed: Range = Range()):
+    """An ``argparse`` ``type=`` for a numeric command-line option: ``kind`` (int or float) in ``allowed``,
+    finite; the error names the option (argparse adds it) and says what is allowed."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        try:
+            check_number("the value", value, allowed)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("the value ")) from None
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+def field_option(name: str, kind: type = int):
+    """The ``argparse`` ``type=`` of an option that sets (or mirrors) the config field ``name``."""
+    return option_type(kind, FIELD_RANGES[name])
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
 def validate(cfg: Config) -> None:
-    """Range and consistency checks with messages naming the key."""
+    """Range and consistency checks with messages naming the key: first every numeric field against
+    :data:`FIELD_RANGES` (and finiteness), then the relations between fields."""
+    _check_numbers(cfg)
     m, ag, dec = cfg.model, cfg.model.anchor_generator, cfg.model.decoder
-    _check(m.num_classes >= 1, "model.num_classes must be >= 1")
     _check(m.hidden_dim % dec.attention_heads == 0,
            "model.hidden_dim must be divisible by model.decoder.attention_heads")
     _check(m.hidden_dim % (4 * dec.n_groups) == 0 or dec.type != "adamixer",
@@ -419,33 +563,16 @@ def validate(cfg: Config) -> None:
            "model.anchor_generator.interpolate_size must be 2 * patch_size (four crops tile the map)")
     _check(0.0 <= ag.threshold_low < ag.threshold_high <= 1.0,
            "model.anchor_generator: need 0 <= threshold_low < threshold_high <= 1")
-    _check(0.0 < ag.patch_nms_threshold <= 1.0,
-           "model.anchor_generator.patch_nms_threshold must be in (0, 1]")
-    _check(0.0 <= ag.score_threshold < 1.0, "model.anchor_generator.score_threshold must be in [0, 1)")
-    _check(1 <= ag.min_anchors <= ag.max_anchors,
-           "model.anchor_generator: need 1 <= min_anchors <= max_anchors")
+    _check(ag.min_anchors <= ag.max_anchors, "model.anchor_generator: need min_anchors <= max_anchors")
     _check(ag.min_anchors <= 5 * ag.num_anchors_coarse,
            "model.anchor_generator.min_anchors exceeds the number of P5/P6 anchors")
-    for name in ("max_patches_per_image", "max_patches_per_level"):
-        value = getattr(ag, name)
-        _check(value is None or value >= 1, f"model.anchor_generator.{name} must be >= 1 or null")
-    _check(dec.num_heads >= 1, "model.decoder.num_heads must be >= 1")
     _check(dec.used_head == "main" or (dec.used_head.startswith("aux_")
            and dec.used_head[4:].isdigit() and int(dec.used_head[4:]) < dec.num_heads - 1),
            f"model.decoder.used_head {dec.used_head!r} must be 'main' or aux_k with k < num_heads - 1")
-    _check(m.postprocess.topk >= 1, "model.postprocess.topk must be >= 1")
-    _check(0.0 < m.postprocess.nms_threshold <= 1.0, "model.postprocess.nms_threshold must be in (0, 1]")
     _check(cfg.denoising.num_queries >= 1 or not cfg.denoising.enabled,
            "denoising.num_queries must be >= 1 when denoising is enabled")
-    _check(cfg.schedule.epochs >= 1, "schedule.epochs must be >= 1")
-    _check(all(0 <= e <= cfg.schedule.epochs for e in cfg.schedule.milestones),
+    _check(all(e <= cfg.schedule.epochs for e in cfg.schedule.milestones),
            "schedule.milestones must lie within [0, schedule.epochs]")
-    _check(cfg.schedule.max_iters_per_epoch is None or cfg.schedule.max_iters_per_epoch >= 1,
-           "schedule.max_iters_per_epoch must be >= 1 or null (an epoch must run at least one iteration)")
-    _check(cfg.schedule.lr > 0 and cfg.schedule.backbone_lr >= 0, "schedule.lr must be > 0, backbone_lr >= 0")
-    _check(cfg.data.batch_size >= 1 and cfg.data.val_batch_size >= 1, "data batch sizes must be >= 1")
     _check(len(cfg.data.crop_size) == 2 and cfg.data.crop_size[0] <= cfg.data.crop_size[1],
            "data.crop_size must be [min, max]")
     _check(len(cfg.data.train_scales) >= 1, "data.train_scales must not be empty")
-    _check(cfg.runtime.eval_every >= 0 and cfg.runtime.checkpoint_every >= 1,
-           "runtime.eval_every must be >= 0 and runtime.checkpoint_every >= 1")

@@ -115,6 +115,39 @@ def test_training_without_iterations_is_refused_up_front(data_root, tmp_path, ca
     assert not any(tmp_path.glob("*.pth"))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "x.pth", "x.png", "--topk", "-1"], "argument --topk: must be >= 1, got -1"),
+    (["predict", "x.pth", "x.png", "--topk", "2.5"], "argument --topk: expected an integer, got '2.5'"),
+    (["predict", "c.pth", "i.png", "--score-threshold", "nan"], "--score-threshold: must be a finite"),
+    (["predict", "c", "i", "--score-threshold", "1.5"], "--score-threshold: must be in [0, 1], got 1.5"),
+    (["visualize", "x.pth", "x.png", "--score-threshold", "-0.1"], "--score-threshold: must be in [0, 1]"),
+    (["eval", "x.pth", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["benchmark", "tiny_cpu", "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    (["benchmark", "tiny_cpu", "--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (["benchmark", "tiny_cpu", "--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+    (["data", "synth", "--out", "x", "--images", "0"], "argument --images: must be >= 1, got 0"),
+    (["data", "synth", "--out", "x", "--images", "2", "--seed", "-3"], "--seed: must be >= 0, got -3"),
+])
+def test_numeric_options_are_range_checked_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_python_api_checks_score_threshold_and_topk(trained):
+    from asag.api import Detector
+    from asag.errors import ConfigError
+
+    detector = Detector.from_checkpoint(trained / "last.pth", device="cpu")
+    image = torch.zeros(3, 32, 32)
+    with pytest.raises(ConfigError, match="topk must be >= 1, got -1"):
+        detector.predict(image, topk=-1)
+    with pytest.raises(ConfigError, match="score_threshold must be a finite number, got nan"):
+        detector.predict(image, score_threshold=float("nan"))
+
+
 def test_bad_files(trained, tmp_path, capsys):
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes((trained / "last.pth").read_bytes()[:1000])

@@ -12,7 +12,7 @@ import torch
 
 from asag.api import load_model, resolve_device
 from asag.build import build_dataset, build_loader, build_model
-from asag.config import Config, load_config
+from asag.config import NON_NEGATIVE, POSITIVE, Config, field_option, load_config, option_type
 from asag.engine.benchmark import (
     BenchmarkSettings,
     benchmark,
@@ -38,24 +38,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("target", metavar="PRESET|CHECKPOINT", help="preset name, YAML file or checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.add_argument("--size", default="800x1216", help="input size HxW of the timed images")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=option_type(int, POSITIVE), default=1)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--warmup", type=option_type(int, NON_NEGATIVE), default=2, help="untimed runs first")
+    parser.add_argument("--repeats", type=option_type(int, POSITIVE), default=10, help="timed runs")
+    parser.add_argument("--threads", type=field_option("runtime.num_threads"),
+                        help="torch CPU threads")
     parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast backbone and FPN")
     parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"], help="probing depth")
-    parser.add_argument("--queries", type=int, metavar="N",
+    parser.add_argument("--queries", type=option_type(int, POSITIVE), metavar="N",
                         help="run proposal stage and decoder with N fixed queries per image")
     parser.add_argument("--craft", action=argparse.BooleanOptionalAction, default=None,
                         help="craft anchor-generator biases so that probing happens on random inputs "
                              "(default: on for presets, off for checkpoints)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights and crafting")
+    parser.add_argument("--seed", type=field_option("runtime.seed"), default=0,
+                        help="seed of a preset's random weights and crafting")
     add_inference_arguments(parser)
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     parser.add_argument("--data", metavar="ROOT", help="data set root (data.root) to scan")
-    parser.add_argument("--max-images", type=int, metavar="N", help="images of the data set to scan")
+    parser.add_argument("--max-images", type=option_type(int, POSITIVE), metavar="N",
+                        help="images of the data set to scan")
     parser.add_argument("--recall", action="store_true",
                         help="with --data: anchor and proposal AR@100/300/1000")
     parser.set_defaults(func=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from asag.errors import AsagError
+from asag.config import field_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,9 +14,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     synth = sub.add_parser("synth", help="write a synthetic COCO-format shapes data set")
     synth.add_argument("--out", required=True, help="output folder (train.json, val.json, images/)")
-    synth.add_argument("--images", type=int, required=True, help="number of training images")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
-    synth.add_argument("--val-images", type=int, default=None, help="validation images (default: images / 4)")
+    synth.add_argument("--images", type=field_option("data.synthetic_train_images"), required=True,
+                       help="number of training images")
+    synth.add_argument("--seed", type=field_option("data.synthetic_seed"), default=0,
+                       help="random seed (same seed, same bytes)")
+    synth.add_argument("--val-images", type=field_option("data.synthetic_val_images"), default=None,
+                       help="validation images (default: images / 4)")
     synth.set_defaults(func=run_synth)
 
     stats = sub.add_parser("stats", help="print statistics of a COCO JSON or of every JSON in a folder")
@@ -33,8 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     from asag.data.synthetic import generate_synthetic
 
-    if args.images < 1 or (args.val_images is not None and args.val_images < 1):
-        raise AsagError("--images and --val-images must be at least 1")
     start = time.perf_counter()
     paths = generate_synthetic(args.out, args.images, args.seed, args.val_images)
     elapsed = time.perf_counter() - start

@@ -11,6 +11,7 @@ from pathlib import Path
 from asag.api import load_model, resolve_device
 from asag.build import build_dataset, check_annotated, check_num_classes
 from asag.commands.train import build_evaluate_fn
+from asag.config import field_option
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process
 from asag.engine.evaluator import CrowdHumanEvalResult
 from asag.modeling.fast import add_inference_arguments
@@ -25,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", metavar="ROOT", help="shortcut for data.root=ROOT")
     parser.add_argument("--used-head", help="head to evaluate: main or aux_k")
     parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"], help="probing depth")
-    parser.add_argument("--batch-size", type=int, help="evaluation batch size")
+    parser.add_argument("--batch-size", type=field_option("data.val_batch_size"),
+                        help="evaluation batch size")
     parser.add_argument("--per-class", action="store_true", help="also report AP per class")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", metavar="DIR", default=".", help="where results JSON and metrics go")
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.root={args.data}")
-    if args.batch_size:
+    if args.batch_size is not None:
         overrides.append(f"data.val_batch_size={args.batch_size}")
     device = resolve_device(args.device)
     dist = init_distributed(device.type)

@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from asag.api import Detector
+from asag.config import FRACTION, field_option, option_type
 from asag.errors import DataError
 from asag.modeling.fast import add_inference_arguments
 from asag.viz.draw import draw_detections
@@ -22,8 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--out", default="predictions", help="output folder (predictions.json, drawings)")
     parser.add_argument("--draw", action="store_true", help="also write annotated images")
-    parser.add_argument("--score-threshold", type=float, default=0.3)
-    parser.add_argument("--topk", type=int, default=100)
+    parser.add_argument("--score-threshold", type=option_type(float, FRACTION), default=0.3)
+    parser.add_argument("--topk", type=field_option("model.postprocess.topk"), default=100)
     parser.add_argument("--used-head", help="head to use: main or aux_k")
     parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"])
     parser.add_argument("--device", default="auto")

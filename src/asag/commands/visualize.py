@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from asag.api import Detector
 from asag.commands.predict import expand_images
+from asag.config import FRACTION, option_type
 from asag.data import collate
 from asag.errors import ConfigError
 from asag.viz.draw import Panel, compose_panels
@@ -45,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"comma-separated FPN levels to draw as heat maps ({','.join(FPN_LEVELS)})")
     parser.add_argument("--out", default="visualizations", help="output folder")
     parser.add_argument("--separate", action="store_true", help="also write one PNG per stage")
-    parser.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
-                        help="minimum score of a drawn detection")
+    parser.add_argument("--score-threshold", type=option_type(float, FRACTION),
+                        default=DEFAULT_SCORE_THRESHOLD, help="minimum score of a drawn detection")
     parser.add_argument("--used-head", help="head to use: main or aux_k")
     parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"])
     parser.add_argument("--device", default="auto")

@@ -1,4 +1,9 @@
-"""The ``asag`` command line: one sub-command per module in :mod:`asag.commands`."""
+"""The ``asag`` command line: one sub-command per module in :mod:`asag.commands`.
+
+Exit codes: 0 success, 1 the work failed part way (a file could not be written, some inputs could
+not be read), 2 bad input (an option, a preset, a file), 130 interrupted (Ctrl-C). Every failure is
+reported in one line on stderr, ``asag COMMAND: error: ...``, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,37 @@ import sys
 from collections.abc import Sequence
 
 from asag.errors import AsagError
+from asag.outputs import describe_os_error
+
+DESCRIPTION = ("ASAG query-based object detectors (Fu et al., ICCV 2023): train, evaluate, predict, "
+               "visualise, convert the authors' checkpoints and benchmark. `asag COMMAND --help` for "
+               "each command's options.")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help already names its default (or the
+    default is None or an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or not action.option_strings or no_default:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with :class:`HelpFormatter` (sub-command parsers inherit it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from asag.commands import COMMANDS
 
-    parser = argparse.ArgumentParser(prog="asag", description=__doc__)
+    parser = ArgumentParser(prog="asag", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)
@@ -27,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AsagError as err:
         print(f"asag {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, permissions, a file vanishing under us ...
+        print(f"asag {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"asag {args.command}: interrupted", file=sys.stderr)
         return 130

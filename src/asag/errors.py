@@ -15,3 +15,8 @@ class DataError(AsagError):
 
 class CheckpointError(AsagError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+class OutputError(AsagError):
+    """An output file or folder that cannot (or must not) be written: under a file, unwritable, or
+    holding earlier results that would be replaced."""

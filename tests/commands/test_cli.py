@@ -1,6 +1,8 @@
 """End to end through the command line on a tiny synthetic data set (CPU, about a minute)."""
 
 import json
+import shutil
+import sys
 
 import pytest
 import torch
@@ -155,7 +157,7 @@ def test_bad_files(trained, tmp_path, capsys):
     assert "truncated.pth" in capsys.readouterr().err
     bad_image = tmp_path / "bad.png"
     bad_image.write_bytes(b"not a png")
-    assert main(["predict", str(trained / "last.pth"), str(bad_image), "--out", str(tmp_path)]) == 2
+    assert main(["predict", str(trained / "last.pth"), str(bad_image), "--out", str(tmp_path)]) == 1
     assert "bad.png" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -177,3 +179,121 @@ def test_bf16_training_falls_back_to_float32_without_native_support(monkeypatch,
     assert "no native bf16" in capsys.readouterr().out
     cfg.runtime.amp = "auto"
     assert train_command.resolve_amp(cfg, torch.device("cpu")) is None
+
+
+# ------------------------------------------------------------------- nothing lost, nothing silent
+
+
+def run_files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_train_refuses_a_folder_holding_a_run(trained, data_root, capsys):
+    before = run_files(trained)
+    assert main(["train", "tiny_cpu", *common(data_root, trained), "schedule.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"output folder {trained} already holds a run" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert run_files(trained) == before
+
+
+def test_train_overwrite_replaces_the_earlier_run_and_prints_progress(
+        trained, data_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    (out / "checkpoint_0099.pth").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # a CI log
+    threads = torch.get_num_threads()
+    try:
+        code = main(["train", "tiny_cpu", *common(data_root, out), "schedule.epochs=1",
+                     "runtime.eval_every=0", "--overwrite", "--device", "cpu", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["checkpoint_0000.pth", "last.pth", "metrics.jsonl", "notes.txt", "tensorboard"]
+    stored = torch.load(out / "last.pth", weights_only=True)["config"]["runtime"]
+    assert (stored["device"], stored["num_threads"]) == ("cpu", 1)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["train", "train", "epoch"]  # the earlier run's are gone
+    assert all("time" in r and r["elapsed"] >= 0 for r in records)
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1] == f"done: no evaluation (runtime.eval_every=0); last checkpoint " \
+                                            f"{out / 'last.pth'}"
+    err = captured.err.splitlines()
+    progress = [line.split(":")[0] for line in err if " iter " in line]
+    assert progress == ["epoch 0 iter 1/2", "epoch 0 iter 2/2"]
+    assert any(line.startswith("epoch 0 of 1 done: loss ") for line in err)
+
+
+def test_eval_writes_a_new_folder_beside_the_checkpoint_and_never_replaces_results(
+        trained, data_root, tmp_path, monkeypatch, capsys):
+    checkpoint = tmp_path / "ckpt" / "last.pth"
+    checkpoint.parent.mkdir()
+    shutil.copy(trained / "last.pth", checkpoint)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(["eval", str(checkpoint), f"data.root={data_root}", "--batch-size", "4"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing in the current folder
+    first, second = checkpoint.parent / "eval_last", checkpoint.parent / "eval_last_2"
+    for folder in (first, second):
+        assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "results.json"]
+    before = run_files(first)
+    capsys.readouterr()
+    assert main(["eval", str(checkpoint), f"data.root={data_root}", "--out", str(first)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {first} already holds results.json, metrics.json; pass --overwrite" in err
+    assert run_files(first) == before
+    assert main(["eval", str(checkpoint), f"data.root={data_root}", "--out", str(first), "--overwrite"]) == 0
+
+
+def test_predict_gives_every_input_its_own_output_and_skips_unreadable_images(
+        trained, data_root, tmp_path, capsys):
+    import PIL.Image
+
+    source = sorted((data_root / "images" / "val").iterdir())
+    for folder, name, index in (("a", "x.png", 0), ("b", "x.png", 1), ("a", "x.jpg", 2)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        PIL.Image.open(source[index]).convert("RGB").save(tmp_path / folder / name)
+    (tmp_path / "y.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    pattern = str(tmp_path / "a" / "*.png")  # absolute, and a duplicate of a/x.png
+    code = main(["predict", str(trained / "last.pth"), str(tmp_path / "a"), str(tmp_path / "b" / "x.png"),
+                 str(tmp_path / "y.png"), pattern, "--out", str(out), "--draw", "--score-threshold", "0"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"asag predict: error: {tmp_path / 'y.png'}: cannot read image" in err
+    assert "1 of 4 images could not be read" in err and "Traceback" not in err
+    records = json.loads((out / "predictions.json").read_text())
+    files = [str(tmp_path / "a" / "x.jpg"), str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")]
+    assert [r["file"] for r in records] == files
+    assert [r["drawing"] for r in records] == ["x_jpg_pred.png", "a_x_png_pred.png", "b_x_png_pred.png"]
+    drawings = [PIL.Image.open(out / r["drawing"]) for r in records]
+    assert [d.size for d in drawings] == [PIL.Image.open(f).size for f in files]
+
+
+def test_every_option_has_help_with_its_default_and_the_top_level_help_is_plain(capsys):
+    import argparse
+
+    from asag.cli import build_parser
+
+    def actions(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from actions(sub, f"{name} {sub_name}")
+            elif not isinstance(action, argparse._HelpAction):
+                yield name, parser, action
+
+    for name, parser, action in actions(build_parser(), "asag"):
+        assert action.help, (name, action.dest)
+        if not action.option_strings or action.required or action.default is False:
+            continue  # positionals, required options and on/off switches have no default to show
+        text = parser.formatter_class("x")._get_help_string(action) % {"default": action.default}
+        assert "default" in text, (name, action.option_strings, text)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "``" not in top and ":mod:" not in top and "train" in top

@@ -1,5 +1,8 @@
 import json
 import math
+import sys
+import time
+from datetime import datetime
 
 from asag.engine.logger import METRICS_FILE, RunLogger, flatten_scalars
 
@@ -8,11 +11,35 @@ def test_jsonl_one_object_per_call_and_nan_as_null(tmp_path):
     with RunLogger(tmp_path, tensorboard=False, enabled=True) as logger:
         logger.log("train", 0, {"loss": 1.5, "terms": {"l1": 0.25}, "note": "x"})
         logger.log("epoch", 10, {"loss": math.nan, "per_class": {"cat": 0.5}})
-    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [
+    records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    clock = [(r.pop("time"), r.pop("elapsed")) for r in records]
+    assert records == [
         {"kind": "train", "step": 0, "loss": 1.5, "terms": {"l1": 0.25}, "note": "x"},
         {"kind": "epoch", "step": 10, "loss": None, "per_class": {"cat": 0.5}},
     ]
+    assert all(isinstance(t, str) and isinstance(e, float) for t, e in clock)
+
+
+def test_every_record_has_wall_clock_time_and_elapsed_seconds(tmp_path):
+    before = time.time()
+    with RunLogger(tmp_path, tensorboard=False, enabled=True) as logger:
+        logger.log("train", 0, {"loss": 1.5})
+        time.sleep(0.05)
+        logger.log("epoch", 1, {"loss": 1.0})
+    after = time.time()
+    first, second = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    for record in (first, second):
+        assert before - 0.01 <= datetime.fromisoformat(record["time"]).timestamp() <= after + 0.01
+    assert first["elapsed"] >= 0.0 and second["elapsed"] - first["elapsed"] >= 0.05 - 1e-3
+
+
+def test_plain_progress_lines_only_without_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert RunLogger(None, enabled=True).show_progress and not RunLogger(None, enabled=True).plain_progress
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    logger = RunLogger(None, enabled=True)
+    assert logger.plain_progress and not logger.show_progress
+    assert not RunLogger(None, enabled=True, progress=False).plain_progress
 
 
 def test_appends_across_runs(tmp_path):

@@ -1,5 +1,7 @@
 import json
 import math
+import re
+import sys
 from functools import partial
 
 import pytest
@@ -29,7 +31,7 @@ from asag.engine.trainer import (
     to_float32,
     train_one_epoch,
 )
-from asag.errors import ConfigError
+from asag.errors import ConfigError, DataError
 
 GT = coco_gt_dict(10)
 
@@ -122,7 +124,7 @@ def run_fit(output_dir, *, epochs, seed=0, resume=None, log=False):
     model, opt, sched = setup(seed=seed)
     evaluate_fn = partial(evaluate, loader=val_loader(), coco_gt=make_coco(GT), label_map=FakeLabelMap(),
                           device="cpu")
-    logger = RunLogger(output_dir, tensorboard=False, progress=False, enabled=True) if log else None
+    logger = RunLogger(output_dir, tensorboard=False, enabled=True) if log else None
     result = fit(
         model, FakeCriterion(), train_loader(), opt, sched,
         epochs=epochs, device="cpu", output_dir=output_dir, config={"schedule": {"epochs": epochs}},
@@ -195,3 +197,45 @@ def test_epoch_without_iterations_fails_before_saving(tmp_path, loader, max_iter
         fit(model, FakeCriterion(), loader(), opt, sched, epochs=1, device="cpu", output_dir=tmp_path,
             config={}, label_map={}, evaluate_fn=calls.append, max_iters=max_iters)
     assert calls == [] and list(tmp_path.iterdir()) == []  # no evaluation, no untrained best.pth
+
+
+def test_epoch_checkpoint_is_saved_before_evaluation(tmp_path):
+    model, opt, sched = setup()
+
+    def failing_evaluation(model):
+        assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 0  # already on disk
+        raise DataError("val/1.jpg: cannot read image")
+
+    with pytest.raises(DataError, match="1.jpg"):
+        fit(model, FakeCriterion(), train_loader(), opt, sched, epochs=1, device="cpu", output_dir=tmp_path,
+            config={}, label_map={}, evaluate_fn=failing_evaluation, max_iters=2)
+    last = load_checkpoint(tmp_path / "last.pth")
+    assert last["epoch"] == 0 and last["iteration"] == 2 and "eval" not in last["extra"]
+    assert not (tmp_path / "best.pth").exists()
+
+
+def test_plain_progress_lines_and_epoch_summaries(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # output piped to a file or a CI log
+    seed_everything(0)
+    run_fit(tmp_path, epochs=2, log=True)  # 5 iterations per epoch, log_every=2
+    lines = capsys.readouterr().err.splitlines()
+    progress = [line for line in lines if " iter " in line]
+    assert [line.split(":")[0] for line in progress] == [
+        "epoch 0 iter 1/5", "epoch 0 iter 3/5", "epoch 0 iter 5/5",
+        "epoch 1 iter 1/5", "epoch 1 iter 3/5", "epoch 1 iter 5/5"]
+    assert all(re.search(r"loss \d+\.\d{4}, lr [\d.e-]+, [\d.]+ images/s, epoch ETA [\d.]+s$", line)
+               for line in progress), progress
+    summaries = [line for line in lines if " done: " in line]
+    assert len(summaries) == 2
+    assert re.fullmatch(r"epoch 1 of 2 done: loss \d+\.\d{4}, AP -?\d\.\d{4}, 5 iterations in [\d.]+s",
+                        summaries[1])
+
+
+def test_epoch_summary_without_a_terminal_or_evaluation(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a progress bar instead of lines
+    model, opt, sched = setup()
+    fit(model, FakeCriterion(), train_loader(), opt, sched, epochs=1, device="cpu", output_dir=tmp_path,
+        config={}, label_map={}, eval_every=0, max_iters=1,
+        logger=RunLogger(None, tensorboard=False, progress=False, enabled=True))
+    (summary,) = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"epoch 0 of 1 done: loss \d+\.\d{4}, 1 iterations in [\d.]+s", summary)

@@ -38,16 +38,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("target", metavar="PRESET|CHECKPOINT", help="preset name, YAML file or checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.add_argument("--size", default="800x1216", help="input size HxW of the timed images")
-    parser.add_argument("--batch-size", type=option_type(int, POSITIVE), default=1)
+    parser.add_argument("--batch-size", type=option_type(int, POSITIVE), default=1,
+                        help="images per timed run")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--warmup", type=option_type(int, NON_NEGATIVE), default=2, help="untimed runs first")
     parser.add_argument("--repeats", type=option_type(int, POSITIVE), default=10, help="timed runs")
     parser.add_argument("--threads", type=field_option("runtime.num_threads"),
-                        help="torch CPU threads")
-    parser.add_argument("--amp", choices=["fp16", "bf16"], help="autocast backbone and FPN")
-    parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"], help="probing depth")
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--amp", choices=["fp16", "bf16"],
+                        help="autocast backbone and FPN (default: float32)")
+    parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"],
+                        help="probing depth (default: the stored or preset inference_level)")
     parser.add_argument("--queries", type=option_type(int, POSITIVE), metavar="N",
-                        help="run proposal stage and decoder with N fixed queries per image")
+                        help="run proposal stage and decoder with N fixed queries per image (default: the "
+                             "queries the anchor generator makes)")
     parser.add_argument("--craft", action=argparse.BooleanOptionalAction, default=None,
                         help="craft anchor-generator biases so that probing happens on random inputs "
                              "(default: on for presets, off for checkpoints)")
@@ -55,10 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="seed of a preset's random weights and crafting")
     add_inference_arguments(parser)
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
-    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
-    parser.add_argument("--data", metavar="ROOT", help="data set root (data.root) to scan")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON (default: print only)")
+    parser.add_argument("--data", metavar="ROOT", help="data set root (data.root) to scan (default: no scan)")
     parser.add_argument("--max-images", type=option_type(int, POSITIVE), metavar="N",
-                        help="images of the data set to scan")
+                        help="images of the data set to scan (default: all)")
     parser.add_argument("--recall", action="store_true",
                         help="with --data: anchor and proposal AR@100/300/1000")
     parser.set_defaults(func=run)

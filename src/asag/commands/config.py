@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = sub.add_parser("show", help="print the resolved configuration of a preset")
     show.add_argument("preset", help="preset name (see `asag config list`) or path to a YAML file")
     show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    show.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    show.add_argument("--format", choices=["yaml", "json"], default="yaml", help="output format")
     show.set_defaults(func=run_show)
     listing = sub.add_parser("list", help="list the available presets")
     listing.set_defaults(func=run_list)

@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("checkpoint", help="the authors' .pth file (state dict under 'model')")
     parser.add_argument("--out", required=True, help="where to write the converted checkpoint")
     parser.add_argument("--keep-head", metavar="HEAD",
-                        help="keep one head of a multi-head checkpoint (main or aux_k), e.g. for speed tests")
+                        help="keep one head of a multi-head checkpoint (main or aux_k), e.g. for speed tests "
+                             "(default: keep all heads)")
     parser.add_argument("--preset", help="preset whose training/data settings to record (default: inferred)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
     parser.set_defaults(func=run)

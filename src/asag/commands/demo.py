@@ -12,6 +12,7 @@ from asag.build import data_files, prepare_synthetic
 from asag.commands.eval import format_result
 from asag.commands.train import train
 from asag.config import load_config
+from asag.outputs import previous_run_files
 from asag.viz.draw import draw_detections
 
 DEMO_PRESET = "demo"
@@ -22,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="train and evaluate a small ASAG-A on a generated synthetic data set (CPU, minutes)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo preset")
-    parser.add_argument("--output-dir", default="runs/demo")
+    parser.add_argument("--output-dir", default="runs/demo",
+                        help="data set, checkpoints, logs and drawings; a second demo there replaces the "
+                             "first one's checkpoints and logs and reuses its data set")
     parser.add_argument("--preset", default=DEMO_PRESET, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
@@ -34,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, overrides)
     print(f"asag demo: {cfg.description}")
     prepare_synthetic(cfg.data)
-    run_ = train(cfg, output_dir=out)
+    if previous_run_files(out):  # a demo run folder is the demo's own: a new demo replaces the old one
+        print(f"asag demo: replacing the earlier demo run in {out} (its data set is reused)")
+    run_ = train(cfg, output_dir=out, overwrite=True)
     result = run_.result
     final = result.evaluations[max(result.evaluations)] if result.evaluations else None
     checkpoint = result.best_checkpoint or result.last_checkpoint

@@ -1,5 +1,9 @@
 """``asag eval CHECKPOINT``: metrics of a checkpoint on a COCO-format data set (COCO AP, or the CrowdHuman
-AP / mMR / Recall when ``evaluation.metric=crowdhuman``)."""
+AP / mMR / Recall when ``evaluation.metric=crowdhuman``).
+
+Results go to a new folder beside the checkpoint (``runs/x/eval_best``, then ``eval_best_2`` ...) or to
+``--out``, where earlier results are never replaced without ``--overwrite``.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ from asag.config import field_option
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process
 from asag.engine.evaluator import CrowdHumanEvalResult
 from asag.modeling.fast import add_inference_arguments
+from asag.outputs import check_new_files, check_output_dir, fresh_dir
+
+RESULT_FILES = ("results.json", "metrics.json")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,14 +30,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("checkpoint", help="checkpoint written by asag train or asag convert")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. data.root=/data/coco data.val_batch_size=4")
-    parser.add_argument("--data", metavar="ROOT", help="shortcut for data.root=ROOT")
-    parser.add_argument("--used-head", help="head to evaluate: main or aux_k")
-    parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"], help="probing depth")
+    parser.add_argument("--data", metavar="ROOT",
+                        help="shortcut for data.root=ROOT (default: the stored data.root)")
+    parser.add_argument("--used-head", help="head to evaluate: main or aux_k (default: the stored used_head)")
+    parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"],
+                        help="probing depth (default: the stored inference_level)")
     parser.add_argument("--batch-size", type=field_option("data.val_batch_size"),
-                        help="evaluation batch size")
+                        help="evaluation batch size (default: data.val_batch_size)")
     parser.add_argument("--per-class", action="store_true", help="also report AP per class")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", metavar="DIR", default=".", help="where results JSON and metrics go")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", metavar="DIR",
+                        help="folder for results.json and metrics.json (default: a new folder eval_<name> "
+                             "next to the checkpoint, numbered _2, _3 ... if it exists)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace results.json / metrics.json already in --out (default: refuse)")
     add_inference_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -42,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         overrides.append(f"data.val_batch_size={args.batch_size}")
     device = resolve_device(args.device)
+    out = output_folder(args.checkpoint, args.out, overwrite=args.overwrite)
     dist = init_distributed(device.type)
     try:
         device = dist.device if dist.distributed else device
@@ -52,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         dataset = build_dataset(cfg.data, "val")
         check_num_classes(cfg.model, dataset.label_map, str(dataset.ann_file))
         check_annotated(dataset)
-        out = Path(args.out)
+        if is_main_process():  # only rank 0 writes; checked before the evaluation, not after
+            check_output_dir(out, "--out")
         evaluate_fn = build_evaluate_fn(cfg, dataset, device=device, amp=None, label_map=label_map,
                                         results_json=out / "results.json", per_class=args.per_class or None)
         result = evaluate_fn(model.to(device))
@@ -64,6 +79,16 @@ def run(args: argparse.Namespace) -> int:
         (out / "metrics.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
         print(f"detections: {out / 'results.json'}; metrics: {out / 'metrics.json'}")
     return 0
+
+
+def output_folder(checkpoint: str, out: str | None, *, overwrite: bool) -> Path:
+    """``--out``, refused if it holds earlier results (unless ``overwrite``); by default a folder that
+    does not exist yet, ``eval_<checkpoint name>`` beside the checkpoint."""
+    if out is None:
+        path = Path(checkpoint)
+        return fresh_dir(path.parent, f"eval_{path.stem}")
+    check_new_files(Path(out), RESULT_FILES, overwrite=overwrite, option="--out")
+    return Path(out)
 
 
 def format_result(result) -> str:

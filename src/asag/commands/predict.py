@@ -1,9 +1,17 @@
-"""``asag predict CHECKPOINT IMAGES...``: detections as JSON, optionally drawn on the images."""
+"""``asag predict CHECKPOINT IMAGES...``: detections as JSON, optionally drawn on the images.
+
+``predictions.json`` holds one record per readable image: ``file`` (the input path), ``detections``
+and, with ``--draw``, ``drawing`` (the file name of its drawing in ``--out``; names are unique even for
+equal stems in different folders). Unreadable images are skipped, listed on stderr, and the exit
+status is 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -12,6 +20,7 @@ from asag.api import Detector
 from asag.config import FRACTION, field_option, option_type
 from asag.errors import DataError
 from asag.modeling.fast import add_inference_arguments
+from asag.outputs import check_output_dir, unique_stems
 from asag.viz.draw import draw_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -19,21 +28,25 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help="detect objects in images")
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="checkpoint written by asag train or asag convert")
     parser.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--out", default="predictions", help="output folder (predictions.json, drawings)")
     parser.add_argument("--draw", action="store_true", help="also write annotated images")
-    parser.add_argument("--score-threshold", type=option_type(float, FRACTION), default=0.3)
-    parser.add_argument("--topk", type=field_option("model.postprocess.topk"), default=100)
-    parser.add_argument("--used-head", help="head to use: main or aux_k")
-    parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"])
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--score-threshold", type=option_type(float, FRACTION), default=0.3,
+                        help="minimum score of a kept detection")
+    parser.add_argument("--topk", type=field_option("model.postprocess.topk"), default=100,
+                        help="most detections kept per image")
+    parser.add_argument("--used-head", help="head to use: main or aux_k (default: the stored used_head)")
+    parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"],
+                        help="probing depth (default: the stored inference_level)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_inference_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def expand_images(specs: list[str]) -> list[Path]:
-    """Files, folders (their images, sorted) and glob patterns -> image paths; clear errors."""
+    """Files, folders (their images, sorted) and glob patterns (relative or absolute, ``**`` allowed)
+    -> image paths, each file once, in the order given; clear errors."""
     paths: list[Path] = []
     for spec in specs:
         p = Path(spec)
@@ -44,14 +57,16 @@ def expand_images(specs: list[str]) -> list[Path]:
             paths += found
         elif p.is_file():
             paths.append(p)
-        elif any(c in spec for c in "*?["):
-            found = sorted(f for f in Path().glob(spec) if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif glob.has_magic(spec):
+            found = sorted(Path(f) for f in glob.glob(spec, recursive=True)
+                           if Path(f).suffix.lower() in IMAGE_SUFFIXES and Path(f).is_file())
             if not found:
                 raise DataError(f"{spec}: pattern matches no images")
             paths += found
         else:
             raise DataError(f"{spec}: no such file or folder")
-    return paths
+    unique = {path.resolve(): path for path in reversed(paths)}  # first occurrence wins
+    return [path for path in paths if unique[path.resolve()] is path]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,16 +74,31 @@ def run(args: argparse.Namespace) -> int:
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
                                         inference_level=args.inference_level, fast=args.fast,
                                         compile=args.compile, dtype=args.precision)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for path in tqdm(paths, desc="predict", unit="img", disable=None):
-        dets = detector.predict(path, score_threshold=args.score_threshold, topk=args.topk)
-        records.append({"file": str(path), "detections": [d.to_dict() for d in dets]})
-        if args.draw:
+    out = check_output_dir(args.out, "--out")
+    records, failed = [], []
+    for path, name in tqdm(list(zip(paths, unique_stems(paths))), desc="predict", unit="img", disable=None):
+        try:
             image = detector.load_image(path)
-            draw_detections(image, dets).save(out / f"{path.stem}_pred.png")
+        except DataError as err:
+            failed.append(str(err))
+            continue
+        dets = detector.predict(image, score_threshold=args.score_threshold, topk=args.topk)
+        record = {"file": str(path), "detections": [d.to_dict() for d in dets]}
+        if args.draw:
+            record["drawing"] = f"{name}_pred.png"
+            draw_detections(image, dets).save(out / record["drawing"])
+        records.append(record)
     (out / "predictions.json").write_text(json.dumps(records, indent=2))
-    print(f"{len(paths)} images, {sum(len(r['detections']) for r in records)} detections -> "
+    print(f"{len(records)} images, {sum(len(r['detections']) for r in records)} detections -> "
           f"{out / 'predictions.json'}" + (f"; drawings in {out}" if args.draw else ""))
-    return 0
+    return report_unreadable(failed, len(paths))
+
+
+def report_unreadable(failed: list[str], total: int, command: str = "predict") -> int:
+    """Print one line per image that could not be read; exit status 1 if there was any, else 0."""
+    for message in failed:
+        print(f"asag {command}: error: {message}", file=sys.stderr)
+    if failed:
+        print(f"asag {command}: error: {len(failed)} of {total} images could not be read (listed above); "
+              f"the others were processed", file=sys.stderr)
+    return 1 if failed else 0

@@ -19,7 +19,7 @@ from asag.build import (
     check_annotated,
     check_num_classes,
 )
-from asag.config import Config, load_config
+from asag.config import Config, field_option, load_config
 from asag.engine.checkpoint import seed_everything
 from asag.engine.crowdhuman_eval import check_single_category
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process, wrap_ddp
@@ -28,6 +28,7 @@ from asag.engine.logger import RunLogger
 from asag.engine.trainer import FitResult, fit, make_grad_scaler
 from asag.errors import ConfigError
 from asag.modeling.fast import cpu_supports_bf16
+from asag.outputs import prepare_run_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,8 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("preset", help="preset name or YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    parser.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint written by asag train")
+    parser.add_argument("--resume", metavar="CKPT",
+                        help="continue from a checkpoint written by asag train (default: start afresh)")
     parser.add_argument("--output-dir", help="where checkpoints and logs go (default: runtime.output_dir)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the checkpoints and logs of an earlier run in the output folder "
+                             "(default: refuse a folder that holds a run)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: runtime.device)")
+    parser.add_argument("--threads", type=field_option("runtime.num_threads"),
+                        help="torch CPU threads (default: runtime.num_threads)")
     parser.set_defaults(func=run)
 
 
@@ -64,16 +72,23 @@ class TrainingRun:
 
 
 def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | None = None,
-          log=print) -> TrainingRun:
-    """Train ``cfg`` end to end: data, model, objective, schedule, evaluation and checkpoints."""
+          overwrite: bool = False, log=print) -> TrainingRun:
+    """Train ``cfg`` end to end: data, model, objective, schedule, evaluation and checkpoints.
+
+    An output folder holding an earlier run is refused unless ``resume`` continues it or ``overwrite``
+    replaces it (its checkpoints and logs are removed first).
+    """
     rt = cfg.runtime
     device = resolve_device(rt.device)
+    out = Path(output_dir or rt.output_dir)
+    prepare_run_dir(out, resume=resume is not None, overwrite=overwrite, remove=False)  # every rank
     dist = init_distributed(device.type)
     device = dist.device if dist.distributed else device
     if rt.num_threads:
         torch.set_num_threads(rt.num_threads)
     seed_everything(rt.seed + dist.rank)
-    out = Path(output_dir or rt.output_dir)
+    if is_main_process():
+        prepare_run_dir(out, resume=resume is not None, overwrite=overwrite)
     logger = RunLogger(out if is_main_process() else None)
     try:
         train_set = build_dataset(cfg.data, "train")
@@ -134,9 +149,21 @@ def build_evaluate_fn(cfg: Config, dataset, *, device: torch.device, amp: str | 
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.preset, args.overrides)
-    run = train(cfg, output_dir=args.output_dir, resume=args.resume)
+    overrides = list(args.overrides)
+    if args.device is not None:
+        overrides.append(f"runtime.device={args.device}")
+    if args.threads is not None:
+        overrides.append(f"runtime.num_threads={args.threads}")
+    cfg = load_config(args.preset, overrides)
+    run = train(cfg, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
     if is_main_process():
-        r = run.result
-        print(f"done: best AP {r.best_ap:.4f} at epoch {r.best_epoch}; checkpoints in {run.output_dir}")
+        print(final_line(run))
     return 0
+
+
+def final_line(run: TrainingRun) -> str:
+    """The last line of ``asag train``: the best AP when the run evaluated, else where the weights are."""
+    r = run.result
+    if r.best_epoch >= 0:
+        return f"done: best AP {r.best_ap:.4f} at epoch {r.best_epoch}; checkpoints in {run.output_dir}"
+    return f"done: no evaluation (runtime.eval_every=0); last checkpoint {run.output_dir / 'last.pth'}"

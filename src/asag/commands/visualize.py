@@ -1,9 +1,10 @@
 """``asag visualize CHECKPOINT IMAGE...``: every stage of the pipeline, and FPN heat maps, drawn per image.
 
-For each image ``<stem>_pipeline.png`` shows one titled panel per stage (probed patches, anchors,
+For each image ``<name>_pipeline.png`` (``<name>`` is the file's stem, extended by its extension and
+parent folders where two inputs share a stem) shows one titled panel per stage (probed patches, anchors,
 proposals, detections, and ground truth with ``--ann``), like the supplement's Figure C-2;
-``--separate`` also writes each panel as ``<stem>_<stage>.png``. With ``--features P3,P4``,
-``<stem>_features.png`` holds the mean-activation heat maps of those FPN levels (Figure C-3).
+``--separate`` also writes each panel as ``<name>_<stage>.png``. With ``--features P3,P4``,
+``<name>_features.png`` holds the mean-activation heat maps of those FPN levels (Figure C-3).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from asag.commands.predict import expand_images
 from asag.config import FRACTION, option_type
 from asag.data import collate
 from asag.errors import ConfigError
+from asag.outputs import check_output_dir, unique_stems
 from asag.viz.draw import Panel, compose_panels
 from asag.viz.features import FPN_LEVELS, feature_panels, with_colour_bar
 from asag.viz.pipeline import (
@@ -38,19 +40,22 @@ DEFAULT_SCORE_THRESHOLD = 0.3  # as ``asag predict``
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "visualize", help="draw every pipeline stage (patches, anchors, proposals, detections, GT) per image")
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="checkpoint written by asag train or asag convert")
     parser.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--ann", help="COCO-format annotation file: adds a ground-truth panel")
+    parser.add_argument("--ann",
+                        help="COCO-format annotation file: adds a ground-truth panel (default: none)")
     parser.add_argument("--stages", help=f"comma-separated stages to draw (default: {','.join(STAGES)})")
-    parser.add_argument("--features", default="",
-                        help=f"comma-separated FPN levels to draw as heat maps ({','.join(FPN_LEVELS)})")
+    parser.add_argument("--features",
+                        help=f"comma-separated FPN levels to draw as heat maps ({','.join(FPN_LEVELS)}; "
+                             f"default: none)")
     parser.add_argument("--out", default="visualizations", help="output folder")
     parser.add_argument("--separate", action="store_true", help="also write one PNG per stage")
     parser.add_argument("--score-threshold", type=option_type(float, FRACTION),
                         default=DEFAULT_SCORE_THRESHOLD, help="minimum score of a drawn detection")
-    parser.add_argument("--used-head", help="head to use: main or aux_k")
-    parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"])
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--used-head", help="head to use: main or aux_k (default: the stored used_head)")
+    parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"],
+                        help="probing depth (default: the stored inference_level)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.set_defaults(func=run)
 
 
@@ -140,14 +145,14 @@ def run(args: argparse.Namespace) -> int:
     annotations = load_ground_truth(args.ann) if args.ann else None
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
                                         inference_level=args.inference_level)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(args.out, "--out")
     lines = []
-    for path in tqdm(paths, desc="visualize", unit="img", disable=None):
+    for path, name in tqdm(list(zip(paths, unique_stems(paths))), desc="visualize", unit="img", disable=None):
         figures = visualise_image(detector, path, stages, levels, args.score_threshold,
                                   args.inference_level, annotations)
-        save_figures(figures, path.stem, out, args.separate)
-        lines.append(summary(path, figures.trace, annotations is not None))
+        written = save_figures(figures, name, out, args.separate)
+        lines.append(f"{summary(path, figures.trace, annotations is not None)} -> {written[0].name}"
+                     if written else summary(path, figures.trace, annotations is not None))
     print("\n".join(lines))
     print(f"{len(paths)} images -> {out}")
     return 0

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +35,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _now() -> str:
+    """Wall-clock time as ISO 8601 UTC with milliseconds, e.g. ``2026-12-03T08:30:00.123+00:00``."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
 def flatten_scalars(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Numeric leaves of a nested mapping as ``{"a/b": value}`` (booleans and strings dropped)."""
     out: dict[str, float] = {}
@@ -47,7 +54,9 @@ def flatten_scalars(record: Mapping[str, Any], prefix: str = "") -> dict[str, fl
 
 class RunLogger:
     """Writes one JSON object per logged step or epoch to ``<output_dir>/metrics.jsonl`` and the same
-    numbers as TensorBoard scalars (tag ``<kind>/<name>``) under ``<output_dir>/tensorboard``.
+    numbers as TensorBoard scalars (tag ``<kind>/<name>``) under ``<output_dir>/tensorboard``. Every
+    JSON record carries ``kind``, ``step``, ``time`` (wall clock, ISO 8601 UTC) and ``elapsed`` (seconds
+    since the logger was created, i.e. since this process started the run).
 
     Args:
         output_dir: run folder; None logs nothing to disk (progress bars still work).
@@ -67,6 +76,9 @@ class RunLogger:
         self.enabled = is_main_process() if enabled is None else enabled
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.show_progress = progress and self.enabled and sys.stderr.isatty()
+        # Without a terminal (a file, a CI log) the loop prints plain progress lines instead of bars.
+        self.plain_progress = progress and self.enabled and not sys.stderr.isatty()
+        self._start = time.monotonic()
         self._jsonl = None
         self._tb = None
         if not self.enabled or self.output_dir is None:
@@ -84,7 +96,8 @@ class RunLogger:
         if not self.enabled:
             return
         if self._jsonl is not None:
-            record = {"kind": kind, "step": int(step), **_json_safe(dict(values))}
+            record = {"kind": kind, "step": int(step), "time": _now(),
+                      "elapsed": round(time.monotonic() - self._start, 3), **_json_safe(dict(values))}
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
         if self._tb is not None:

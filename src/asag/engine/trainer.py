@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -238,7 +239,8 @@ def train_one_epoch(
     if isinstance(criterion, nn.Module):
         criterion.train()
     means, images, start = _Means(), 0, time.perf_counter()
-    bar = logger.progress(loader, total=_epoch_length(loader, max_iters), desc=f"epoch {epoch}")
+    length = _epoch_length(loader, max_iters)
+    bar = logger.progress(loader, total=length, desc=f"epoch {epoch}")
     for it, batch in enumerate(bar):
         if max_iters is not None and it >= max_iters:
             break
@@ -252,9 +254,36 @@ def train_one_epoch(
         means.add(values)
         images += len(batch)
         if log_every > 0 and it % log_every == 0:
-            logger.log("train", global_step + it, {"epoch": epoch, "lr": _lr(optimizer), **_floats(values)})
+            scalars = _floats(values)
+            logger.log("train", global_step + it, {"epoch": epoch, "lr": _lr(optimizer), **scalars})
+            if logger.plain_progress:
+                logger.info(_progress_line(epoch, it, length, scalars["loss"], _lr(optimizer), images,
+                                           time.perf_counter() - start))
     seconds = time.perf_counter() - start
     return _epoch_metrics(means, epoch=epoch, images=images, lr=_lr(optimizer), seconds=seconds)
+
+
+def _progress_line(epoch: int, it: int, length: int | None, loss: float, lr: float, images: int,
+                   seconds: float) -> str:
+    """The plain progress line printed instead of a bar when stderr is not a terminal."""
+    rate = images / seconds if seconds > 0 else math.nan
+    done = it + 1
+    line = f"epoch {epoch} iter {done}" + (f"/{length}" if length else "")
+    line += f": loss {loss:.4f}, lr {lr:.3g}, {rate:.2f} images/s"
+    if length:
+        line += f", epoch ETA {_duration(seconds / done * (length - done))}"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    """``"1h02m"``, ``"3m05s"`` or ``"12.3s"``."""
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+    if seconds >= 60:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{seconds:.1f}s"
 
 
 def _epoch_length(loader: Iterable, max_iters: int | None) -> int | None:
@@ -338,26 +367,31 @@ def _should_evaluate(epoch: int, epochs: int, eval_every: int) -> bool:
     return (epoch + 1) % eval_every == 0 or epoch == epochs - 1
 
 
+def _checkpoint_names(epoch: int, checkpoint_every: int, *, improved: bool) -> list[str]:
+    """last.pth every epoch, best.pth when AP improved, checkpoint_EEEE.pth every ``checkpoint_every``."""
+    names = [LAST_CHECKPOINT]
+    if improved:
+        names.append(BEST_CHECKPOINT)
+    if checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0:
+        names.append(f"checkpoint_{epoch:04d}.pth")
+    return names
+
+
 def _save_epoch(
     output_dir: Path,
     objects: _TrainingObjects,
     result: FitResult,
     *,
     epoch: int,
-    improved: bool,
-    checkpoint_every: int,
+    names: list[str],
     config: dict,
     label_map: dict,
     extra: dict,
 ) -> None:
-    """last.pth every epoch, best.pth when AP improved, checkpoint_EEEE.pth every ``checkpoint_every``
-    epochs. Collective: every rank must call it (RNG states are gathered); rank 0 writes."""
+    """Write the checkpoints ``names`` of ``epoch``. Collective: every rank must call it (RNG states are
+    gathered); rank 0 writes."""
     rng_states = all_gather_object(capture_rng_state())
-    names = [LAST_CHECKPOINT]
-    if improved:
-        names.append(BEST_CHECKPOINT)
-    if checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0:
-        names.append(f"checkpoint_{epoch:04d}.pth")
+    improved = BEST_CHECKPOINT in names
     if get_rank() == 0:
         for name in names:
             save_checkpoint(
@@ -398,9 +432,10 @@ def fit(
     """Train epochs ``start .. epochs-1``, evaluating and checkpointing along the way.
 
     Per epoch: set the sampler's epoch, :func:`train_one_epoch`, ``scheduler.step_epoch()``,
+    ``last.pth`` (and ``checkpoint_EEEE.pth`` every ``checkpoint_every`` epochs) in ``output_dir``, then
     evaluation every ``eval_every`` epochs and after the last one (``evaluate_fn(model)`` returning an
-    object with ``ap``; 0 disables), then ``last.pth`` (and ``best.pth`` when AP improved, and
-    ``checkpoint_EEEE.pth`` every ``checkpoint_every`` epochs) in ``output_dir``.
+    object with ``ap``; 0 disables), after which those checkpoints are written again with its result
+    (and ``best.pth`` when AP improved); finally one summary line through ``logger.info``.
 
     ``resume``: a checkpoint written by this function. Weights, optimizer, scheduler, scaler, RNG
     states, iteration count and best AP are restored and training continues with the next epoch; the
@@ -429,31 +464,42 @@ def fit(
         result.iteration += metrics.iterations
         result.epochs.append(metrics)
         logger.log("epoch", result.iteration, dataclasses.asdict(metrics))
-        evaluation = _evaluate_epoch(evaluate_fn, model, result, epoch, epochs, eval_every, logger)
-        improved = evaluation is not None and result.best_epoch == epoch
-        extra = {"best_ap": result.best_ap, "best_epoch": result.best_epoch}
-        extra["train"] = dataclasses.asdict(metrics)
-        if evaluation is not None:
-            extra["eval"] = _plain_eval(evaluation)
-        _save_epoch(
-            output_dir, objects, result, epoch=epoch, improved=improved,
-            checkpoint_every=checkpoint_every, config=config, label_map=label_map, extra=extra,
-        )
+        save = functools.partial(_save_epoch, output_dir, objects, result, epoch=epoch, config=config,
+                                 label_map=label_map)
+        due = evaluate_fn is not None and _should_evaluate(epoch, epochs, eval_every)
+        # The epoch's weights are on disk before evaluating: a failing evaluation loses no training;
+        # they are written again after it, with its result, so that a resume sees the same best AP.
+        save(names=_checkpoint_names(epoch, checkpoint_every, improved=False), extra=_extra(result, metrics))
+        evaluation = _evaluate_epoch(evaluate_fn, model, result, epoch, logger) if due else None
+        if evaluation is not None:  # last.pth again, now with the evaluation (and best.pth)
+            names = _checkpoint_names(epoch, checkpoint_every, improved=result.best_epoch == epoch)
+            save(names=names, extra=_extra(result, metrics, evaluation))
+        logger.info(epoch_summary(metrics, evaluation, epochs))
     return result
 
 
+def _extra(result: FitResult, metrics: EpochMetrics, evaluation: EvalLike | None = None) -> dict:
+    extra = {"best_ap": result.best_ap, "best_epoch": result.best_epoch, "train": dataclasses.asdict(metrics)}
+    if evaluation is not None:
+        extra["eval"] = _plain_eval(evaluation)
+    return extra
+
+
+def epoch_summary(metrics: EpochMetrics, evaluation: EvalLike | None, epochs: int) -> str:
+    """One line per epoch (0-based, as in checkpoint names): loss, AP when evaluated, time."""
+    ap = f", AP {evaluation.ap:.4f}" if evaluation is not None else ""
+    return (f"epoch {metrics.epoch} of {epochs} done: loss {metrics.loss:.4f}{ap}, {metrics.iterations} "
+            f"iterations in {_duration(metrics.seconds)}")
+
+
 def _evaluate_epoch(
-    evaluate_fn: Callable[[nn.Module], EvalLike] | None,
+    evaluate_fn: Callable[[nn.Module], EvalLike],
     model: nn.Module,
     result: FitResult,
     epoch: int,
-    epochs: int,
-    eval_every: int,
     logger: RunLogger,
-) -> EvalLike | None:
-    """Run the evaluation callback when due and update the best AP (None when not due)."""
-    if evaluate_fn is None or not _should_evaluate(epoch, epochs, eval_every):
-        return None
+) -> EvalLike:
+    """Run the evaluation callback and update the best AP."""
     evaluation = evaluate_fn(model)
     result.evaluations[epoch] = evaluation
     logger.log("eval", result.iteration, {"epoch": epoch, **_plain_eval(evaluation)})

@@ -167,3 +167,20 @@ def test_range_membership_and_description():
     assert 0 in Range(0) and 0 not in Range(0, low_open=True) and 1 not in Range(0, 1, high_open=True)
     assert Range(1).describe() == ">= 1" and Range(0, 1, low_open=True).describe() == "in (0, 1]"
     assert Range(high=2, high_open=True).describe() == "< 2" and -5 in Range(high=2)
+
+
+@pytest.mark.parametrize("chain", [["a"], ["a", "b"], ["a", "b", "c"]], ids=["self", "two", "three"])
+def test_a_base_chain_that_loops_is_one_line_naming_the_loop(tmp_path, chain, capsys):
+    from asag.cli import main
+
+    for name, base in zip(chain, chain[1:] + chain[:1]):
+        (tmp_path / f"{name}.yaml").write_text(f"_base_: {base}.yaml\nschedule:\n  epochs: 3\n")
+    first = tmp_path / f"{chain[0]}.yaml"
+    with pytest.raises(ConfigError, match="the _base_ chain loops") as err:
+        load_config(str(first))
+    assert str(err.value).count(" -> ") == len(chain)
+    assert main(["config", "show", str(first)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "_base_ chain loops" in lines[0]
+    (tmp_path / "ok.yaml").write_text("_base_: tiny_cpu\nschedule:\n  epochs: 3\n")  # a chain that ends
+    assert load_config(str(tmp_path / "ok.yaml")).schedule.epochs == 3

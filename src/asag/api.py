@@ -21,7 +21,7 @@ from asag.config import FIELD_RANGES, FRACTION, Config, check_number, config_fro
 from asag.convert.official import head_index
 from asag.data import LabelMap, collate
 from asag.data.image import open_image, to_rgb
-from asag.engine.checkpoint import load_checkpoint
+from asag.engine.checkpoint import load_checkpoint, one_line
 from asag.errors import CheckpointError, ConfigError, DataError
 from asag.modeling.detector import ASAG
 from asag.modeling.fast import optimize_for_inference, resolve_precision
@@ -42,12 +42,27 @@ class Detection:
                 "category_name": self.category_name}
 
 
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` -> a torch device.
+
+    Raises ConfigError for any other string, a CUDA device without CUDA, or a GPU index that does not
+    exist.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {name!r}: expected {DEVICE_CHOICES}") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise ConfigError(f"device {name!r}: expected {DEVICE_CHOICES}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -63,32 +78,71 @@ def load_model(
     :func:`asag.modeling.fast.optimize_for_inference` and ``docs/inference.md``.
     """
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path}: no model configuration stored in this checkpoint")
-    from asag.config import apply_overrides
-
-    data = apply_overrides(ckpt["config"], list(overrides))
-    data["model"]["backbone"]["weights"] = None  # the checkpoint holds the trained backbone
-    if used_head is not None:
-        data["model"]["decoder"]["used_head"] = used_head
-    if inference_level is not None:
-        data["model"]["anchor_generator"]["inference_level"] = inference_level
-    cfg = config_from_dict(data)
+    cfg = _stored_config(ckpt, path, overrides, used_head=used_head, inference_level=inference_level)
     model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not fit the stored configuration ({len(missing)} missing, e.g. "
-            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
-        )
+    _load_weights(model, ckpt.get("model"), path)
     model.used_head = head_index(cfg.model.decoder.used_head, cfg.model.decoder.num_heads)
-    label_map = LabelMap.from_dict(ckpt["label_map"]) if ckpt.get("label_map") else _default_labels(cfg)
+    label_map = _stored_label_map(ckpt, path) or _default_labels(cfg)
     check_label_map(label_map, cfg.model.num_classes, path)
     model = model.eval()
     if fast or compile or resolve_precision(dtype) is not None:
         model = optimize_for_inference(model.to(device or "cpu"), fold_bn=fast, channels_last=fast,
                                        compile=compile, dtype=dtype)
     return model, cfg, label_map
+
+
+def _stored_config(ckpt: dict, path: str | Path, overrides: Sequence[str], *, used_head: str | None,
+                   inference_level: str | None) -> Config:
+    """The checkpoint's configuration with ``overrides``; CheckpointError naming ``path`` when it is
+    missing or malformed."""
+    from asag.config import apply_overrides
+
+    stored = ckpt.get("config")
+    if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
+        raise CheckpointError(f"{path}: no model configuration stored in this checkpoint")
+    data = apply_overrides(stored, list(overrides))
+    try:
+        data["model"]["backbone"]["weights"] = None  # the checkpoint holds the trained backbone
+        if used_head is not None:
+            data["model"]["decoder"]["used_head"] = used_head
+        if inference_level is not None:
+            data["model"]["anchor_generator"]["inference_level"] = inference_level
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: the stored configuration is malformed (no section {err})") from None
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: the stored configuration is invalid: {err}") from None
+
+
+def _load_weights(model: ASAG, state: object, path: str | Path) -> None:
+    """Load ``state`` into ``model``; one CheckpointError naming ``path`` and every key or shape that
+    does not fit."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: no model weights stored in this checkpoint")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that do not fit (strict=False still checks them)
+        reason = one_line(err)
+        raise CheckpointError(f"{path}: weights do not fit the stored configuration: {reason}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit the stored configuration ({len(missing)} missing, e.g. "
+            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})"
+        )
+
+
+def _stored_label_map(ckpt: dict, path: str | Path) -> LabelMap | None:
+    """The checkpoint's label map (None if it stores none); CheckpointError naming ``path`` when malformed."""
+    data = ckpt.get("label_map")
+    if not data:
+        return None
+    try:
+        return LabelMap.from_dict(data)
+    except KeyError as err:
+        raise CheckpointError(f"{path}: the stored label map has no {err} entry") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: the stored label map is malformed ({err})") from None
 
 
 def check_label_map(label_map: LabelMap, num_classes: int, path: str | Path) -> None:

@@ -379,17 +379,24 @@ def preset_path(name: str) -> Path:
     raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A preset file merged over its ``_base_`` chain (``chain``: the files that led here, to stop loops)."""
+    if path.resolve() in chain:
+        loop = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ConfigError(f"{path}: the _base_ chain loops ({loop})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read preset ({err.strerror or err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a preset must be a mapping")
     base = data.pop("_base_", None)
     if base is not None:
         local = path.parent / str(base)
-        data = _merge(_read_yaml(local if local.is_file() else preset_path(str(base))), data)
+        base_path = local if local.is_file() else preset_path(str(base))
+        data = _merge(_read_yaml(base_path, (*chain, path.resolve())), data)
     return data
 
 

@@ -44,6 +44,15 @@ def check_output_dir(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """Check that file ``path`` can be written (its folder is created); OutputError naming ``option``."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{option} {path}: is a folder; give a file name")
+    check_output_dir(path.parent, option)
+    return path
+
+
 def previous_run_files(folder: Path) -> list[Path]:
     """The files of an earlier ``asag train`` run in ``folder`` (checkpoints, logs), sorted."""
     if not folder.is_dir():

@@ -3,6 +3,7 @@
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,3 +298,145 @@ def test_every_option_has_help_with_its_default_and_the_top_level_help_is_plain(
         main(["--help"])
     top = capsys.readouterr().out
     assert "``" not in top and ":mod:" not in top and "train" in top
+
+
+# -------------------------------------------------------------- every error is one line, early
+
+
+def one_line_error(capsys, command):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"asag {command}: error: ")
+    return err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "visualize", "convert", "data synth",
+                                     "data convert-crowdhuman", "benchmark"])
+def test_an_output_path_under_a_file_is_refused_before_the_work(command, tiny_checkpoint, tmp_path,
+                                                                  monkeypatch, capsys):
+    import asag.commands.benchmark
+    import asag.commands.data
+    import asag.engine.evaluator
+
+    for module, name in ((asag.engine.evaluator, "evaluate"), (asag.commands.data, "time"),
+                         (asag.commands.benchmark, "benchmark")):  # the work itself must not start
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the work started"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = str(blocker / "sub")
+    ckpt = str(tiny_checkpoint / "ckpt.pth")
+    image = str(next((tiny_checkpoint / "data" / "images" / "val").iterdir()))
+    data = f"data.root={tiny_checkpoint / 'data'}"
+    argv = {
+        "train": ["train", "tiny_cpu", data, "--output-dir", out],
+        "eval": ["eval", ckpt, data, "--out", out],
+        "predict": ["predict", ckpt, image, "--out", out],
+        "visualize": ["visualize", ckpt, image, "--out", out],
+        "convert": ["convert", ckpt, "--out", f"{out}/x.pth"],
+        "data synth": ["data", "synth", "--out", out, "--images", "1"],
+        "data convert-crowdhuman": ["data", "convert-crowdhuman", "--odgt", "x.odgt", "--images", ".",
+                                    "--out", f"{out}/x.json"],
+        "benchmark": ["benchmark", "tiny_cpu", "--json", f"{out}/x.json"],
+    }[command]
+    assert main(argv) == 2
+    err = one_line_error(capsys, command.split()[0])
+    assert f"{blocker} is a file, not a folder" in err
+    assert not (blocker / "sub").exists()
+
+
+def test_an_unwritable_folder_and_a_full_disk_are_one_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    import PIL.Image
+
+    import asag.outputs
+
+    ckpt = str(tiny_checkpoint / "ckpt.pth")
+    image = str(next((tiny_checkpoint / "data" / "images" / "val").iterdir()))
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with monkeypatch.context() as patch:  # running as root: simulate a folder without write permission
+        patch.setattr(asag.outputs.tempfile, "TemporaryFile", denied)
+        assert main(["predict", ckpt, image, "--out", str(tmp_path / "ro")]) == 2
+    err = one_line_error(capsys, "predict")
+    assert f"--out {tmp_path / 'ro'}: cannot write there (Permission denied)" in err
+    assert tempfile.TemporaryFile is not denied
+
+    def disk_full(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(PIL.Image.Image, "save", disk_full)
+    assert main(["predict", ckpt, image, "--out", str(tmp_path / "full"), "--draw"]) == 1
+    err = one_line_error(capsys, "predict")
+    assert f"{tmp_path / 'full'}" in err and "_pred.png: No space left on device" in err
+
+
+def test_a_full_disk_during_training_names_the_checkpoint(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import asag.engine.checkpoint
+
+    def disk_full(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 part of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(asag.engine.checkpoint.torch, "save", disk_full)
+    out = tmp_path / "run"
+    code = main(["train", "tiny_cpu", f"data.root={tiny_checkpoint / 'data'}", "schedule.epochs=1",
+                 "schedule.max_iters_per_epoch=1", "runtime.eval_every=0", "data.batch_size=1",
+                 "--output-dir", str(out)])
+    assert code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"asag train: error: {out / 'last.pth'}: No space left on device"
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import asag.commands.config
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(asag.commands.config, "run_list", interrupted)
+    assert main(["config", "list"]) == 130
+    assert capsys.readouterr().err == "asag config: interrupted\n"
+
+
+def official_shapes(variant: str) -> dict[str, torch.Tensor]:
+    """An authors'-layout state dict with the right key names and shapes, every tensor a broadcast view
+    of one zero (a few bytes on disk)."""
+    manifest = Path(__file__).resolve().parents[3] / "shared" / "spec" / f"official-state-dict-{variant}.txt"
+    if not manifest.is_file():
+        pytest.skip(f"{manifest} not found")
+    state = {}
+    for line in manifest.read_text().splitlines():
+        key, shape, _ = line.split("\t")
+        dims = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+        state[key] = torch.zeros(()).expand(dims)
+    return state
+
+
+@pytest.mark.parametrize(
+    "kind, extra, message",
+    [
+        ("empty", [], "the file is empty"),
+        ("official", ["--keep-head", "foo"],
+         "head 'foo': this model has 4 head(s); choose main, aux_0, aux_1, aux_2"),
+        ("official", ["--keep-head", "aux_3"], "head 'aux_3': this model has 4 head(s)"),
+        ("official", ["--keep-head", "aux_-1"], "head 'aux_-1'"),
+    ],
+    ids=["empty_file", "keep_head_foo", "head_out_of_range", "negative_head"],
+)
+def test_convert_bad_input_is_one_line(kind, extra, message, tmp_path, capsys):
+    source = tmp_path / "official.pth"
+    if kind == "empty":
+        source.write_bytes(b"")
+    else:
+        torch.save({"model": official_shapes("asag-a")}, source)
+    assert main(["convert", str(source), "--out", str(tmp_path / "out.pth"), *extra]) == 2
+    err = one_line_error(capsys, "convert")
+    assert message in err and (kind != "empty" or str(source) in err)
+    assert not (tmp_path / "out.pth").exists()

@@ -1,5 +1,9 @@
 import argparse
+import errno
+import os
 import random
+import re
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -104,8 +108,9 @@ def test_atomic_write_keeps_previous_file_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")  # ... then the write fails
 
     monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="disk full") as err:
         save(path, model, opt, sched, epoch=5)
+    assert err.value.filename == str(path)  # the CLI prints "PATH: disk full"
     monkeypatch.undo()
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]  # no temporary file left
@@ -169,11 +174,84 @@ def test_newer_format_rejected(tmp_path):
         load_checkpoint(path)
 
 
-def test_model_mismatch_raises_checkpoint_error(tmp_path):
+def test_ctrl_c_during_a_write_is_held_back_until_the_write_is_complete(tmp_path, monkeypatch):
     model, opt, sched = training_objects()
-    path = save(tmp_path / "c.pth", model, opt, sched)
-    with pytest.raises(CheckpointError, match="does not fit"):
-        restore_training_state(load_checkpoint(path), model=nn.Linear(3, 3))
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while torch.save is writing
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):  # not torch.save's opaque RuntimeError
+        save(tmp_path / "last.pth", model, opt, sched, epoch=7)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]  # no temporary file left
+    assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 7  # and the checkpoint is whole
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_ctrl_c_and_a_failing_write_leave_no_temporary_file(tmp_path, monkeypatch):
+    model, opt, sched = training_objects()
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        os.kill(os.getpid(), signal.SIGINT)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left on device"):
+        save(tmp_path / "last.pth", model, opt, sched)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_folder_names_the_checkpoint(tmp_path):
+    model, opt, sched = training_objects()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError) as err:
+        save(tmp_path / "file" / "last.pth", model, opt, sched)
+    assert err.value.filename == str(tmp_path / "file" / "last.pth")
+
+
+def _other_model(model, opt, sched):
+    return {"model": nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))}
+
+
+def _other_groups(model, opt, sched):
+    groups = [{"params": [p], "lr": 1e-2} for p in model.parameters()]
+    return {"model": model, "optimizer": torch.optim.AdamW(groups)}
+
+
+def _other_optimizer(model, opt, sched):
+    return {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            "drop": "optimizer"}
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_other_model, r"the weights do not fit the model: Error\(s\) in loading state_dict for Sequential; "
+                       r"size mismatch for 0.weight: .*; size mismatch for 0.bias: .*; "
+                       r"size mismatch for 2.weight"),
+        (_other_groups, re.escape("its optimizer state does not fit this run (loaded state dict has a "
+                                  "different number of parameter groups); was it written with other model "
+                                  "or schedule settings?")),
+        (_other_optimizer, "holds no optimizer state"),
+    ],
+    ids=["model_shapes", "optimizer_groups", "missing_optimizer"],
+)
+def test_state_that_does_not_fit_names_the_file_and_the_whole_reason(tmp_path, make, message):
+    model, opt, sched = training_objects()
+    train_steps(model, opt, sched)
+    objects = make(model, opt, sched)
+    drop = objects.pop("drop", None)
+    path = save(tmp_path / "c.pth", model, opt if drop != "optimizer" else None, sched)
+    objects.setdefault("optimizer", None)
+    with pytest.raises(CheckpointError) as err:
+        restore_training_state(load_checkpoint(path), **objects, source=path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: ") and "\n" not in text
+    assert re.search(message, text), text
 
 
 def test_non_plain_config_rejected():

@@ -25,6 +25,7 @@ from asag.engine.trainer import autocast_context, check_amp
 from asag.errors import ConfigError
 from asag.modeling.detector import ASAG
 from asag.modeling.fast import add_inference_arguments, optimize_for_inference
+from asag.outputs import check_output_file
 
 PRESET_SUFFIXES = (".yaml", ".yml")
 
@@ -106,6 +107,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    if args.json:
+        check_output_file(args.json, "--json")
     size = parse_size(args.size)
     device = resolve_device(args.device)
     check_amp(args.amp, device)
@@ -139,7 +142,6 @@ def run(args: argparse.Namespace) -> int:
         print(format_recall(result.dataset.recall))
     if args.json:
         out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result.to_dict(), indent=2))
         print(f"results: {out}")
     return 0

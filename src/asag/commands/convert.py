@@ -11,8 +11,9 @@ from asag.build import build_model
 from asag.config import apply_overrides, config_from_dict, load_config
 from asag.convert.official import convert_state_dict, head_index, infer_architecture
 from asag.data.coco_categories import default_label_map
-from asag.engine.checkpoint import save_checkpoint
+from asag.engine.checkpoint import one_line, save_checkpoint
 from asag.errors import CheckpointError
+from asag.outputs import check_output_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,11 +33,13 @@ def read_official(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of an authors' checkpoint, read with ``weights_only=True``."""
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unreadable input is a user error
-        raise CheckpointError(f"{path}: cannot read checkpoint ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: cannot read checkpoint ({one_line(err)})") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no state dict found (expected a dict of tensors under 'model')")
@@ -76,6 +79,7 @@ def default_preset(state: dict[str, torch.Tensor]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
+    check_output_file(args.out, "--out")
     state = read_official(path)
     overrides = official_overrides(state)
     base = load_config(args.preset or default_preset(state))
@@ -88,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_dict(apply_overrides(base.to_dict(), overrides + list(args.overrides)))
     converted = convert_state_dict(state, keep_head=keep)
     model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(converted, strict=False)
+    except RuntimeError as err:  # shapes that do not fit
+        raise CheckpointError(f"{path}: converted weights do not fit ({one_line(err)})") from None
     if missing or unexpected:
         raise CheckpointError(f"{path}: converted weights do not fit ({len(missing)} missing, e.g. "
                               f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from asag.config import field_option
+from asag.outputs import check_output_dir, check_output_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     from asag.data.synthetic import generate_synthetic
 
+    check_output_dir(args.out, "--out")
     start = time.perf_counter()
     paths = generate_synthetic(args.out, args.images, args.seed, args.val_images)
     elapsed = time.perf_counter() - start
@@ -54,6 +56,7 @@ def run_stats(args: argparse.Namespace) -> int:
 def run_convert_crowdhuman(args: argparse.Namespace) -> int:
     from asag.data.crowdhuman import convert_crowdhuman
 
+    check_output_file(args.out, "--out")
     summary = convert_crowdhuman(args.odgt, args.images, args.out)
     print(
         f"wrote {args.out}: {summary.images} images, {summary.boxes} person boxes, "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from asag.errors import ConfigError
 from asag.modeling.decoders.parallel import select_head
 
 # (authors' prefix, our prefix), applied in order; the first match wins.
@@ -97,7 +98,11 @@ def convert_state_dict(
 
 
 def head_index(used_head: str, num_heads: int) -> int:
-    """``"main"`` -> the last head; ``"aux_k"`` -> k."""
+    """``"main"`` -> the last head; ``"aux_k"`` -> k (``k < num_heads - 1``); ConfigError otherwise."""
     if used_head == "main":
         return num_heads - 1
-    return int(used_head.removeprefix("aux_"))
+    k = used_head.removeprefix("aux_")
+    if used_head.startswith("aux_") and k.isdigit() and int(k) < num_heads - 1:
+        return int(k)
+    choices = ", ".join(["main", *(f"aux_{i}" for i in range(num_heads - 1))])
+    raise ConfigError(f"head {used_head!r}: this model has {num_heads} head(s); choose {choices}")

@@ -11,10 +11,14 @@ strings, lists, tuples and dicts only. Keys:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,17 +171,46 @@ def save_checkpoint(
 
 
 def _atomic_torch_save(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write to a temporary file beside ``path``, then rename it over ``path``.
+
+    Ctrl-C during the write is held back until the write has finished or failed (torch.save would
+    turn it into an opaque RuntimeError) and then raised as KeyboardInterrupt; the temporary file never
+    survives. A full disk or an unwritable folder raises OSError with ``filename`` = ``path``.
+    """
     try:
-        with os.fdopen(fd, "wb") as handle:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    try:
+        with _interrupt_held_back(), os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+            os.replace(tmp_name, path)
+    except OSError as err:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def _interrupt_held_back() -> Iterator[None]:
+    """SIGINT (Ctrl-C) inside the block is raised as KeyboardInterrupt when the block ends (main thread
+    only; elsewhere a no-op). An error inside the block takes precedence and is raised instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -190,6 +223,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -215,6 +250,12 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def one_line(err: BaseException) -> str:
+    """The whole message of ``err`` on one line (its lines joined by ``"; "``)."""
+    lines = [line.strip().rstrip(".:") for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(err).__name__
+
+
 def restore_training_state(
     checkpoint: dict[str, Any],
     *,
@@ -224,23 +265,34 @@ def restore_training_state(
     scaler: Any | None = None,
     restore_rng: bool = True,
     rank: int = 0,
+    source: str | os.PathLike = "checkpoint",
 ) -> None:
     """Load model, optimizer, scheduler, scaler and (optionally) RNG states from ``checkpoint``.
 
     The model is loaded strictly (a DDP wrapper is unwrapped). ``rank`` picks this process's RNG
     state; a checkpoint written by fewer ranks gives the extra ranks rank 0's state. Raises
-    CheckpointError when the model does not fit the checkpoint or a requested state is missing.
+    CheckpointError, naming ``source`` (the file) and the whole reason, when the model, optimizer,
+    scheduler or scaler does not fit the checkpoint or a requested state is missing.
     """
     try:
         unwrap_model(model).load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint does not fit the model: {_first_line(err)}") from err
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{source}: the weights do not fit the model: {one_line(err)}") from None
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if target is None:
             continue
         if checkpoint.get(name) is None:
-            raise CheckpointError(f"checkpoint holds no {name} state")
-        target.load_state_dict(checkpoint[name])
+            raise CheckpointError(f"{source}: holds no {name} state")
+        try:
+            target.load_state_dict(checkpoint[name])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
+            raise CheckpointError(
+                f"{source}: its {name} state does not fit this run ({one_line(err)}); was it written with "
+                f"other model or schedule settings?"
+            ) from None
     if restore_rng:
-        states = checkpoint["rng"]
-        restore_rng_state(states[rank] if rank < len(states) else states[0])
+        try:
+            states = checkpoint["rng"]
+            restore_rng_state(states[rank] if rank < len(states) else states[0])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{source}: its RNG states are malformed ({one_line(err)})") from None

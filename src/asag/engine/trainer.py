@@ -25,7 +25,7 @@ from asag.engine.checkpoint import capture_rng_state, load_checkpoint, restore_t
 from asag.engine.distributed import all_gather_object, all_reduce_mean, barrier, get_rank, set_sampler_epoch
 from asag.engine.logger import RunLogger
 from asag.engine.schedule import WarmupMultiStepLR
-from asag.errors import ConfigError
+from asag.errors import CheckpointError, ConfigError
 from asag.structures import Batch
 
 # Spec section 9: global gradient-norm clipping threshold of the release.
@@ -353,12 +353,18 @@ def _resume(path: str | Path, objects: _TrainingObjects, result: FitResult) -> N
         scheduler=objects.scheduler,
         scaler=objects.scaler,
         rank=get_rank(),
+        source=path,
     )
-    extra = checkpoint.get("extra", {})
-    result.start_epoch = checkpoint["epoch"] + 1
-    result.iteration = checkpoint["iteration"]
-    result.best_ap = float(extra.get("best_ap", -math.inf))
-    result.best_epoch = int(extra.get("best_epoch", -1))
+    try:
+        extra = checkpoint.get("extra") or {}
+        result.start_epoch = int(checkpoint["epoch"]) + 1
+        result.iteration = int(checkpoint["iteration"])
+        best_ap = extra.get("best_ap")
+        result.best_ap = -math.inf if best_ap is None else float(best_ap)
+        result.best_epoch = int(extra.get("best_epoch", -1))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: its training progress (epoch, iteration, best AP) is malformed "
+                              f"({err!r})") from None
 
 
 def _should_evaluate(epoch: int, epochs: int, eval_every: int) -> bool:

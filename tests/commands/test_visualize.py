@@ -110,8 +110,12 @@ def test_missing_checkpoint_and_unreadable_image(setup, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     checkpoint, _ = setup
-    assert main(["visualize", str(checkpoint), str(bad), "--out", str(tmp_path)]) == 2
-    assert "bad.png" in capsys.readouterr().err
+    image = first_image(paths)
+    assert main(["visualize", str(checkpoint), str(bad), str(image), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"asag visualize: error: {bad}: cannot read image" in err and "Traceback" not in err
+    assert "1 of 2 images could not be read" in err
+    assert (tmp_path / f"{image.stem}_pipeline.png").is_file()  # the readable image is still drawn
 
 
 @pytest.mark.slow
@@ -124,3 +128,20 @@ def test_after_two_training_iterations(setup, tmp_path):
     assert main(["visualize", str(run / "last.pth"), str(paths.val_images), "--ann", str(paths.val_json),
                  "--features", "P2,P3,P4,P5", "--out", str(out)]) == 0
     assert len(list(out.glob("*_pipeline.png"))) == 2 and len(list(out.glob("*_features.png"))) == 2
+
+
+def test_inputs_with_the_same_stem_get_their_own_figures(setup, tmp_path, capsys):
+    import shutil
+
+    checkpoint, paths = setup
+    first, second = sorted(paths.val_images.iterdir())[:2]
+    for folder, source in (("a", first), ("b", second)):
+        (tmp_path / folder).mkdir()
+        shutil.copy(source, tmp_path / folder / "x.png")
+    out = tmp_path / "out"
+    assert main(["visualize", str(checkpoint), str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"),
+                 "--out", str(out), "--stages", "detections"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a_x_png_pipeline.png", "b_x_png_pipeline.png"]
+    first_figure, second_figure = (np.asarray(PIL.Image.open(out / f"{f}_x_png_pipeline.png")) for f in "ab")
+    assert first_figure.shape != second_figure.shape or (first_figure != second_figure).any()
+    assert "-> a_x_png_pipeline.png" in capsys.readouterr().out

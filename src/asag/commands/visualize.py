@@ -16,10 +16,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from asag.api import Detector
-from asag.commands.predict import expand_images
+from asag.commands.predict import expand_images, report_unreadable
 from asag.config import FRACTION, option_type
 from asag.data import collate
-from asag.errors import ConfigError
+from asag.errors import ConfigError, DataError
 from asag.outputs import check_output_dir, unique_stems
 from asag.viz.draw import Panel, compose_panels
 from asag.viz.features import FPN_LEVELS, feature_panels, with_colour_bar
@@ -146,13 +146,17 @@ def run(args: argparse.Namespace) -> int:
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
                                         inference_level=args.inference_level)
     out = check_output_dir(args.out, "--out")
-    lines = []
+    lines, failed = [], []
     for path, name in tqdm(list(zip(paths, unique_stems(paths))), desc="visualize", unit="img", disable=None):
-        figures = visualise_image(detector, path, stages, levels, args.score_threshold,
-                                  args.inference_level, annotations)
+        try:
+            figures = visualise_image(detector, path, stages, levels, args.score_threshold,
+                                      args.inference_level, annotations)
+        except DataError as err:  # an unreadable image: the others are still drawn
+            failed.append(str(err))
+            continue
         written = save_figures(figures, name, out, args.separate)
         lines.append(f"{summary(path, figures.trace, annotations is not None)} -> {written[0].name}"
                      if written else summary(path, figures.trace, annotations is not None))
     print("\n".join(lines))
-    print(f"{len(paths)} images -> {out}")
-    return 0
+    print(f"{len(lines)} images -> {out}")
+    return report_unreadable(failed, len(paths), "visualize")

@@ -205,6 +205,7 @@ def test_train_overwrite_replaces_the_earlier_run_and_prints_progress(
     shutil.copytree(trained, out)
     (out / "checkpoint_0099.pth").write_bytes(b"old")
     (out / "notes.txt").write_text("mine")
+    (out / "resnet18-weights.pth").write_bytes(b"not written by asag train: kept")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # a CI log
     threads = torch.get_num_threads()
     try:
@@ -214,7 +215,8 @@ def test_train_overwrite_replaces_the_earlier_run_and_prints_progress(
         torch.set_num_threads(threads)
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["checkpoint_0000.pth", "last.pth", "metrics.jsonl", "notes.txt", "tensorboard"]
+    assert names == ["checkpoint_0000.pth", "last.pth", "metrics.jsonl", "notes.txt", "resnet18-weights.pth",
+                     "tensorboard"]
     stored = torch.load(out / "last.pth", weights_only=True)["config"]["runtime"]
     assert (stored["device"], stored["num_threads"]) == ("cpu", 1)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

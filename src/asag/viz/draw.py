@@ -43,14 +43,62 @@ def draw_boxes(
     return F.to_pil_image(out)
 
 
-def draw_detections(image: PIL.Image.Image, detections: Sequence) -> PIL.Image.Image:
-    """Draw :class:`asag.api.Detection` objects in their class colours with ``name score`` labels."""
-    return draw_boxes(
-        image,
-        [d.box for d in detections],
-        [class_colour(d.category_id) for d in detections],
-        [f"{d.category_name} {d.score:.2f}" for d in detections],
-    )
+# Detection drawings: label text on a filled strip of the box colour, kept inside the image.
+LABEL_FONT_SIZE = 14
+LABEL_PADDING = 2
+DETECTION_LINE_WIDTH = 2
+# Text colour on a label strip: black on light colours, white on dark ones (ITU-R BT.601 luma).
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+DARK_LUMA = 128
+
+
+def label_origin(box_xyxy: Sequence[float], label_size: tuple[int, int], image_size: tuple[int, int]
+                 ) -> tuple[int, int]:
+    """Top-left pixel of a ``label_size = (w, h)`` strip for a box: above the box's top-left corner,
+    or just inside the box when there is no room above; shifted so the strip stays inside an image of
+    ``image_size = (W, H)`` (at its left / top edge when it is wider / taller than the image)."""
+    (w, h), (width, height) = label_size, image_size
+    x1, y1 = math.floor(box_xyxy[0]), math.floor(box_xyxy[1])
+    y = y1 - h if y1 - h >= 0 else max(y1, 0)
+    x = min(max(x1, 0), width - w)
+    y = min(y, height - h)
+    return max(x, 0), max(y, 0)
+
+
+def text_colour(fill: tuple[int, int, int]) -> tuple[int, int, int]:
+    luma = sum(w * c for w, c in zip(LUMA_WEIGHTS, fill))
+    return (0, 0, 0) if luma >= DARK_LUMA else (255, 255, 255)
+
+
+def draw_detections(image: PIL.Image.Image, detections: Sequence, *, min_side: int | None = None
+                    ) -> PIL.Image.Image:
+    """Draw :class:`asag.api.Detection` objects (``box`` xyxy in pixels of ``image``) in their class
+    colours, each with a ``name score`` label on a filled strip inside the image.
+
+    ``min_side``: scale small images up (bicubic) so that their shorter side has at least this many
+    pixels, boxes with them, so that labels stay readable; larger images are drawn at their size.
+    """
+    scale = max(1.0, min_side / min(image.size)) if min_side else 1.0
+    canvas = image.convert("RGB")
+    if scale > 1.0:
+        canvas = canvas.resize((round(image.width * scale), round(image.height * scale)), PIL.Image.BICUBIC)
+    else:
+        canvas = canvas.copy()
+    pen = PIL.ImageDraw.Draw(canvas)
+    font = PIL.ImageFont.load_default(size=LABEL_FONT_SIZE)
+    ordered = sorted(detections, key=lambda d: d.score)  # the most confident drawn last, on top
+    for det in ordered:
+        pen.rectangle([v * scale for v in det.box], outline=class_colour(det.category_id),
+                      width=DETECTION_LINE_WIDTH)
+    for det in ordered:
+        text = f"{det.category_name} {det.score:.2f}"
+        left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
+        size = (right - left + 2 * LABEL_PADDING, bottom - top + 2 * LABEL_PADDING)
+        x, y = label_origin([v * scale for v in det.box], size, canvas.size)
+        fill = class_colour(det.category_id)
+        pen.rectangle([x, y, x + size[0] - 1, y + size[1] - 1], fill=fill)
+        pen.text((x + LABEL_PADDING - left, y + LABEL_PADDING - top), text, fill=text_colour(fill), font=font)
+    return canvas
 
 
 # ------------------------------------------------------------------------------------------ panels

@@ -122,8 +122,9 @@ def test_missing_checkpoint_and_unreadable_image(setup, tmp_path, capsys):
 def test_after_two_training_iterations(setup, tmp_path):
     _, paths = setup
     run = tmp_path / "run"
+    # one training image: two epochs of one iteration
     assert main(["train", "tiny_cpu", f"data.root={paths.root}", f"runtime.output_dir={run}",
-                 "schedule.max_iters_per_epoch=2", "schedule.epochs=1"]) == 0
+                 "data.batch_size=1", "schedule.epochs=2", "runtime.eval_every=0"]) == 0
     out = tmp_path / "vis"
     assert main(["visualize", str(run / "last.pth"), str(paths.val_images), "--ann", str(paths.val_json),
                  "--features", "P2,P3,P4,P5", "--out", str(out)]) == 0

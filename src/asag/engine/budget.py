@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 # The plan uses this fraction of the budget: later iterations can be slower than the measured first ones
 # (the anchor generator probes more patches as it learns), and checkpoints and logs take time too.
-BUDGET_SAFETY = 0.9
+BUDGET_SAFETY = 0.95
 # Evaluating on the preset's cadence may use at most this share of the budget; else only at the end.
 MAX_EVAL_SHARE = 0.25
 

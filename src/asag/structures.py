@@ -23,6 +23,8 @@ def _move(value, device: torch.device | str):
         return value.to(device)
     if isinstance(value, list):
         return [_move(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
     if hasattr(value, "to") and hasattr(value, "__dataclass_fields__"):
         return value.to(device)
     return value
@@ -96,6 +98,8 @@ class PatchPredictions(_Movable):
     loss_only: ``[n_patches]`` bool, True for patches that only feed the loss (GT-derived or random
         patches added in training); ``None`` for P6/P5.
     stride: feature stride of the level (0 for P6/P5, whose frame is the image).
+    valid: static mode, P4/P3: ``[n_patches]`` bool, False for the empty patch slots of the fixed
+        budget (their rows are computed and ignored); ``None`` when every row is a probed patch.
     """
 
     level: str
@@ -104,6 +108,7 @@ class PatchPredictions(_Movable):
     crop_pos: Tensor | None = None
     loss_only: Tensor | None = None
     stride: int = 0
+    valid: Tensor | None = None
 
 
 @dataclass
@@ -117,12 +122,15 @@ class AnchorOutput(_Movable):
     valid_mask: ``[B, Q]`` bool, True for real anchors (always a prefix of each row).
     selected: per image, per stage (P5/P6, P4, P3 as reached), ``[n, 5]`` pixel cxcywh + confidence of
         the anchors chosen for output (for visualisation and statistics).
+    budget_bound: static mode: ``"P4"``, ``"P3"``, ``"queries"`` -> ``[B]`` bool, True where that
+        budget bound for the image (more patches / anchors than slots); ``None`` in the dynamic mode.
     """
 
     patch_predictions: list[PatchPredictions]
     boxes: Tensor
     valid_mask: Tensor
     selected: list[list[Tensor]] = field(default_factory=list)
+    budget_bound: dict[str, Tensor] | None = None
 
     @property
     def num_queries(self) -> int:
@@ -219,3 +227,28 @@ class Detections(_Movable):
 
     def __len__(self) -> int:
         return int(self.scores.numel())
+
+
+@dataclass
+class DetectionBatch(_Movable):
+    """Fixed-size detections of a batch: the static mode's post-processing output (and an exported
+    model's outputs, docs/inference.md).
+
+    boxes: ``[B, K, 4]`` float32 xyxy in original-image pixels.
+    scores: ``[B, K]`` float32 sigmoid scores, descending over the valid entries of a row.
+    labels: ``[B, K]`` int64 contiguous class indices.
+    valid: ``[B, K]`` bool, True for real detections, always a prefix of each row; the padding after it
+        holds zeros (box, score and label 0).
+    ``K`` is fixed by the model: ``min(topk, Q * C)`` with ``Q = max_anchors``.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    valid: Tensor
+
+    def to_list(self) -> list[Detections]:
+        """Per image, the valid entries as :class:`Detections` (one host read for the whole batch)."""
+        counts = self.valid.sum(dim=1).tolist()
+        return [Detections(self.boxes[b, :n], self.scores[b, :n], self.labels[b, :n])
+                for b, n in enumerate(counts)]

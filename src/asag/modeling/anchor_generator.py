@@ -15,10 +15,17 @@ epoch-0 teacher forcing of spec 3.7. Patches never loop in Python: cutting, pred
 batched over all patches of all images. In evaluation the host reads device values only where a size
 depends on them: per probed level the candidate positions (which also decide the early stop) and the
 patch NMS, and once for all stages the output count and ``Q`` (docs/inference.md).
+
+*Static mode* (``static=True``, inference only) fixes every shape by the input size and two budgets:
+per image and probed level ``static_patches_per_level`` patch slots chosen by a fixed-length greedy
+NMS (:func:`asag.ops.nms.fixed_budget_nms`), and ``max_anchors`` output columns. Empty slots and the
+early stop become masks (``StageAnchors.row_valid``), so the forward reads nothing back from the
+device; where no budget binds the output anchors equal the dynamic mode's (docs/inference.md).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_convert
 
+from asag.errors import ConfigError
 from asag.modeling.blocks import MLP, init_xavier
 from asag.modeling.patches import (
     anchor_patch_positions,
@@ -47,6 +55,7 @@ from asag.modeling.patches import (
     valid_region_cells,
 )
 from asag.ops.boxes import full_image_boxes_cxcywh_px
+from asag.ops.nms import fixed_budget_nms
 from asag.structures import AnchorOutput, ImageTargets, PatchPredictions
 
 # Loop index at which probing stops for each inference level (spec 3.4 step 1): 1 = before P4, 2 = before
@@ -64,6 +73,10 @@ MLP_LAYERS = 3
 ANCHOR_FIELDS = 5
 # Crops tiling the resized P5 map (spec 3.3 step 5).
 NUM_CROPS = 4
+# Static mode: default patch slots per image and probed level (the release's speed path kept at most
+# 15 patches per level; measured in docs/inference.md) and the keys of ``AnchorOutput.budget_bound``.
+STATIC_PATCHES_PER_LEVEL = 15
+BUDGET_KEYS = ("P4", "P3", "queries")
 
 
 @dataclass
@@ -90,11 +103,14 @@ class StageAnchors:
     anchors: ``[N, K, 5]`` pixel cxcywh + confidence (after the zeroing rules), detached.
     image_idx: ``[N]`` int64 image of each row (rows are images at the coarse stage, patches after).
     coarse: True for the P5-crops/P6 stage (the ``min_anchors`` fallback applies only there).
+    row_valid: static mode: ``[N]`` bool, False for the empty patch slots (their anchors are ignored);
+        ``None`` when every row is real. Static rows are image-major, the same count per image.
     """
 
     anchors: Tensor
     image_idx: Tensor
     coarse: bool
+    row_valid: Tensor | None = None
 
 
 @dataclass
@@ -158,6 +174,9 @@ class AnchorGenerator(nn.Module):
         max_patches_per_image: cap on predicted patches per image and level (None; CrowdHuman preset 60).
         max_patches_per_level: the same cap as a speed option (None; the release's speed path used 15).
         inference_level: default probing depth ``"P3P6"``, ``"P4P6"`` or ``"P5P6"``.
+        static: fixed shapes and no host reads (inference only; module docstring, docs/inference.md).
+        static_patches_per_level: static mode's patch slots per image and probed level (further capped
+            by ``max_patches_per_image`` / ``max_patches_per_level``).
     """
 
     def __init__(
@@ -183,6 +202,8 @@ class AnchorGenerator(nn.Module):
         max_patches_per_image: int | None = None,
         max_patches_per_level: int | None = None,
         inference_level: str = "P3P6",
+        static: bool = False,
+        static_patches_per_level: int = STATIC_PATCHES_PER_LEVEL,
     ):
         super().__init__()
         if interpolate_size != 2 * patch_size:
@@ -222,6 +243,8 @@ class AnchorGenerator(nn.Module):
         caps = [c for c in (max_patches_per_image, max_patches_per_level) if c is not None]
         self.patch_cap = min(caps) if caps else None
         self.inference_level = inference_level
+        self.static = static
+        self.static_patches_per_level = static_patches_per_level
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -254,16 +277,26 @@ class AnchorGenerator(nn.Module):
             ``valid_mask [B, Q]``, per-level ``patch_predictions`` and per-image ``selected`` groups.
         """
         train = self.training and targets is not None
+        if self.static and train:
+            raise ConfigError("static mode is for inference only: train the model with static off")
         teacher = train and epoch < self.use_target_epoch
         stop = INFERENCE_LEVEL_STOP[_check_level(inference_level or self.inference_level)]
         image_sizes = image_sizes.to(features[0].device)
         image_wh = image_sizes.flip(-1).to(features[0].dtype)  # [B, 2] (w, h)
         predictions, current = self._coarse_stage(features[P5_INDEX], image_sizes, image_wh, train)
         selections: list[StageSelection] = []
+        bound: dict[str, Tensor] = {}
         for step, level, name in PROBE_ORDER:
             if step == stop:
                 break
             candidates = self._candidates(current, self.strides[level])
+            if self.static:
+                selections.append(self._select(current, candidates, len(image_wh)))
+                patches, valid, bound[name] = self._static_patches(current, candidates, level, image_wh)
+                prediction, current = self._probe(features[level], level, step, name, patches, image_wh,
+                                                  False, valid)
+                predictions.append(prediction)
+                continue
             # one host sync per level: the candidates' positions also decide the early stop
             found = None if teacher else candidates.nonzero(as_tuple=True)
             if not train and len(found[0]) == 0:
@@ -273,6 +306,8 @@ class AnchorGenerator(nn.Module):
             prediction, current = self._probe(features[level], level, step, name, patches, image_wh, train)
             predictions.append(prediction)
         selections.append(self._select(current, None, len(image_wh)))
+        if self.static:
+            return self._pack_static(predictions, selections, image_sizes, bound)
         return self._pack(predictions, selections, image_sizes)
 
     # ------------------------------------------------------------------------------- coarse stage
@@ -326,7 +361,8 @@ class AnchorGenerator(nn.Module):
         limit = stride * self.patch_size / 2
         conf = a[..., 4]
         confident = (conf > self.threshold_low) & (conf < self.threshold_high)
-        return confident & (a[..., 3] < limit) & (a[..., 2] < limit)
+        candidates = confident & (a[..., 3] < limit) & (a[..., 2] < limit)
+        return candidates if current.row_valid is None else candidates & current.row_valid[:, None]
 
     @torch.no_grad()
     def _predicted_patches(self, current: StageAnchors, found: tuple[Tensor, Tensor], stride: int,
@@ -343,6 +379,36 @@ class AnchorGenerator(nn.Module):
         kept_images = image_idx[keep]
         positions = anchor_patch_positions(anchors[keep, :2], image_wh[kept_images], stride, self.patch_size)
         return PatchSet(kept_images, positions, torch.zeros_like(kept_images, dtype=torch.bool))
+
+    @property
+    def static_patch_slots(self) -> int:
+        """Patch slots per image and probed level in static mode (the budget, capped like the dynamic
+        mode's ``max_patches_per_*``)."""
+        cap = self.patch_cap if self.patch_cap is not None else self.static_patches_per_level
+        return min(cap, self.static_patches_per_level)
+
+    @torch.no_grad()
+    def _static_patches(
+        self, current: StageAnchors, candidates: Tensor, level: int, image_wh: Tensor
+    ) -> tuple[PatchSet, Tensor, Tensor]:
+        """Static mode's patch choice: the first ``T`` patches of the dynamic mode's NMS per image.
+
+        The rows of ``current`` are image-major with the same count per image, so each image's anchors
+        form one row of ``[B, R * K]`` in the dynamic mode's order (rows, then columns).
+        Returns ``B * T`` patches (image-major; slot ``t`` of image ``b`` is row ``b * T + t``), their
+        ``[B * T]`` validity and the ``[B]`` bool budget bound (greedy NMS would have kept more).
+        """
+        stride, num_images, slots = self.strides[level], len(image_wh), self.static_patch_slots
+        anchors = current.anchors.reshape(num_images, -1, ANCHOR_FIELDS)  # [B, R * K, 5]
+        squares = square_boxes_xyxy(anchors[..., :2], stride * self.patch_size)  # [B, R * K, 4] xyxy px
+        chosen = fixed_budget_nms(squares, anchors[..., 4], candidates.reshape(num_images, -1),
+                                  self.patch_nms_threshold, slots)  # [B, T]
+        centres = anchors[..., :2].gather(1, chosen.index[..., None].expand(-1, -1, 2))  # [B, T, 2]
+        wh = image_wh.repeat_interleave(slots, dim=0)  # [B * T, 2]
+        positions = anchor_patch_positions(centres.reshape(-1, 2), wh, stride, self.patch_size)  # [B * T, 2]
+        images = torch.arange(num_images, device=image_wh.device).repeat_interleave(slots)  # [B * T]
+        valid = chosen.kept.reshape(-1)  # [B * T]
+        return PatchSet(images, positions, torch.zeros_like(valid)), valid, chosen.overflow
 
     def _choose_patches(
         self,
@@ -366,17 +432,17 @@ class AnchorGenerator(nn.Module):
 
     def _probe(
         self, feature: Tensor, level: int, step: int, name: str, patches: PatchSet, image_wh: Tensor,
-        train: bool,
+        train: bool, valid: Tensor | None = None,
     ) -> tuple[PatchPredictions, StageAnchors]:
         """Cut the patches from ``compress[level](feature)``, predict and decode the real ones (in
-        evaluation every patch is real)."""
+        evaluation every patch is real). ``valid`` (static mode): ``[N]`` bool, the used patch slots."""
         stride = self.strides[level]
         fmap = pad_to_patch(self.compress[level](feature), self.patch_size)  # [B, c, >=P, >=P]
         tokens = extract_patch_tokens(fmap, patches.batch_idx, patches.crop_pos, self.patch_size)
         raw = self._predict(tokens, step, self.proj_patch, self.num_anchors_patch)  # [N, K2, 5]
         prediction = PatchPredictions(
             name, raw, patches.batch_idx, crop_pos=patches.crop_pos, loss_only=patches.loss_only,
-            stride=stride,
+            stride=stride, valid=valid,
         )
         raw_real, images, crop_pos = raw.detach(), patches.batch_idx, patches.crop_pos
         if train:
@@ -385,7 +451,7 @@ class AnchorGenerator(nn.Module):
         wh = image_wh[images]  # [N_real, 2]
         boxes = patches_to_image_frame(raw_real[..., :4], crop_pos, wh, stride, self.patch_size)
         anchors = anchors_to_pixels(boxes, raw_real[..., 4], wh, self.min_anchor_size, check_boundary=True)
-        return prediction, StageAnchors(anchors, images, False)
+        return prediction, StageAnchors(anchors, images, False, valid)
 
     # ----------------------------------------------------------------------------------- output
 
@@ -397,6 +463,8 @@ class AnchorGenerator(nn.Module):
         """
         conf = current.anchors[..., 4]  # [N, K]
         keep = conf > self.score_threshold
+        if current.row_valid is not None:
+            keep &= current.row_valid[:, None]
         if candidates is not None:
             keep &= ~candidates
         columns = torch.arange(conf.shape[1], device=conf.device).expand_as(conf)  # [N, K]
@@ -409,7 +477,7 @@ class AnchorGenerator(nn.Module):
             top_rank = torch.full_like(columns, num).scatter_(1, top, columns[:, :k])  # [N, K]; K = not top
             chosen = torch.where(fallback, top_rank < k, keep)
             position = torch.where(fallback, top_rank, columns)
-        reached = count_per_group(current.image_idx, num_images) > 0
+        reached = count_per_group(current.image_idx, num_images, current.row_valid) > 0
         return StageSelection(current.anchors, chosen, position, current.image_idx, reached)
 
     def _pack(
@@ -436,6 +504,36 @@ class AnchorGenerator(nn.Module):
         valid[packed.image_idx, slots] = True
         boxes, valid = boxes[:, :q].contiguous(), valid[:, :q].contiguous()  # [B, Q, 4], [B, Q]
         return AnchorOutput(predictions, boxes, valid, StageGroups(packed, num_images))
+
+
+    def _pack_static(
+        self, predictions: list[PatchPredictions], selections: list[StageSelection], image_sizes: Tensor,
+        bound: dict[str, Tensor],
+    ) -> AnchorOutput:
+        """:meth:`_pack` with fixed shapes: ``Q = max_anchors`` columns, no host reads.
+
+        Per image the chosen anchors of all stages are ranked by (stage, row, position) as in the
+        dynamic mode; an image with more than ``max_anchors`` keeps its most confident ones (ties in
+        that order). ``bound`` (patch budgets per level) gains ``"queries"``: the cap bound.
+        """
+        num_images, q = len(image_sizes), self.max_anchors
+        ranked = rank_static_selections(selections, num_images)
+        count = ranked.chosen.sum(dim=1, keepdim=True)  # [B, 1]
+        columns = torch.arange(ranked.chosen.shape[1], device=count.device).expand_as(ranked.chosen)  # [B, T]
+        conf = ranked.anchors[..., 4].masked_fill(~ranked.chosen, float("-inf"))
+        by_conf = torch.sort(conf, dim=1, descending=True, stable=True).indices  # [B, T]
+        conf_rank = torch.empty_like(by_conf).scatter_(1, by_conf, columns)  # [B, T]
+        slots = torch.where(count > q, conf_rank, columns)
+        slots = torch.where(ranked.chosen & (slots < q), slots, q)  # column q collects the rest
+        boxes = full_image_boxes_cxcywh_px(image_sizes, q + 1).clone()  # [B, Q + 1, 4]
+        boxes.scatter_(1, slots[..., None].expand(-1, -1, 4), ranked.anchors[..., :4].to(boxes.dtype))
+        valid = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)  # [B, Q + 1]
+        valid.scatter_(1, slots, ranked.chosen)
+        bound = {key: bound.get(key, torch.zeros_like(count[:, 0], dtype=torch.bool)) for key in BUDGET_KEYS}
+        bound["queries"] = count[:, 0] > q
+        groups = StageGroups(build=lambda: _static_groups(ranked, num_images))
+        return AnchorOutput(predictions, boxes[:, :q].contiguous(), valid[:, :q].contiguous(), groups,
+                            budget_bound=bound)
 
 
 # ---------------------------------------------------------------------------------- pure helpers
@@ -477,6 +575,57 @@ def flatten_selections(selections: list[StageSelection]) -> FlatSelections:
     return FlatSelections(*(torch.cat(column) for column in zip(*parts)))
 
 
+@dataclass
+class RankedSelections:
+    """Static mode: every image's anchors of all stages in output order, chosen ones first.
+
+    anchors: ``[B, T, 5]``; chosen: ``[B, T]`` bool (a prefix of each row); stage_idx: ``[B, T]`` int64;
+    reached: ``[S, B]`` bool, images that own real rows at each stage.
+    """
+
+    anchors: Tensor
+    chosen: Tensor
+    stage_idx: Tensor
+    reached: Tensor
+
+
+def rank_static_selections(selections: list[StageSelection], num_images: int) -> RankedSelections:
+    """Concatenate static-mode stages per image and sort by (chosen first, stage, row, position).
+
+    Static rows are image-major with the same number ``R_s`` per image, so stage ``s`` is a
+    ``[B, R_s * K_s]`` block of every image; the sort key is unique among chosen anchors.
+    """
+    anchors, chosen, stage_idx, keys = [], [], [], []
+    offset = 0
+    for stage, sel in enumerate(selections):
+        rows, cols = sel.chosen.shape
+        per_image = rows // num_images
+        row_in_image = (torch.arange(rows, device=sel.chosen.device) % per_image)[:, None]  # [N, 1]
+        key = (row_in_image * (cols + 1) + sel.position).reshape(num_images, -1)  # [B, R * K]
+        keys.append(key + offset)
+        offset += per_image * (cols + 1)
+        anchors.append(sel.anchors.reshape(num_images, -1, ANCHOR_FIELDS))
+        chosen.append(sel.chosen.reshape(num_images, -1))
+        stage_idx.append(torch.full_like(key, stage))
+    chosen_all = torch.cat(chosen, dim=1)  # [B, T]
+    key = torch.cat(keys, dim=1).masked_fill(~chosen_all, offset)  # unchosen last
+    order = torch.argsort(key, dim=1, stable=True)  # [B, T]
+    return RankedSelections(
+        torch.cat(anchors, dim=1).gather(1, order[..., None].expand(-1, -1, ANCHOR_FIELDS)),
+        chosen_all.gather(1, order), torch.cat(stage_idx, dim=1).gather(1, order),
+        torch.stack([s.reached for s in selections]),
+    )
+
+
+def _static_groups(ranked: RankedSelections, num_images: int) -> list[list[Tensor]]:
+    """``AnchorOutput.selected`` of the static mode, built on first use (host reads allowed there)."""
+    flat = ranked.chosen.reshape(-1).nonzero()[:, 0]  # [n]
+    images = torch.div(flat, ranked.chosen.shape[1], rounding_mode="floor")
+    packed = PackedAnchors(ranked.anchors.reshape(-1, ANCHOR_FIELDS)[flat], images,
+                           ranked.stage_idx.reshape(-1)[flat], ranked.reached)
+    return _groups_per_image(packed, num_images)
+
+
 def _groups_per_image(packed: PackedAnchors, num_images: int) -> list[list[Tensor]]:
     """Per image, the ``[n, 5]`` output anchors of every stage it reached (coarse to fine)."""
     num_stages = packed.reached.shape[0]
@@ -501,15 +650,17 @@ class StageGroups(list):
     ``list[list[Tensor]]``; copies and pickles are plain lists.
     """
 
-    def __init__(self, packed=(), num_images: int | None = None) -> None:
-        super().__init__(() if num_images is not None else packed)
-        self._pending = (packed, num_images) if num_images is not None else None
+    def __init__(self, packed=(), num_images: int | None = None, build=None) -> None:
+        lazy = num_images is not None or build is not None
+        super().__init__(() if lazy else packed)
+        if num_images is not None:
+            build = functools.partial(_groups_per_image, packed, num_images)
+        self._pending = build
 
     def _build(self) -> None:
         if self._pending is not None:
-            packed, num_images = self._pending
-            self._pending = None
-            list.extend(self, _groups_per_image(packed, num_images))
+            build, self._pending = self._pending, None
+            list.extend(self, build())
 
     def __reduce_ex__(self, protocol):
         self._build()

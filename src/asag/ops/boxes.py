@@ -105,6 +105,6 @@ def normalized_cxcywh_from_xyzr(
 
 def full_image_boxes_cxcywh_px(image_sizes: Tensor, count: int) -> Tensor:
     """``[B, count, 4]`` copies of the full-image box ``(w/2, h/2, w, h)`` in pixels."""
-    size = whwh(image_sizes)  # [B, 1, 4]
-    half = size.new_tensor([0.5, 0.5, 1.0, 1.0])
-    return (half * size).expand(-1, count, -1)  # [B, count, 4]
+    size = whwh(image_sizes)  # [B, 1, 4] (w, h, w, h)
+    box = torch.cat([size[..., :2] * 0.5, size[..., 2:]], dim=-1)  # no constant from the host
+    return box.expand(-1, count, -1)  # [B, count, 4]

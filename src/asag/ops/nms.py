@@ -1,0 +1,118 @@
+"""Greedy non-maximum suppression with fixed shapes (the static inference mode, docs/inference.md).
+
+torchvision's ``nms`` returns a list whose length depends on the data, which forces a host read on a
+GPU and cannot be captured in a CUDA graph or exported with fixed shapes. The functions here compute
+the same greedy NMS on ``[B, M]`` rows with masks and loops whose length is fixed by the caller:
+
+* :func:`fixed_budget_nms` picks, per row, the first ``max_kept`` boxes torchvision's greedy NMS keeps
+  (a loop of ``max_kept`` steps: take the best live box, suppress its overlaps);
+* :func:`sorted_nms_keep` marks which boxes of a row already sorted by descending score survive (a loop
+  over the ``M`` columns), for the class-wise NMS after the top-k of post-processing.
+
+Both reproduce ``torchvision.ops.nms`` on the CPU exactly: scores sorted descending with ties in index
+order (torchvision's stable sort), IoU computed with the same float32 operations
+(``inter / (area_i + area_j - inter)``) and compared with ``>`` against the threshold in float64, as the
+kernel does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class FixedNMS:
+    """Result of :func:`fixed_budget_nms` for ``B`` rows and a budget of ``T`` kept boxes.
+
+    index: ``[B, T]`` int64 column of the t-th kept box (meaningless where ``kept`` is False).
+    kept: ``[B, T]`` bool, True for the slots holding a kept box (a prefix of each row).
+    overflow: ``[B]`` bool, True where greedy NMS would have kept more than ``T`` boxes (the budget
+        bound: the kept boxes are then the ``T`` best-scored survivors).
+    """
+
+    index: Tensor
+    kept: Tensor
+    overflow: Tensor
+
+
+def box_areas(boxes: Tensor) -> Tensor:
+    """``[..., 4]`` xyxy -> ``[...]`` areas ``(x2 - x1) * (y2 - y1)`` (torchvision's NMS formula)."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def iou_against(box: Tensor, area: Tensor, boxes: Tensor, areas: Tensor) -> Tensor:
+    """IoU of one box per row with every box of the row, in torchvision's NMS order of operations.
+
+    Args:
+        box: ``[B, 1, 4]`` xyxy; area: ``[B, 1]``; boxes: ``[B, M, 4]`` xyxy; areas: ``[B, M]``.
+    Returns:
+        ``[B, M]`` float IoU (NaN where both boxes are empty, which never suppresses).
+    """
+    top_left = torch.maximum(box[..., :2], boxes[..., :2])  # [B, M, 2]
+    bottom_right = torch.minimum(box[..., 2:], boxes[..., 2:])  # [B, M, 2]
+    wh = (bottom_right - top_left).clamp(min=0.0)
+    inter = wh[..., 0] * wh[..., 1]  # [B, M]
+    return inter / (area + areas - inter)
+
+
+def fixed_budget_nms(
+    boxes: Tensor, scores: Tensor, candidates: Tensor, iou_threshold: float, max_kept: int
+) -> FixedNMS:
+    """The first ``max_kept`` boxes of greedy NMS in every row, with fixed shapes and no host reads.
+
+    Equal to ``torchvision.ops.nms(boxes[b][candidates[b]], scores[b][candidates[b]], iou_threshold)``
+    truncated to ``max_kept`` and mapped back to columns, for every row ``b``: step ``t`` takes the
+    live candidate of highest score (ties: lowest column, as torchvision's stable sort), then kills it
+    and every live box whose IoU with it exceeds ``iou_threshold``.
+
+    Args:
+        boxes: ``[B, M, 4]`` xyxy (any frame, one frame per row).
+        scores: ``[B, M]`` finite scores.
+        candidates: ``[B, M]`` bool, the boxes taking part.
+        iou_threshold: boxes overlapping a kept box by more than this are suppressed.
+        max_kept: ``T``, the budget of kept boxes per row (the loop length).
+    Returns:
+        :class:`FixedNMS` with ``[B, T]`` columns in greedy (descending score) order.
+    """
+    areas = box_areas(boxes)  # [B, M]
+    columns = torch.arange(boxes.shape[1], device=boxes.device)[None]  # [1, M]
+    live = candidates.clone()
+    picks, kept = [], []
+    for _ in range(max_kept):
+        best = scores.masked_fill(~live, float("-inf")).argmax(dim=1, keepdim=True)  # [B, 1]
+        picks.append(best)
+        kept.append(live.gather(1, best))  # [B, 1]; False once no candidate is left
+        box = boxes.gather(1, best[..., None].expand(-1, -1, 4))  # [B, 1, 4]
+        iou = iou_against(box, areas.gather(1, best), boxes, areas)  # [B, M]
+        live = live & ~(iou.double() > iou_threshold) & (columns != best)
+    if max_kept == 0:
+        empty = torch.zeros(boxes.shape[0], 0, dtype=torch.int64, device=boxes.device)
+        return FixedNMS(empty, empty.bool(), live.any(dim=1))
+    return FixedNMS(torch.cat(picks, dim=1), torch.cat(kept, dim=1), live.any(dim=1))
+
+
+def sorted_nms_keep(boxes: Tensor, groups: Tensor, candidates: Tensor, iou_threshold: float) -> Tensor:
+    """Grouped greedy NMS of rows already sorted by descending score, as a mask.
+
+    Column ``j`` survives unless a surviving column ``i < j`` of the same group overlaps it by more than
+    ``iou_threshold`` (torchvision's ``batched_nms`` on the candidates of each row, ties in column
+    order). The loop runs over the ``M`` columns of a precomputed ``[B, M, M]`` overlap matrix: fixed
+    length, no host reads.
+
+    Args:
+        boxes: ``[B, M, 4]`` xyxy; groups: ``[B, M]`` int (e.g. class labels); candidates: ``[B, M]`` bool.
+    Returns:
+        ``[B, M]`` bool, True for the surviving candidates.
+    """
+    num = boxes.shape[1]
+    areas = box_areas(boxes)  # [B, M]
+    iou = iou_against(boxes[:, :, None], areas[:, :, None], boxes[:, None], areas[:, None])  # [B, M, M]
+    later = torch.ones(num, num, dtype=torch.bool, device=boxes.device).triu(diagonal=1)  # [M, M] i < j
+    hits = (iou.double() > iou_threshold) & (groups[:, :, None] == groups[:, None, :]) & later  # [B, M, M]
+    keep = candidates.clone()
+    for i in range(num):
+        keep = keep & ~(hits[:, i] & keep[:, i : i + 1])
+    return keep

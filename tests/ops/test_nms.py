@@ -1,0 +1,77 @@
+"""Fixed-shape greedy NMS against torchvision's ``nms`` / ``batched_nms`` (random boxes, ties included)."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchvision.ops import batched_nms, nms
+
+from asag.ops.nms import fixed_budget_nms, sorted_nms_keep
+
+
+def grid_boxes(draw, rows: int, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes on a coarse integer grid (exact IoU ties, duplicates, empty boxes) and scores from a few
+    values (score ties)."""
+    coords = draw(st.lists(st.integers(0, 12), min_size=rows * num * 4, max_size=rows * num * 4))
+    xy = torch.tensor(coords, dtype=torch.float32).view(rows, num, 2, 2) * 2.5
+    boxes = torch.cat([xy.min(dim=2).values, xy.max(dim=2).values], dim=-1)  # [B, M, 4] xyxy
+    levels = draw(st.lists(st.integers(0, 4), min_size=rows * num, max_size=rows * num))
+    return boxes, torch.tensor(levels, dtype=torch.float32).view(rows, num) / 4
+
+
+@st.composite
+def nms_problems(draw):
+    rows, num = draw(st.integers(1, 3)), draw(st.integers(1, 24))
+    boxes, scores = grid_boxes(draw, rows, num)
+    candidates = torch.tensor(draw(st.lists(st.booleans(), min_size=rows * num, max_size=rows * num)))
+    threshold = draw(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.7, 1.0]))
+    return boxes, scores, candidates.view(rows, num), threshold
+
+
+def reference(boxes, scores, candidates, threshold):
+    """Per row: torchvision's kept columns in its (descending score) order."""
+    out = []
+    for b in range(boxes.shape[0]):
+        columns = candidates[b].nonzero()[:, 0]
+        out.append(columns[nms(boxes[b, columns], scores[b, columns], threshold)].tolist())
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(nms_problems(), st.integers(0, 30))
+def test_fixed_budget_nms_is_torchvision_nms_truncated(problem, budget):
+    boxes, scores, candidates, threshold = problem
+    result = fixed_budget_nms(boxes, scores, candidates, threshold, budget)
+    assert result.index.shape == result.kept.shape == (boxes.shape[0], budget)
+    for b, expected in enumerate(reference(boxes, scores, candidates, threshold)):
+        kept = result.kept[b]
+        assert kept.tolist() == [t < len(expected) for t in range(budget)]  # a prefix
+        assert result.index[b][kept].tolist() == expected[:budget]
+        assert bool(result.overflow[b]) == (len(expected) > budget)
+
+
+@settings(max_examples=300, deadline=None)
+@given(nms_problems(), st.integers(1, 3))
+def test_sorted_nms_keep_is_batched_nms(problem, num_groups):
+    boxes, scores, candidates, threshold = problem
+    scores, order = scores.sort(dim=1, descending=True, stable=True)  # rows sorted as after a top-k
+    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+    groups = torch.arange(boxes.shape[1]).expand(boxes.shape[0], -1) % num_groups
+    keep = sorted_nms_keep(boxes, groups, candidates, threshold)
+    for b in range(boxes.shape[0]):
+        columns = candidates[b].nonzero()[:, 0]
+        kept = batched_nms(boxes[b, columns], scores[b, columns], groups[b, columns], threshold)
+        assert sorted(columns[kept].tolist()) == keep[b].nonzero()[:, 0].tolist()
+
+
+def test_fixed_budget_nms_hand_computed():
+    # 0 and 1 overlap with IoU 2 / 6, 2 is apart; the scores of 1 and 2 tie
+    boxes = torch.tensor([[[0.0, 0, 2, 2], [1, 0, 3, 2], [10, 10, 12, 12]]])
+    scores = torch.tensor([[0.5, 0.9, 0.9]])
+    everything = torch.ones(1, 3, dtype=torch.bool)
+    result = fixed_budget_nms(boxes, scores, everything, 0.3, 3)
+    # 1 first (tie with 2 broken by column), then 2; 0 is suppressed by 1 (IoU 2/6 > 0.3)
+    assert result.index[0, :2].tolist() == [1, 2] and result.kept.tolist() == [[True, True, False]]
+    assert not bool(result.overflow[0])
+    assert fixed_budget_nms(boxes, scores, everything, 0.5, 3).kept.tolist() == [[True, True, True]]
+    bound = fixed_budget_nms(boxes, scores, everything, 0.5, 2)  # IoU 1/3 is not > 0.5: all three survive
+    assert bound.index.tolist() == [[1, 2]] and bool(bound.overflow[0])

@@ -11,6 +11,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import initLevelMapper
 
 from asag.ops.boxes import intersection_over_foreground, xyzr_to_xyxy
+from asag.ops.constants import constant
 
 # Classification prior probability for the last classification bias (spec section 5, authors' value).
 PRIOR_PROB = 0.01
@@ -92,7 +93,7 @@ def xyzr_position_embedding(xyzr: Tensor, dim: int) -> Tensor:
         coordinate divided by ``(1000, 1000, 1, 1)``.
     """
     num_feats = dim // 4
-    scaled = xyzr / xyzr.new_tensor(PE_COORD_SCALE)  # [B, N, 4]
+    scaled = xyzr / constant(PE_COORD_SCALE, xyzr)  # [B, N, 4]
     k = torch.arange(num_feats, dtype=torch.float32, device=xyzr.device)
     freqs = PE_TEMPERATURE ** (2 * torch.div(k, 2, rounding_mode="floor") / num_feats)  # [F]
     angles = scaled[..., None] / freqs  # [B, N, 4, F]

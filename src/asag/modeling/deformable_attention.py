@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from asag.ops.constants import constant
+
 # Defaults of Deformable DETR (Zhu et al. 2021, section 5 "implementation details"), kept by ASAG-D
 # (spec section 16): 8 heads, 4 levels, 4 sampling points per head and level.
 DEFAULT_HEADS = 8
@@ -57,7 +59,7 @@ def level_valid_sizes(image_sizes: Tensor, stride: int, map_hw: tuple[int, int])
         ``[B, 2]`` int64 ``(rows, cols)`` of valid cells (at least one each for a non-empty image).
     """
     cells = torch.div(image_sizes.long() + stride - 1, stride, rounding_mode="floor")  # [B, 2] ceil
-    return torch.minimum(cells, cells.new_tensor(map_hw))
+    return torch.minimum(cells, constant(list(map_hw), cells))
 
 
 def level_valid_mask(image_sizes: Tensor, stride: int, map_hw: tuple[int, int]) -> Tensor:
@@ -84,8 +86,8 @@ def valid_ratios(
     Multiplying an image-normalised ``(x, y)`` (or box size) by row ``l`` gives level-``l``-normalised
     coordinates.
     """
-    padded = torch.tensor([[w * s, h * s] for (h, w), s in zip(shapes, strides)], dtype=dtype,
-                          device=image_sizes.device)  # [L, 2] (W_px, H_px)
+    padded = constant([[w * s, h * s] for (h, w), s in zip(shapes, strides)], image_sizes,
+                      dtype=dtype)  # [L, 2] (W_px, H_px)
     image_wh = image_sizes.flip(-1).to(dtype)  # [B, 2] (w, h)
     return image_wh[:, None, :] / padded[None]
 
@@ -146,7 +148,7 @@ def locations_from_points(reference: Tensor, offsets: Tensor, shapes: Sequence[t
     Returns:
         ``[B, Q, M, L, P, 2]`` level-normalised locations ``reference + offset / (W_l, H_l)``.
     """
-    normaliser = offsets.new_tensor([[w, h] for h, w in shapes])  # [L, 2]
+    normaliser = constant([[w, h] for h, w in shapes], offsets)  # [L, 2]
     return reference[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
 
 

@@ -32,6 +32,7 @@ from asag.modeling.deformable_attention import (
     level_valid_sizes,
     split_levels,
 )
+from asag.ops.constants import constant
 
 # Backbone outputs read by the encoder (spec section 16: C3-C5; C2 is not used).
 INPUT_NAMES = ("C3", "C4", "C5")
@@ -104,7 +105,7 @@ def encoder_reference_points(
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         centres.append(torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2))  # [h*w, 2] pixels
     pixels = torch.cat(centres)  # [S, 2]
-    extent = torch.tensor([[w * s, h * s] for (h, w), s in zip(shapes, strides)], device=device)  # [L, 2]
+    extent = constant([[w * s, h * s] for (h, w), s in zip(shapes, strides)], pixels)  # [L, 2]
     return pixels[:, None, :] / extent[None]
 
 

@@ -6,8 +6,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from asag.errors import ConfigError
 from asag.modeling.queries import build_queries
-from asag.structures import Detections, ImageTargets, ModelOutput
+from asag.modeling.roi_gather import GatherRoIPooling, gather_roi_pooling
+from asag.structures import DetectionBatch, Detections, ImageTargets, ModelOutput
+
+STATIC_TRAINING_ERROR = ("static mode is for inference only (fixed budgets, no training behaviour): train "
+                         "with model.static=false and switch static mode on for inference")
 
 
 class ASAG(nn.Module):
@@ -35,6 +40,30 @@ class ASAG(nn.Module):
     The same :class:`~asag.structures.ModelOutput` is returned in training and evaluation; losses live
     in :mod:`asag.training`. The engine may run the forward under autocast: backbone and FPN follow it,
     everything after them runs in float32 (as in the release).
+
+    **Static mode** (:meth:`set_static`, ``static=True`` of :func:`asag.api.load_model`, ``--static``,
+    ``model.static``; inference only) fixes every shape by the input size and the budgets, and reads
+    nothing back from the device between the input and the post-processed detections (no ``.item()``,
+    ``.tolist()``, unsized ``nonzero`` or boolean-mask indexing), so the forward can be exported or
+    captured in a CUDA graph. :meth:`detect` is that forward; for a padded batch ``[B, 3, Hp, Wp]`` it
+    returns a :class:`~asag.structures.DetectionBatch`:
+
+    ========  =================  =======  ======================================================
+    name      shape              dtype    meaning
+    ========  =================  =======  ======================================================
+    boxes     ``[B, K, 4]``      float32  xyxy in original-image pixels (``orig_sizes``)
+    scores    ``[B, K]``         float32  sigmoid class scores, descending over the valid entries
+    labels    ``[B, K]``         int64    contiguous class indices ``0..C-1``
+    valid     ``[B, K]``         bool     True for a detection; a prefix of each row; the padding
+                                          after it holds zeros
+    ========  =================  =======  ======================================================
+
+    with ``K = min(postprocess.topk, max_anchors * C)`` (100 for COCO presets). Inside, the anchor
+    generator keeps ``static_patches_per_level`` patch slots per image and probed level and
+    ``Q = max_anchors`` query slots (``AnchorOutput.valid_mask`` marks the real ones), RoI pooling is one
+    gather (:class:`~asag.modeling.roi_gather.GatherRoIPooling`, equal to RoIAlign up to rounding) and
+    ``AnchorOutput.budget_bound`` tells, per image, whether a budget bound. Where none binds, the
+    detections equal the dynamic mode's up to float rounding (docs/inference.md).
     """
 
     def __init__(
@@ -76,6 +105,29 @@ class ASAG(nn.Module):
         if self.neck_uses_image_sizes:
             return [p.float() for p in self.neck(backbone_features, image_sizes)]
         return [p.float() for p in self.neck(backbone_features)]
+
+    @property
+    def static(self) -> bool:
+        """True in static mode (fixed shapes, no host reads; see the class docstring)."""
+        return bool(getattr(self.anchor_generator, "static", False))
+
+    def set_static(self, enabled: bool = True) -> ASAG:
+        """Switch static mode on or off for every stage (anchor generator, RoI pooling,
+        post-processing); static mode needs evaluation mode. Switching it on replaces torchvision's
+        RoIAlign by the equivalent gather (kept when switching off). Returns ``self``."""
+        if enabled and self.training:
+            raise ConfigError(STATIC_TRAINING_ERROR)
+        if enabled:
+            gather_roi_pooling(self)
+        pooling = [m for m in self.modules() if isinstance(m, GatherRoIPooling)]
+        for module in (self.anchor_generator, self.postprocessor, *pooling):
+            module.static = enabled
+        return self
+
+    def train(self, mode: bool = True) -> ASAG:
+        if mode and self.static:
+            raise ConfigError(STATIC_TRAINING_ERROR)
+        return super().train(mode)
 
     def anchor_features(self, features: list[Tensor]) -> list[Tensor]:
         """The ``[P3, P4, P5]`` levels the anchor generator reads, from :meth:`extract_features`' output."""
@@ -129,6 +181,24 @@ class ASAG(nn.Module):
         """Detections of the selected head in original-image pixels (``orig_sizes`` ``[B, 2]`` (h, w))."""
         head = output.heads[self.used_head]
         return self.postprocessor(head, output.valid_mask, orig_sizes, num_dn=output.num_dn)
+
+    def postprocess_fixed(self, output: ModelOutput, orig_sizes: Tensor) -> DetectionBatch:
+        """:meth:`postprocess` with fixed shapes and no host reads (a :class:`DetectionBatch`)."""
+        head = output.heads[self.used_head]
+        return self.postprocessor.fixed(head, output.valid_mask, orig_sizes, num_dn=output.num_dn)
+
+    def detect(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor,
+               inference_level: str | None = None) -> DetectionBatch:
+        """Forward plus fixed-shape post-processing: the static mode's whole computation (see the class
+        docstring for the output contract; in the dynamic mode the shapes still depend on the data).
+
+        Args:
+            images: ``[B, 3, Hp, Wp]`` normalised, zero-padded images.
+            image_sizes: ``[B, 2]`` int64 ``(h, w)`` of the unpadded (resized) images.
+            orig_sizes: ``[B, 2]`` int64 ``(h, w)`` of the original images (the boxes' frame).
+        """
+        output = self(images, image_sizes, inference_level=inference_level)
+        return self.postprocess_fixed(output, orig_sizes)
 
     @torch.inference_mode()
     def predict(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor,

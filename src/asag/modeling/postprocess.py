@@ -3,6 +3,9 @@
 Differs from the release in one respect (spec section 15, quirk 18): padded (invalid) and denoising
 queries never produce detections. With a batch of one image, where no query is padded, the result is
 identical to the release.
+
+:func:`postprocess_fixed` is the static mode's version: the same top-k and class-wise NMS with fixed
+shapes (a :class:`DetectionBatch` with a validity mask) and no host reads.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_convert
 
-from asag.structures import Detections, HeadOutput
+from asag.ops.nms import sorted_nms_keep
+from asag.structures import DetectionBatch, Detections, HeadOutput
 
 # Detections kept per image (spec section 10, authors' value for COCO).
 DEFAULT_TOP_K = 100
@@ -44,6 +48,46 @@ def postprocess(
         and contiguous labels ``0..C-1`` (query index = flat index // C, label = flat index % C).
     """
     num_classes = logits.shape[-1]
+    boxes_px, top_scores, labels = _top_k(logits, boxes, orig_sizes, valid_mask, top_k)
+    keep = torch.isfinite(top_scores)  # [B, k]
+    if nms_iou is not None:
+        keep &= _nms_keep(boxes_px, top_scores, labels + num_classes * _image_index(labels), keep, nms_iou)
+    return _split_kept(boxes_px, top_scores, labels, keep)
+
+
+def postprocess_fixed(
+    logits: Tensor,
+    boxes: Tensor,
+    orig_sizes: Tensor,
+    valid_mask: Tensor | None = None,
+    top_k: int | None = DEFAULT_TOP_K,
+    nms_iou: float | None = None,
+) -> DetectionBatch:
+    """:func:`postprocess` with fixed shapes and no host reads (static mode).
+
+    Same arguments; the same detections in the same order, as a :class:`DetectionBatch` of
+    ``K = min(top_k, Q * C)`` entries per image whose ``valid`` mask marks them (a prefix). The
+    class-wise NMS is :func:`asag.ops.nms.sorted_nms_keep` (torchvision's greedy NMS per image and class,
+    computed on each image's own coordinates).
+    """
+    boxes_px, top_scores, labels = _top_k(logits, boxes, orig_sizes, valid_mask, top_k)
+    keep = torch.isfinite(top_scores)  # [B, k]
+    if nms_iou is not None:
+        keep = sorted_nms_keep(boxes_px, labels, keep, nms_iou)
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)  # [B, k] kept entries first
+    valid = keep.gather(1, order)
+    boxes_px = torch.gather(boxes_px, 1, order[..., None].expand(-1, -1, 4))  # [B, k, 4]
+    boxes_px = boxes_px.masked_fill(~valid[..., None], 0.0)
+    scores = torch.gather(top_scores, 1, order).masked_fill(~valid, 0.0)
+    labels = torch.gather(labels, 1, order).masked_fill(~valid, 0)
+    return DetectionBatch(boxes_px, scores, labels, valid)
+
+
+def _top_k(logits: Tensor, boxes: Tensor, orig_sizes: Tensor, valid_mask: Tensor | None, top_k: int | None
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k over queries x classes: ``[B, k, 4]`` xyxy original pixels, ``[B, k]`` scores (``-inf`` for
+    invalid queries), ``[B, k]`` labels."""
+    num_classes = logits.shape[-1]
     scores = logits.sigmoid()  # [B, Q, C]
     if valid_mask is not None:
         scores = scores.masked_fill(~valid_mask[..., None], float("-inf"))
@@ -54,11 +98,7 @@ def postprocess(
     labels = top_idx % num_classes  # [B, k]
     picked = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))  # [B, k, 4] cxcywh
     scale = orig_sizes.flip(-1).repeat(1, 2)[:, None, :]  # [B, 1, 4] (W, H, W, H)
-    boxes_px = box_convert(picked, "cxcywh", "xyxy") * scale  # [B, k, 4]
-    keep = torch.isfinite(top_scores)  # [B, k]
-    if nms_iou is not None:
-        keep &= _nms_keep(boxes_px, top_scores, labels + num_classes * _image_index(labels), keep, nms_iou)
-    return _split_kept(boxes_px, top_scores, labels, keep)
+    return box_convert(picked, "cxcywh", "xyxy") * scale, top_scores, labels
 
 
 def _split_kept(boxes_px: Tensor, scores: Tensor, labels: Tensor, keep: Tensor) -> list[Detections]:
@@ -110,14 +150,24 @@ class PostProcessor(nn.Module):
         topk: detections per image (100 for COCO; ``None`` = all queries x classes, as for CrowdHuman).
         nms: apply class-wise NMS to the top-k detections (on with the 300-query and CrowdHuman presets).
         nms_threshold: IoU of that NMS (0.7 COCO, 0.8 CrowdHuman).
+        static: :meth:`forward` computes :meth:`fixed` (no host reads) and splits it per image.
     """
 
     def __init__(
-        self, topk: int | None = DEFAULT_TOP_K, nms: bool = False, nms_threshold: float = DEFAULT_NMS_IOU
+        self, topk: int | None = DEFAULT_TOP_K, nms: bool = False, nms_threshold: float = DEFAULT_NMS_IOU,
+        static: bool = False,
     ):
         super().__init__()
         self.topk = topk
         self.nms_iou = nms_threshold if nms else None
+        self.static = static
+
+    def fixed(
+        self, head: HeadOutput, valid_mask: Tensor | None, orig_sizes: Tensor, num_dn: int = 0
+    ) -> DetectionBatch:
+        """:func:`postprocess_fixed` of one head's output (arguments as for :meth:`forward`)."""
+        return postprocess_fixed(head.logits[:, num_dn:], head.boxes[:, num_dn:], orig_sizes, valid_mask,
+                                 top_k=self.topk, nms_iou=self.nms_iou)
 
     def forward(
         self, head: HeadOutput, valid_mask: Tensor | None, orig_sizes: Tensor, num_dn: int = 0
@@ -130,6 +180,8 @@ class PostProcessor(nn.Module):
             orig_sizes: ``[B, 2]`` ``(h, w)`` of the original images.
             num_dn: denoising queries at the front of ``head``.
         """
+        if self.static:
+            return self.fixed(head, valid_mask, orig_sizes, num_dn).to_list()
         return postprocess(
             head.logits[:, num_dn:],
             head.boxes[:, num_dn:],

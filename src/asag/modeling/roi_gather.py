@@ -13,20 +13,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_area
 
 from asag.modeling.blocks import RoIFeatureExtractor
 from asag.modeling.patches import count_per_group
+from asag.ops.constants import constant
 
 __all__ = ["GatherRoIPooling", "gather_roi_pooling", "roi_align_gather"]
 
 
-def _axis_samples(start: Tensor, length: Tensor, size: int, output_size: int, sampling_ratio: int
+def _axis_samples(start: Tensor, length: Tensor, size: int | Tensor, output_size: int, sampling_ratio: int
                   ) -> tuple[Tensor, Tensor]:
     """Bilinear taps of RoIAlign's sample points along one axis (torchvision, ``aligned=False``).
 
     Args:
         start: ``[R]`` RoI start in feature cells; length: ``[R]`` RoI length (>= 1 cell).
-        size: feature length along the axis.
+        size: feature length along the axis, or ``[R, 1]`` float lengths (one feature map per RoI).
     Returns:
         ``[R, S, sr, 2]`` int64 cell index of the low / high tap of each sample of each bin, and the
         matching ``[R, S, sr, 2]`` weights (0 for samples outside ``[-1, size]``).
@@ -65,20 +67,33 @@ def roi_align_gather(feature: Tensor, boxes_xyxy_px: Tensor, image_idx: Tensor, 
         ``[R, C, S, S]``.
     """
     batch, channels, height, width = feature.shape
-    num, s, sr = boxes_xyxy_px.shape[0], output_size, sampling_ratio
-    cells = boxes_xyxy_px * spatial_scale  # [R, 4]
+    table = feature.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # a view if channels-last
+    return _pool_rows(table, boxes_xyxy_px * spatial_scale, image_idx * (height * width), height, width,
+                      output_size, sampling_ratio)
+
+
+def _pool_rows(table: Tensor, cells: Tensor, base: Tensor, height: int | Tensor, width: int | Tensor,
+               output_size: int, sampling_ratio: int) -> Tensor:
+    """RoIAlign of ``[R, 4]`` xyxy boxes in feature cells from the rows of a ``[rows, C]`` table.
+
+    Row of cell ``(y, x)`` of a RoI: ``base + y * width + x``. ``height`` / ``width`` are the map's
+    sides, or ``[R]`` int64 sides (one map per RoI, the static mode's concatenated levels).
+    """
+    num, s, sr = cells.shape[0], output_size, sampling_ratio
+    per_roi = isinstance(width, Tensor)
     size = (cells[:, 2:] - cells[:, :2]).clamp(min=1.0)  # [R, 2] (w, h), at least one cell
-    x_taps, x_weights = _axis_samples(cells[:, 0], size[:, 0], width, s, sr)  # [R, S, sr, 2]
-    y_taps, y_weights = _axis_samples(cells[:, 1], size[:, 1], height, s, sr)
-    base = image_idx * (height * width)  # [R]
+    x_side = width[:, None].to(cells.dtype) if per_roi else width
+    y_side = height[:, None].to(cells.dtype) if per_roi else height
+    x_taps, x_weights = _axis_samples(cells[:, 0], size[:, 0], x_side, s, sr)  # [R, S, sr, 2]
+    y_taps, y_weights = _axis_samples(cells[:, 1], size[:, 1], y_side, s, sr)
+    row_stride = width.view(num, 1, 1, 1, 1, 1, 1) if per_roi else width
     # [R, Sy, Sx, sy, sx, ty, tx]: bins, samples per bin, taps per sample
-    index = (base.view(num, 1, 1, 1, 1, 1, 1) + y_taps.view(num, s, 1, sr, 1, 2, 1) * width
+    index = (base.view(num, 1, 1, 1, 1, 1, 1) + y_taps.view(num, s, 1, sr, 1, 2, 1) * row_stride
              + x_taps.view(num, 1, s, 1, sr, 1, 2))
     weight = y_weights.view(num, s, 1, sr, 1, 2, 1) * x_weights.view(num, 1, s, 1, sr, 1, 2) / (sr * sr)
-    table = feature.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # a view if channels-last
     pooled = F.embedding_bag(index.reshape(num * s * s, -1), table, mode="sum",
                              per_sample_weights=weight.reshape(num * s * s, -1).to(table.dtype))
-    return pooled.view(num, s, s, channels).permute(0, 3, 1, 2)  # [R, C, S, S]
+    return pooled.view(num, s, s, table.shape[1]).permute(0, 3, 1, 2)  # [R, C, S, S]
 
 
 class GatherRoIPooling(nn.Module):
@@ -87,10 +102,14 @@ class GatherRoIPooling(nn.Module):
     Same levels (torchvision's level mapper of the wrapped extractor), scales, output size and sampling
     ratio; the boxes are sorted by level once (one host sync, instead of one per level). Call:
     ``(features, boxes_xyxy_px [B, N, 4], image_sizes)`` -> ``[B * N, d, S, S]`` (batch-major).
+
+    ``static`` (the detector's static mode): no host reads and fixed shapes; every RoI is pooled in one
+    gather from the levels concatenated into one table (each RoI reads its own level's rows).
     """
 
-    def __init__(self, extractor: RoIFeatureExtractor) -> None:
+    def __init__(self, extractor: RoIFeatureExtractor, static: bool = False) -> None:
         super().__init__()
+        self.static = static
         pooler = extractor.pooler
         self.map_levels = pooler.map_levels
         self.scales = list(pooler.scales)
@@ -104,6 +123,8 @@ class GatherRoIPooling(nn.Module):
         if torch.is_autocast_enabled(boxes.device.type):  # torchvision's RoIAlign runs in fp32 under autocast
             features = [f.float() for f in features]
         images = torch.arange(batch, device=boxes.device).repeat_interleave(num)  # [R]
+        if self.static:
+            return self._pool_static(features, boxes, images)
         levels = self.map_levels([boxes])  # [R] int64 in 0..L-1
         order = torch.argsort(levels, stable=True)
         counts = count_per_group(levels, len(self.scales)).tolist()  # one host sync
@@ -115,6 +136,29 @@ class GatherRoIPooling(nn.Module):
                                           self.sampling_ratio)
                 out[rows] = pooled.to(out.dtype)
         return out
+
+
+    def levels(self, boxes: Tensor) -> Tensor:
+        """``[R]`` int64 level of each ``[R, 4]`` xyxy box: torchvision's ``LevelMapper`` formula, written
+        without its constant from the host."""
+        m = self.map_levels
+        side = torch.sqrt(box_area(boxes))
+        target = torch.floor(m.lvl0 + torch.log2(side / m.s0) + m.eps)
+        return target.clamp(min=m.k_min, max=m.k_max).to(torch.int64) - m.k_min
+
+    def _pool_static(self, features: list[Tensor], boxes: Tensor, images: Tensor) -> Tensor:
+        """Static mode: ``[R, 4]`` boxes, ``[R]`` images -> ``[R, d, S, S]`` in one gather, no host reads."""
+        levels = self.levels(boxes)  # [R]
+        table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features])  # [sum B H W, d]
+        starts, total = [], 0
+        for f in features:
+            starts.append(total)
+            total += f.shape[0] * f.shape[2] * f.shape[3]
+        heights = constant([f.shape[2] for f in features], images)[levels]  # [R] int64
+        widths = constant([f.shape[3] for f in features], images)[levels]
+        base = constant(starts, images)[levels] + images * heights * widths  # [R] first row of the RoI's map
+        cells = boxes * constant(self.scales, boxes)[levels][:, None]  # [R, 4] xyxy in the level's cells
+        return _pool_rows(table, cells, base, heights, widths, self.output_size, self.sampling_ratio)
 
 
 def gather_roi_pooling(module: nn.Module) -> int:

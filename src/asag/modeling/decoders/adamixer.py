@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from asag.modeling.blocks import MLP, branch, init_prior_bias, init_xavier, init_zero, iof_self_attention
 from asag.ops.boxes import XYZR_STRIDE, normalized_cxcywh_from_xyzr, refine_xyzr
+from asag.ops.constants import constant
 from asag.structures import HeadOutput, ProposalOutput
 
 # Temperature of the level weights softmax(-(z - l)^2 / tau) over P2..P5 (spec 7.2, authors' tau = 2).
@@ -104,7 +105,7 @@ def sample_features_3d(
     out = None
     for level, (feature, stride) in enumerate(zip(features, strides)):
         _, channels, height, width = feature.shape
-        padded_size = xy_px.new_tensor([width * stride, height * stride])
+        padded_size = constant([width * stride, height * stride], xy_px)
         grid = xy_px / padded_size * 2.0 - 1.0  # [-1, 1] over the padded image
         grouped = feature.reshape(batch * groups, channels // groups, height, width)  # [B*G, C/G, H, W]
         sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

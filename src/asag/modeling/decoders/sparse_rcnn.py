@@ -22,6 +22,7 @@ from torchvision.ops import box_convert
 
 from asag.modeling.blocks import RoIFeatureExtractor, branch, init_prior_bias, init_xavier, init_zero
 from asag.ops.boxes import whwh
+from asag.ops.constants import constant
 from asag.structures import HeadOutput, ProposalOutput
 
 # Sparse R-CNN box-delta weights (wx, wy, ww, wh) (spec 7.3, authors' values).
@@ -57,7 +58,7 @@ def apply_box_deltas(
     Returns:
         ``[..., 4]`` refined cxcywh boxes in the same frame.
     """
-    scaled = deltas / deltas.new_tensor(weights)
+    scaled = deltas / constant(list(weights), deltas)
     size = boxes_cxcywh[..., 2:4]
     centre = boxes_cxcywh[..., 0:2] + scaled[..., 0:2] * size
     new_size = size * scaled[..., 2:4].clamp(max=scale_clamp).exp()

@@ -72,9 +72,8 @@ def test_static_fixture_detections_equal_the_dynamic_ones(fixtures_dir, fixture_
     dynamic, static = fixture_pairs(variant, fast)
     assert static.static and not dynamic.static
     inputs = load_inputs(fixtures_dir, case)
-    c_levels = OrderedDict((k, inputs[k]) for k in ("C2", "C3", "C4", "C5"))
-    if fast:
-        c_levels = OrderedDict((k, v.contiguous(memory_format=torch.channels_last)) for k, v in c_levels.items())
+    layout = torch.channels_last if fast else torch.contiguous_format  # as after a (fast) backbone
+    c_levels = OrderedDict((k, inputs[k].contiguous(memory_format=layout)) for k in ("C2", "C3", "C4", "C5"))
     with torch.inference_mode():
         features = dynamic.neck(c_levels)
     results = run_both(dynamic, static, features, inputs["image_sizes"], inputs["orig_sizes"], level)

@@ -313,7 +313,7 @@ def one_line_error(capsys, command):
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "predict", "visualize", "convert", "data synth",
-                                     "data convert-crowdhuman", "benchmark"])
+                                     "data convert-crowdhuman", "benchmark", "demo"])
 def test_an_output_path_under_a_file_is_refused_before_the_work(command, tiny_checkpoint, tmp_path,
                                                                   monkeypatch, capsys):
     import asag.commands.benchmark
@@ -339,6 +339,7 @@ def test_an_output_path_under_a_file_is_refused_before_the_work(command, tiny_ch
         "data convert-crowdhuman": ["data", "convert-crowdhuman", "--odgt", "x.odgt", "--images", ".",
                                     "--out", f"{out}/x.json"],
         "benchmark": ["benchmark", "tiny_cpu", "--json", f"{out}/x.json"],
+        "demo": ["demo", "--output-dir", out],
     }[command]
     assert main(argv) == 2
     err = one_line_error(capsys, command.split()[0])

@@ -32,7 +32,7 @@ from asag.config import Config, Range, apply_overrides, config_from_dict, load_c
 from asag.engine.budget import BUDGET_SAFETY, SchedulePlan, plan_schedule
 from asag.engine.checkpoint import seed_everything
 from asag.engine.trainer import make_grad_scaler, train_one_epoch
-from asag.outputs import previous_run_files
+from asag.outputs import check_output_dir, previous_run_files
 from asag.viz.draw import draw_detections
 
 DEMO_PRESET = "demo"
@@ -160,7 +160,7 @@ def draw_predictions(checkpoint: Path, cfg: Config, out: Path) -> tuple[Path, in
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    out = Path(args.output_dir)
+    out = check_output_dir(args.output_dir, "--output-dir")
     overrides = [f"data.root={out / 'data'}", *args.overrides]
     cfg = load_config(args.preset, overrides)
     print(f"asag demo: {cfg.description}")

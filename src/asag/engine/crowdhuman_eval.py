@@ -33,7 +33,7 @@ The protocol of the CrowdHuman benchmark (Shao et al., 2018), which uses Caltech
      the list starts with an FP whose FPPI ``1 / N`` already exceeds ``r``.
 
    A tie can only make the toolkit's sample higher. Exact ties do happen: on the 4370 CrowdHuman val
-   images at r = 0.1 (437 FPs) and r = 1, where they change mMR by 0.01-0.02.
+   images at r = 0.1 (437 FPs) and r = 1, where they were observed to change mMR by 0.01-0.02.
 6. **Recall**: the final recall of the ranked list.
 
 All three are in ``[0, 1]`` (mMR: lower is better). Without any person box (``G = 0``) they are

@@ -24,8 +24,11 @@ from asag.engine.logger import RunLogger
 from asag.engine.optim import build_optimizer
 from asag.engine.schedule import WarmupMultiStepLR
 from asag.engine.trainer import (
+    EpochMetrics,
     NonFiniteLossError,
+    _progress_line,
     check_amp,
+    epoch_summary,
     fit,
     make_grad_scaler,
     to_float32,
@@ -100,6 +103,18 @@ def test_amp_validation():
     with pytest.raises(ConfigError, match="amp must be"):
         check_amp("fp8", torch.device("cpu"))
     assert make_grad_scaler(None, "cpu") is None and make_grad_scaler("bf16", "cpu") is None
+
+
+def test_durations_and_the_eta_in_the_epoch_summary():
+    metrics = EpochMetrics(epoch=2, iterations=500, images=1000, loss=1.23456, terms={}, stats={},
+                           grad_norm=1.0, lr=1e-4, seconds=482.4)
+    assert epoch_summary(metrics, None, 12, eta_seconds=4000.0) == (
+        "epoch 2 of 12 done: loss 1.2346, 500 iterations in 8m02s; run ETA 1h06m")
+    last = epoch_summary(metrics, None, 3, eta_seconds=0.0)
+    assert last == "epoch 2 of 3 done: loss 1.2346, 500 iterations in 8m02s"
+    # 41 iterations (82 images) in 10 s; 459 left: 10 / 41 * 459 = 112 s
+    assert _progress_line(2, 40, 500, 2.5, 2e-4, 82, 10.0) == (
+        "epoch 2 iter 41/500: loss 2.5000, lr 0.0002, 8.20 images/s, epoch ETA 1m51s")
 
 
 def test_to_float32_keeps_integer_tensors():
@@ -227,8 +242,10 @@ def test_plain_progress_lines_and_epoch_summaries(tmp_path, monkeypatch, capsys)
                for line in progress), progress
     summaries = [line for line in lines if " done: " in line]
     assert len(summaries) == 2
+    assert re.fullmatch(r"epoch 0 of 2 done: loss \d+\.\d{4}, AP -?\d\.\d{4}, 5 iterations in [\d.]+s; "
+                        r"run ETA [\d.]+s", summaries[0])
     assert re.fullmatch(r"epoch 1 of 2 done: loss \d+\.\d{4}, AP -?\d\.\d{4}, 5 iterations in [\d.]+s",
-                        summaries[1])
+                        summaries[1])  # the last epoch: no ETA
 
 
 def test_epoch_summary_without_a_terminal_or_evaluation(tmp_path, monkeypatch, capsys):

@@ -456,6 +456,7 @@ def fit(
     if resume is not None:
         _resume(resume, objects, result)
         logger.info(f"resumed from {resume}: continuing at epoch {result.start_epoch}")
+    start = time.perf_counter()
     for epoch in range(result.start_epoch, epochs):
         set_sampler_epoch(train_loader, epoch)
         metrics = train_one_epoch(
@@ -480,7 +481,9 @@ def fit(
         if evaluation is not None:  # last.pth again, now with the evaluation (and best.pth)
             names = _checkpoint_names(epoch, checkpoint_every, improved=result.best_epoch == epoch)
             save(names=names, extra=_extra(result, metrics, evaluation))
-        logger.info(epoch_summary(metrics, evaluation, epochs))
+        done, left = epoch + 1 - result.start_epoch, epochs - epoch - 1
+        eta = (time.perf_counter() - start) / done * left  # epochs so far, evaluations and checkpoints too
+        logger.info(epoch_summary(metrics, evaluation, epochs, eta_seconds=eta))
     return result
 
 
@@ -491,11 +494,16 @@ def _extra(result: FitResult, metrics: EpochMetrics, evaluation: EvalLike | None
     return extra
 
 
-def epoch_summary(metrics: EpochMetrics, evaluation: EvalLike | None, epochs: int) -> str:
-    """One line per epoch (0-based, as in checkpoint names): loss, AP when evaluated, time."""
+def epoch_summary(metrics: EpochMetrics, evaluation: EvalLike | None, epochs: int,
+                  eta_seconds: float | None = None) -> str:
+    """One line per epoch (0-based, as in checkpoint names): loss, AP when evaluated, time, and the
+    estimated time to the end of the run while epochs remain."""
     ap = f", AP {evaluation.ap:.4f}" if evaluation is not None else ""
-    return (f"epoch {metrics.epoch} of {epochs} done: loss {metrics.loss:.4f}{ap}, {metrics.iterations} "
+    line = (f"epoch {metrics.epoch} of {epochs} done: loss {metrics.loss:.4f}{ap}, {metrics.iterations} "
             f"iterations in {_duration(metrics.seconds)}")
+    if eta_seconds is not None and metrics.epoch < epochs - 1:
+        line += f"; run ETA {_duration(eta_seconds)}"
+    return line
 
 
 def _evaluate_epoch(

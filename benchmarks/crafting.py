@@ -48,7 +48,7 @@ def crafted_detector(preset: str, overrides: list[str] | None = None, seed: int 
     torch.manual_seed(seed)
     cfg = load_config(preset, list(overrides or []))
     cfg.model.backbone.weights = None
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     if craft:
         craft_probing_biases(model.anchor_generator, seed)
     return model.eval()

@@ -66,7 +66,7 @@ class AsagContestant:
 
     def __init__(self, cfg: Config, bf16: bool) -> None:
         torch.manual_seed(0)
-        self.model = build_model(cfg.model)
+        self.model = build_model(cfg)
         self.model.extract_features = autocast_bf16(self.model.extract_features, bf16)
         self.criterion = build_criterion(cfg)
 

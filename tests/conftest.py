@@ -45,6 +45,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     generate_synthetic(root / "data", 2, seed=3, val_images=2)
     cfg = load_config("tiny_cpu", [f"data.root={root / 'data'}"])
     torch.manual_seed(0)
-    save_checkpoint(root / "ckpt.pth", model=build_model(cfg.model), optimizer=None, scheduler=None,
+    save_checkpoint(root / "ckpt.pth", model=build_model(cfg), optimizer=None, scheduler=None,
                     scaler=None, epoch=0, iteration=0, config=cfg.to_dict(), label_map={})
     return root

@@ -18,7 +18,7 @@ def build(preset: str, *overrides: str):
     cfg = load_config(preset, list(overrides))
     cfg.model.backbone.weights = None  # random initialisation: nothing is downloaded or read
     torch.manual_seed(0)
-    return cfg, build_model(cfg.model, cfg.denoising)
+    return cfg, build_model(cfg)
 
 
 def targets(num_classes: int, seed: int = 0) -> list[ImageTargets]:

@@ -79,7 +79,7 @@ def load_model(
     """
     ckpt = load_checkpoint(path)
     cfg = _stored_config(ckpt, path, overrides, used_head=used_head, inference_level=inference_level)
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     _load_weights(model, ckpt.get("model"), path)
     model.used_head = head_index(cfg.model.decoder.used_head, cfg.model.decoder.num_heads)
     label_map = _stored_label_map(ckpt, path) or _default_labels(cfg)

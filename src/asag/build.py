@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from asag.config import Config, DataConfig, DenoisingConfig, ModelConfig, ScheduleConfig
+from asag.config import Config, DataConfig, ModelConfig, ScheduleConfig
 from asag.convert.official import head_index
 from asag.data import (
     CocoDetection,
@@ -25,6 +26,7 @@ from asag.data.transforms import DetectionTransform
 from asag.engine.distributed import build_eval_sampler, build_train_batch_sampler
 from asag.engine.optim import build_optimizer
 from asag.engine.schedule import WarmupMultiStepLR
+from asag.engine.trainer import Trainer, use_channels_last
 from asag.errors import ConfigError, DataError
 from asag.modeling.anchor_generator import AnchorGenerator
 from asag.modeling.backbone import RESNET_STRIDES, Backbone
@@ -37,7 +39,7 @@ from asag.modeling.detector import ASAG
 from asag.modeling.neck import Neck
 from asag.modeling.postprocess import PostProcessor
 from asag.modeling.proposal import ProposalStage
-from asag.modeling.roi_gather import gather_roi_pooling
+from asag.modeling.roi_gather import device_roi_pooling, gather_roi_pooling
 
 # The anchor generator reads P3, P4, P5 (spec 3.1); the proposal stage and decoders read P2..P5.
 ANCHOR_STRIDES = (8, 16, 32)
@@ -125,9 +127,14 @@ def build_decoder_stage(cfg: ModelConfig) -> nn.Module:
     raise NotImplementedError(f"decoder type {d.type!r} is not available yet")
 
 
-def build_model(cfg: ModelConfig, denoising: DenoisingConfig | None = None) -> ASAG:
-    """Build the detector (random initialisation except the backbone's optional ImageNet weights)."""
-    denoising = denoising or DenoisingConfig()
+def build_model(config: Config) -> ASAG:
+    """Build the detector of ``config`` (``model`` and ``denoising`` sections; random initialisation
+    except the backbone's optional ImageNet weights). The whole configuration is required so that
+    denoising training can never be dropped by leaving an argument out."""
+    if not isinstance(config, Config):
+        raise TypeError(f"build_model takes the whole Config (model and denoising), got "
+                        f"{type(config).__name__}; pass cfg, not cfg.model")
+    cfg, denoising = config.model, config.denoising
     backbone = build_backbone(cfg)
     neck = build_neck(cfg, backbone)
     proposal = ProposalStage(
@@ -156,6 +163,8 @@ def build_model(cfg: ModelConfig, denoising: DenoisingConfig | None = None) -> A
     )
     if cfg.roi_pooling == "gather":
         gather_roi_pooling(model)
+    elif cfg.roi_pooling == "auto":
+        device_roi_pooling(model)
     return model
 
 
@@ -274,7 +283,20 @@ def check_num_classes(cfg: ModelConfig, label_map: LabelMap, source: str) -> Non
 
 
 def build_optimizer_and_schedule(model: nn.Module, cfg: ScheduleConfig):
-    optimizer = build_optimizer(model, lr=cfg.lr, backbone_lr=cfg.backbone_lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, lr=cfg.lr, backbone_lr=cfg.backbone_lr, weight_decay=cfg.weight_decay,
+                                kernel=cfg.optimizer_kernel)
     scheduler = WarmupMultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma,
                                   warmup_iters=cfg.warmup_iters, warmup_start_factor=cfg.warmup_factor)
     return optimizer, scheduler
+
+
+def build_trainer(cfg: Config, *, model: nn.Module | None = None, device: torch.device | str = "cpu",
+                  amp: str | None = None) -> Trainer:
+    """A :class:`~asag.engine.trainer.Trainer` for ``cfg``: the model (built here unless given; moved to
+    ``device``), criterion, AdamW and warm-up schedule, clipping and memory layout of the configuration.
+    ``amp``: None (fp32), ``"bf16"`` or ``"fp16"`` (resolve ``runtime.amp`` first, as ``asag train`` does)."""
+    model = (model if model is not None else build_model(cfg)).to(device)
+    optimizer, scheduler = build_optimizer_and_schedule(model, cfg.schedule)
+    return Trainer(model, build_criterion(cfg).to(device), optimizer, scheduler, device=device, amp=amp,
+                   clip_max_norm=cfg.schedule.clip_max_norm,
+                   channels_last=use_channels_last(cfg.runtime.memory_format, device))

@@ -122,8 +122,9 @@ class ModelConfig:
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     # RoIAlign of the proposal stage and Sparse R-CNN heads: torchvision's kernel, or the same sampling
     # as one weighted gather of channel vectors (equal up to float rounding; about 3x faster forward +
-    # backward on CPU, where torchvision's backward runs on one core).
-    roi_pooling: Literal["torchvision", "gather"] = "torchvision"
+    # backward on CPU, where torchvision's backward runs on one core). auto: gather on CPU tensors,
+    # torchvision's kernel on CUDA (chosen per call by the features' device; docs/training.md).
+    roi_pooling: Literal["auto", "torchvision", "gather"] = "auto"
 
 
 @dataclass
@@ -199,6 +200,9 @@ class ScheduleConfig:
     warmup_factor: float = 1.0 / 3.0
     clip_max_norm: float = 0.1
     max_iters_per_epoch: int | None = None
+    # AdamW implementation: fused (one kernel over all parameters), foreach (multi-tensor ops) or
+    # for_loop (one parameter at a time, the release's). Same update up to float rounding.
+    optimizer_kernel: Literal["fused", "foreach", "for_loop"] = "fused"
 
 
 @dataclass
@@ -211,7 +215,13 @@ class RuntimeConfig:
     checkpoint_every: int = 5
     log_every: int = 20
     num_threads: int | None = None
+    # Seeds every RNG (runtime.seed + rank) and asks torch for deterministic algorithms (warnings, not
+    # errors, where an op has none; cuDNN autotuning off). false: seeds only, cuDNN autotuning on.
     deterministic: bool = True
+    # Memory layout of the training images entering the backbone (the backbone and FPN follow; the same
+    # numbers up to float rounding). auto: channels_last on CUDA (tensor-core convolutions), contiguous
+    # on the CPU (oneDNN's channels-last convolution backward measured slower there; docs/training.md).
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
 
 
 @dataclass

@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
     paths = generate_synthetic(root / "data", 1, seed=5, val_images=2)
     cfg = load_config("tiny_cpu", [f"data.root={root / 'data'}"])
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     labels = {"category_ids": list(range(1, 6)), "names": list(SHAPE_CLASSES)}
     checkpoint = save_checkpoint(root / "tiny.pth", model=model, optimizer=None, scheduler=None, scaler=None,
                                  epoch=0, iteration=0, config=cfg.to_dict(), label_map=labels)

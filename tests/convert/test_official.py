@@ -73,7 +73,7 @@ def test_converted_state_dict_loads_strictly(variant, preset, heads, old_fpn_nam
     keep = None if heads == 4 else 2
     converted = convert_state_dict(sd, keep_head=keep)
     cfg = load_config(preset, [f"model.decoder.num_heads={heads}", "model.decoder.used_head=main"])
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     assert missing == [] and unexpected == []
     if keep is not None:

@@ -32,7 +32,7 @@ SIZE = (128, 160)
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    model = build_model(load_config("tiny_cpu").model).eval()
+    model = build_model(load_config("tiny_cpu")).eval()
     craft_probing_biases(model.anchor_generator)
     return model
 

@@ -83,7 +83,7 @@ def tiny():
     """The tiny preset's config and the FLOP report of one run with 23 fixed queries, no probing."""
     torch.manual_seed(0)
     cfg = load_config("tiny_cpu")
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg).eval()
     report, run = count_flops(model, random_inputs(1, TINY_SIZE), num_queries=TINY_QUERIES,
                               inference_level="P5P6")
     assert run.output.valid_mask.sum() == TINY_QUERIES
@@ -152,7 +152,7 @@ def r50_model(preset: str, craft: bool = False):
     """A paper preset with one decoder head (as the paper counts FLOPs), random weights."""
     torch.manual_seed(0)
     cfg = load_config(preset, ["model.decoder.num_heads=1", "model.decoder.used_head=main"])
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg).eval()
     if craft:
         craft_probing_biases(model.anchor_generator)
     return model

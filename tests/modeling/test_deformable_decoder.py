@@ -195,7 +195,7 @@ def tiny_asag_d(*overrides: str):
     cfg = load_config("tiny_cpu", ["model.decoder.type=deformable", "model.decoder.encoder_layers=1",
                                    "model.decoder.encoder_ffn_dim=64", *overrides])
     torch.manual_seed(0)
-    return cfg, build_model(cfg.model, cfg.denoising), build_criterion(cfg)
+    return cfg, build_model(cfg), build_criterion(cfg)
 
 
 def tiny_targets(sizes: torch.Tensor):
@@ -259,7 +259,7 @@ def test_asag_d_r50_multiply_adds_at_800x1216_near_table_a2():
     from asag.engine.benchmark import count_flops, craft_probing_biases, random_inputs
 
     torch.manual_seed(0)
-    model = build_model(load_config("asag_d_r50_speed").model).eval()
+    model = build_model(load_config("asag_d_r50_speed")).eval()
     craft_probing_biases(model.anchor_generator)
     with torch.no_grad():
         report, _ = count_flops(model, random_inputs(1, (800, 1216)), num_queries=300)

@@ -12,7 +12,7 @@ from asag.structures import ImageTargets
 def tiny(decoder: str = "adamixer", *overrides: str):
     cfg = load_config("tiny_cpu", [f"model.decoder.type={decoder}", *overrides])
     torch.manual_seed(0)
-    return cfg, build_model(cfg.model, cfg.denoising), build_criterion(cfg)
+    return cfg, build_model(cfg), build_criterion(cfg)
 
 
 def targets_for(sizes: torch.Tensor, n: int = 3, seed: int = 0) -> list[ImageTargets]:

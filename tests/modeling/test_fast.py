@@ -56,7 +56,7 @@ def randomise_norms(module: nn.Module, seed: int = 0) -> None:
 
 def tiny_model(seed: int = 0):
     torch.manual_seed(seed)
-    model = build_model(load_config("tiny_cpu").model).eval()
+    model = build_model(load_config("tiny_cpu")).eval()
     randomise_norms(model, seed)
     return model
 
@@ -151,7 +151,7 @@ def test_fast_model_matches_the_plain_model_and_leaves_it_alone():
 ], ids=["asag_s", "asag_d"])
 def test_fast_model_matches_the_plain_model_for_every_decoder(decoder):
     torch.manual_seed(0)
-    model = build_model(load_config("tiny_cpu", decoder).model).eval()
+    model = build_model(load_config("tiny_cpu", decoder)).eval()
     randomise_norms(model)
     images, sizes = tiny_inputs()
     with torch.no_grad():
@@ -285,7 +285,7 @@ def test_gather_roi_pooling_equals_the_extractor_with_one_sync():
 def test_channels_last_replaces_every_roi_extractor():
     model = tiny_model()
     sparse_cfg = load_config("tiny_cpu", ["model.decoder.type=sparse_rcnn"])
-    sparse = optimize_for_inference(build_model(sparse_cfg.model))
+    sparse = optimize_for_inference(build_model(sparse_cfg))
     assert count(sparse, GatherRoIPooling) == 1 + len(sparse.decoder.heads)  # proposal stage + each head
     assert count(sparse, RoIFeatureExtractor) == 0
     fast = optimize_for_inference(model)  # AdaMixer: proposal only; its decoder samples contiguous levels

@@ -31,7 +31,7 @@ def fixture_model(fixtures_dir, variant: str, level: str):
         f"model.decoder.type={'adamixer' if variant == 'asag_a' else 'sparse_rcnn'}",
     ]
     cfg = load_config("tiny_cpu", overrides)
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg).eval()
     return model, convert_state_dict(load_weights(fixtures_dir, variant))
 
 

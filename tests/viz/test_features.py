@@ -99,7 +99,7 @@ def real(tmp_path_factory):
     paths = generate_synthetic(root, 1, seed=1, val_images=1)
     cfg = load_config("tiny_cpu")
     torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg).eval()
     image = PIL.Image.open(next(paths.val_images.iterdir())).convert("RGB")
     batch = collate([build_transforms(cfg.data, train=False)(image, torch.zeros(0, 4),
                                                               torch.zeros(0, dtype=torch.int64))])

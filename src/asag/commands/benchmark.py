@@ -91,7 +91,7 @@ def load_target(target: str, overrides: list[str], seed: int = 0) -> tuple[ASAG,
     cfg = load_config(target, overrides)
     cfg.model.backbone.weights = None  # timing does not need ImageNet weights
     torch.manual_seed(seed)
-    return build_model(cfg.model).eval(), cfg
+    return build_model(cfg).eval(), cfg
 
 
 def _check_args(args: argparse.Namespace) -> None:

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         overrides += ["model.decoder.used_head=main"]
     cfg = config_from_dict(apply_overrides(base.to_dict(), overrides + list(args.overrides)))
     converted = convert_state_dict(state, keep_head=keep)
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     try:
         missing, unexpected = model.load_state_dict(converted, strict=False)
     except RuntimeError as err:  # shapes that do not fit

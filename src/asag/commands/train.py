@@ -20,12 +20,12 @@ from asag.build import (
     check_num_classes,
 )
 from asag.config import Config, field_option, load_config
-from asag.engine.checkpoint import seed_everything
+from asag.engine.checkpoint import configure_determinism, seed_everything
 from asag.engine.crowdhuman_eval import check_single_category
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process, wrap_ddp
 from asag.engine.evaluator import evaluate, evaluate_crowdhuman
 from asag.engine.logger import RunLogger
-from asag.engine.trainer import FitResult, fit, make_grad_scaler
+from asag.engine.trainer import FitResult, fit, make_grad_scaler, use_channels_last
 from asag.errors import ConfigError
 from asag.modeling.fast import cpu_supports_bf16
 from asag.outputs import prepare_run_dir
@@ -87,6 +87,7 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
     if rt.num_threads:
         torch.set_num_threads(rt.num_threads)
     seed_everything(rt.seed + dist.rank)
+    configure_determinism(rt.deterministic)
     if is_main_process():
         prepare_run_dir(out, resume=resume is not None, overwrite=overwrite)
     logger = RunLogger(out if is_main_process() else None)
@@ -99,7 +100,7 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
         if is_main_process():
             log(f"training {cfg.description or cfg.model.variant}: {len(train_set)} train images, "
                 f"{len(val_set)} val images, device {device}, output {out}")
-        model = build_model(cfg.model, cfg.denoising).to(device)
+        model = build_model(cfg).to(device)
         criterion = build_criterion(cfg).to(device)
         optimizer, scheduler = build_optimizer_and_schedule(model, cfg.schedule)
         amp = resolve_amp(cfg, device)
@@ -115,6 +116,7 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
             checkpoint_every=rt.checkpoint_every, clip_max_norm=cfg.schedule.clip_max_norm, amp=amp,
             scaler=make_grad_scaler(amp, device), logger=logger, resume=resume,
             max_iters=cfg.schedule.max_iters_per_epoch, log_every=rt.log_every,
+            channels_last=use_channels_last(rt.memory_format, device),
         )
     finally:
         logger.close()

@@ -118,6 +118,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+# cuBLAS needs a fixed workspace for deterministic matrix products on CUDA (set before its first use).
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """``runtime.deterministic``: True asks torch for deterministic algorithms (a warning, not an error,
+    where an op has none, e.g. some CUDA backward kernels), deterministic cuDNN without autotuning and a
+    fixed cuBLAS workspace; False restores torch's defaults with cuDNN autotuning on. Uninitialised
+    memory is not filled (asag never reads it; filling would cost time on every allocation)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
 # --------------------------------------------------------------------------------------- save / load
 
 

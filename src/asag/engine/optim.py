@@ -17,6 +17,8 @@ DEFAULT_LR = 2e-4
 DEFAULT_BACKBONE_LR = 2e-5
 DEFAULT_WEIGHT_DECAY = 1e-4
 BACKBONE_KEY = "backbone"
+# ``kernel`` names -> torch.optim.AdamW implementation flags.
+OPTIMIZER_KERNELS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
 
 
 @dataclass
@@ -48,13 +50,17 @@ def build_optimizer(
     backbone_lr: float = DEFAULT_BACKBONE_LR,
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
     backbone_key: str = BACKBONE_KEY,
+    kernel: str = "for_loop",
 ) -> AdamW:
     """AdamW over the trainable parameters of ``model``.
 
     Group 0 (``name="base"``) holds every parameter whose name lacks ``backbone_key`` at ``lr``;
     group 1 (``name="backbone"``) the others at ``backbone_lr``. Empty groups are omitted, so a model
-    without a backbone gets a single group. ``weight_decay`` applies to both groups.
+    without a backbone gets a single group. ``weight_decay`` applies to both groups. ``kernel``: one of
+    :data:`OPTIMIZER_KERNELS` (``fused``, ``foreach``, ``for_loop``; the same update up to float rounding).
     """
+    if kernel not in OPTIMIZER_KERNELS:
+        raise ValueError(f"optimizer kernel must be one of {sorted(OPTIMIZER_KERNELS)}, got {kernel!r}")
     module = getattr(model, "module", model)
     params = dict(module.named_parameters())
     split = split_parameters(module, backbone_key=backbone_key)
@@ -65,4 +71,4 @@ def build_optimizer(
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    return AdamW(groups, lr=lr, weight_decay=weight_decay)
+    return AdamW(groups, lr=lr, weight_decay=weight_decay, **OPTIMIZER_KERNELS[kernel])

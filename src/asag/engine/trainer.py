@@ -26,7 +26,7 @@ from asag.engine.distributed import all_gather_object, all_reduce_mean, barrier,
 from asag.engine.logger import RunLogger
 from asag.engine.schedule import WarmupMultiStepLR
 from asag.errors import CheckpointError, ConfigError
-from asag.structures import Batch
+from asag.structures import Batch, ImageTargets
 
 # Spec section 9: global gradient-norm clipping threshold of the release.
 DEFAULT_CLIP_MAX_NORM = 0.1
@@ -70,6 +70,14 @@ def autocast_context(device: torch.device | str, amp: str | None) -> contextlib.
     if amp is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
+
+
+def use_channels_last(memory_format: str, device: torch.device | str) -> bool:
+    """``runtime.memory_format`` -> whether training images enter the backbone channels-last
+    (``"auto"``: on CUDA only)."""
+    if memory_format == "auto":
+        return torch.device(device).type == "cuda"
+    return memory_format == "channels_last"
 
 
 def make_grad_scaler(amp: str | None, device: torch.device | str) -> torch.amp.GradScaler | None:
@@ -144,13 +152,39 @@ def _split_prefixed(values: dict[str, float], prefix: str) -> dict[str, float]:
 # ------------------------------------------------------------------------------------- one epoch
 
 
+# Names of the four timed parts of a training step (``train_step(..., wrap=...)``).
+STEP_PARTS = ("forward", "loss", "backward", "optimizer")
+
+
+def _no_wrap(name: str, fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
 @dataclass
-class _StepOutput:
+class StepResult:
+    """What one training step did.
+
+    loss: the criterion's result (``total``, raw ``terms``, their ``weights``, ``stats``), computed in fp32.
+    grad_norm: 0-d global gradient norm before clipping (after the fp16 unscale).
+    """
+
     loss: LossLike
     grad_norm: Tensor
 
+    @property
+    def total(self) -> Tensor:
+        return self.loss.total
 
-def _train_step(
+    @property
+    def terms(self) -> dict[str, Tensor]:
+        return self.loss.terms
+
+    def floats(self) -> dict[str, float]:
+        """``loss``, ``grad_norm`` and every term as Python floats (one host sync each)."""
+        return _floats({"loss": self.loss.total, "grad_norm": self.grad_norm, **self.loss.terms})
+
+
+def train_step(
     model: nn.Module,
     criterion: Callable[..., LossLike],
     batch: Batch,
@@ -161,21 +195,46 @@ def _train_step(
     amp: str | None,
     scaler: torch.amp.GradScaler | None,
     clip_max_norm: float,
-) -> _StepOutput:
-    with autocast_context(device, amp):
-        output = model(batch.images, batch.image_sizes, batch.targets, epoch=epoch)
-    if amp is not None:
-        output = to_float32(output)
-    loss = criterion(output, batch.targets, batch.image_sizes)
+    channels_last: bool = False,
+    wrap: Callable[[str, Callable[[], Any]], Any] = _no_wrap,
+) -> StepResult:
+    """One optimisation step on ``batch`` (already on ``device``); the scheduler is not stepped.
+
+    forward (autocast) -> criterion (fp32) -> backward (scaled for fp16) -> unscale -> clip -> step.
+    ``channels_last``: the images enter the backbone in the channels-last memory format (every
+    convolution of the backbone and FPN follows it; the same numbers up to float rounding).
+    ``wrap(name, fn)`` runs each part of :data:`STEP_PARTS` (e.g. an
+    :class:`~asag.engine.benchmark.StageTimer`).
+    """
+    images = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
+    output = wrap("forward", lambda: _forward(model, images, batch, epoch, device, amp))
+    loss = wrap("loss", lambda: criterion(output, batch.targets, batch.image_sizes))
     if not torch.isfinite(loss.total):
         value = float(loss.total.detach())
         raise NonFiniteLossError(f"loss is {value} (terms: {_floats(loss.terms)}); stopping")
+    wrap("backward", lambda: _backward(loss.total, optimizer, scaler))
+    grad_norm = wrap("optimizer", lambda: _optimizer_step(model, optimizer, scaler, clip_max_norm))
+    return StepResult(loss=loss, grad_norm=grad_norm)
+
+
+def _forward(model: nn.Module, images: Tensor, batch: Batch, epoch: int, device: torch.device,
+             amp: str | None) -> Any:
+    with autocast_context(device, amp):
+        output = model(images, batch.image_sizes, batch.targets, epoch=epoch)
+    return to_float32(output) if amp is not None else output
+
+
+def _backward(total: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
-        scaler.scale(loss.total).backward()
+        scaler.scale(total).backward()
         scaler.unscale_(optimizer)
     else:
-        loss.total.backward()
+        total.backward()
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                    clip_max_norm: float) -> Tensor:
     max_norm = clip_max_norm if clip_max_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if scaler is not None:
@@ -183,14 +242,78 @@ def _train_step(
         scaler.update()
     else:
         optimizer.step()
-    return _StepOutput(loss=loss, grad_norm=grad_norm)
+    return grad_norm
+
+
+class Trainer:
+    """One training step at a time, for tests, notebooks and benchmarks (``asag.build.build_trainer``
+    makes one from a configuration).
+
+    Holds the model, criterion, optimizer, optional warm-up scheduler (stepped after every step, as in
+    :func:`train_one_epoch`) and the step settings of :func:`train_step`; ``amp="fp16"`` without a
+    ``scaler`` gets a default GradScaler.
+
+    >>> trainer = build_trainer(cfg)
+    >>> result = trainer.train_step(images, image_sizes, targets)
+    >>> result.total, result.terms["loss_ce"], result.grad_norm
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: Callable[..., LossLike],
+        optimizer: torch.optim.Optimizer,
+        scheduler: WarmupMultiStepLR | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        amp: str | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        clip_max_norm: float = DEFAULT_CLIP_MAX_NORM,
+        channels_last: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        check_amp(amp, self.device)
+        self.model, self.criterion, self.optimizer, self.scheduler = model, criterion, optimizer, scheduler
+        self.amp, self.scaler = amp, scaler if scaler is not None else make_grad_scaler(amp, self.device)
+        self.clip_max_norm, self.channels_last = clip_max_norm, channels_last
+
+    def train_step(
+        self,
+        images: Tensor,
+        image_sizes: Tensor,
+        targets: list[ImageTargets],
+        *,
+        epoch: int = 0,
+        wrap: Callable[[str, Callable[[], Any]], Any] = _no_wrap,
+    ) -> StepResult:
+        """One step on a batch: ``images`` ``[B, 3, Hp, Wp]`` normalised and zero-padded, ``image_sizes``
+        ``[B, 2]`` int64 ``(h, w)``, one :class:`ImageTargets` per image (normalised cxcywh boxes).
+        ``epoch`` (0-based) drives teacher forcing and the denoising noise; ``wrap`` as in
+        :func:`train_step`."""
+        batch = Batch(images, image_sizes, image_sizes, list(targets), list(range(len(targets))))
+        return self.train_batch(batch, epoch=epoch, wrap=wrap)
+
+    def train_batch(self, batch: Batch, *, epoch: int = 0,
+                    wrap: Callable[[str, Callable[[], Any]], Any] = _no_wrap) -> StepResult:
+        """:meth:`train_step` on a collated :class:`~asag.structures.Batch` (moved to the device here)."""
+        self.model.train()
+        if isinstance(self.criterion, nn.Module):
+            self.criterion.train()
+        result = train_step(
+            self.model, self.criterion, batch.to(self.device), self.optimizer, epoch=epoch,
+            device=self.device, amp=self.amp, scaler=self.scaler, clip_max_norm=self.clip_max_norm,
+            channels_last=self.channels_last, wrap=wrap,
+        )
+        if self.scheduler is not None:
+            self.scheduler.step_iteration()
+        return result
 
 
 def _floats(values: dict[str, Tensor | float]) -> dict[str, float]:
     return {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in values.items()}
 
 
-def _step_values(step: _StepOutput) -> dict[str, Tensor | float]:
+def _step_values(step: StepResult) -> dict[str, Tensor | float]:
     values: dict[str, Tensor | float] = {"loss": step.loss.total, "grad_norm": step.grad_norm}
     values.update({f"terms/{k}": v for k, v in step.loss.terms.items()})
     values.update({f"stats/{k}": v for k, v in step.loss.stats.items()})
@@ -213,6 +336,7 @@ def train_one_epoch(
     max_iters: int | None = None,
     global_step: int = 0,
     log_every: int = DEFAULT_LOG_EVERY,
+    channels_last: bool = False,
 ) -> EpochMetrics:
     """Train for one pass over ``loader`` (or ``max_iters`` iterations).
 
@@ -227,6 +351,7 @@ def train_one_epoch(
         amp: None (fp32), "bf16" or "fp16" (CUDA, needs ``scaler``): autocast around the forward.
         logger: receives a "train" record every ``log_every`` iterations at step ``global_step + i``.
         max_iters: stop after this many iterations.
+        channels_last: images enter the backbone channels-last (see :func:`train_step`).
     Returns:
         the epoch's mean metrics (averaged over ranks).
     """
@@ -245,9 +370,9 @@ def train_one_epoch(
         if max_iters is not None and it >= max_iters:
             break
         batch = batch.to(device)
-        step = _train_step(
-            model, criterion, batch, optimizer,
-            epoch=epoch, device=device, amp=amp, scaler=scaler, clip_max_norm=clip_max_norm,
+        step = train_step(
+            model, criterion, batch, optimizer, epoch=epoch, device=device, amp=amp, scaler=scaler,
+            clip_max_norm=clip_max_norm, channels_last=channels_last,
         )
         scheduler.step_iteration()
         values = _step_values(step)
@@ -434,6 +559,7 @@ def fit(
     resume: str | Path | None = None,
     max_iters: int | None = None,
     log_every: int = DEFAULT_LOG_EVERY,
+    channels_last: bool = False,
 ) -> FitResult:
     """Train epochs ``start .. epochs-1``, evaluating and checkpointing along the way.
 
@@ -463,6 +589,7 @@ def fit(
             model, criterion, train_loader, optimizer, scheduler,
             epoch=epoch, device=device, clip_max_norm=clip_max_norm, amp=amp, scaler=scaler,
             logger=logger, max_iters=max_iters, global_step=result.iteration, log_every=log_every,
+            channels_last=channels_last,
         )
         if metrics.iterations == 0:  # an empty loader or max_iters <= 0: nothing trained, nothing to save
             raise ConfigError(f"epoch {epoch} ran no training iteration (the training loader yielded no "

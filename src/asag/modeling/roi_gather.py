@@ -5,7 +5,7 @@ Each output bin averages ``sampling_ratio ** 2`` bilinear samples, i.e. a weight
 ``4 * sampling_ratio ** 2`` feature vectors; ``F.embedding_bag`` computes all of them at once and its
 backward (an index-add) runs on every intra-op thread, where torchvision's CPU kernels run on one core.
 Used by the inference fast path (channels-last levels need no copy) and, with
-``model.roi_pooling=gather``, in training on the CPU.
+``model.roi_pooling=gather`` or ``auto`` (the default), in training on the CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from asag.modeling.blocks import RoIFeatureExtractor
 from asag.modeling.patches import count_per_group
 from asag.ops.constants import constant
 
-__all__ = ["GatherRoIPooling", "gather_roi_pooling", "roi_align_gather"]
+__all__ = ["DeviceRoIPooling", "GatherRoIPooling", "device_roi_pooling", "gather_roi_pooling",
+           "roi_align_gather"]
 
 
 def _axis_samples(start: Tensor, length: Tensor, size: int | Tensor, output_size: int, sampling_ratio: int
@@ -168,6 +169,38 @@ def gather_roi_pooling(module: nn.Module) -> int:
         if isinstance(child, RoIFeatureExtractor) and child.pooler.sampling_ratio > 0:
             setattr(module, name, GatherRoIPooling(child))
             replaced += 1
+        elif isinstance(child, DeviceRoIPooling):
+            setattr(module, name, child.gather)
+            replaced += 1
         else:
             replaced += gather_roi_pooling(child)
+    return replaced
+
+
+class DeviceRoIPooling(nn.Module):
+    """RoI pooling chosen per call by the features' device (``model.roi_pooling=auto``): the gather of
+    :class:`GatherRoIPooling` on the CPU (where torchvision's RoIAlign backward runs on one core; about
+    3x faster forward + backward), torchvision's kernels on any other device (CUDA kernels that already
+    run in parallel). Both compute the same sampling; outputs agree up to float rounding. Same call and
+    output as :class:`~asag.modeling.blocks.RoIFeatureExtractor`; no parameters or buffers."""
+
+    def __init__(self, extractor: RoIFeatureExtractor) -> None:
+        super().__init__()
+        self.torchvision = extractor
+        self.gather = GatherRoIPooling(extractor)
+
+    def forward(self, features: list[Tensor], boxes_xyxy_px: Tensor, image_sizes: Tensor) -> Tensor:
+        pooling = self.gather if features[0].device.type == "cpu" else self.torchvision
+        return pooling(features, boxes_xyxy_px, image_sizes)
+
+
+def device_roi_pooling(module: nn.Module) -> int:
+    """Replace, in place, every RoI feature extractor below ``module`` by :class:`DeviceRoIPooling`."""
+    replaced = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, RoIFeatureExtractor) and child.pooler.sampling_ratio > 0:
+            setattr(module, name, DeviceRoIPooling(child))
+            replaced += 1
+        else:
+            replaced += device_roi_pooling(child)
     return replaced

@@ -39,8 +39,9 @@ DEFAULT_FOCAL_ALPHA = 0.25
 DEFAULT_FOCAL_GAMMA = 2.0
 # Guard inside the logarithms of the focal cost (spec 8.3, authors' value).
 FOCAL_LOG_EPS = 1e-8
-# Box given to padded target slots so that their (discarded) costs stay finite: the unit square, cxcywh.
-_PAD_BOX = (0.5, 0.5, 1.0, 1.0)
+# Box given to padded target slots so that their (discarded) costs stay finite: the unit square, cxcywh
+# (centre 0.5, 0.5; sides 1, 1).
+_PAD_CENTRE, _PAD_SIDE = 0.5, 1.0
 
 
 class NonFiniteCostError(AsagError, ValueError):
@@ -104,8 +105,9 @@ class GroupedTargets:
         return cls.from_lists([t.boxes for t in targets], [t.labels for t in targets])
 
     def counts(self) -> Tensor:
-        """``[G]`` number of targets per group."""
-        return torch.bincount(self.group, minlength=self.num_groups)
+        """``[G]`` number of targets per group (a scatter-add: no host sync, unlike ``bincount``)."""
+        counts = torch.zeros(self.num_groups, dtype=torch.int64, device=self.group.device)
+        return counts.index_add_(0, self.group, torch.ones_like(self.group))
 
     def offsets(self) -> Tensor:
         """``[G]`` flat index of the first target of each group."""
@@ -115,9 +117,11 @@ class GroupedTargets:
     def padded(self) -> PaddedTargets:
         """Scatter the flat targets into ``[G, T_max, *]`` tensors (vectorised, no per-group loop)."""
         g, device = self.num_groups, self.boxes.device
-        width = int(self.counts().max()) if len(self) else 0
-        slot = torch.arange(len(self), device=device) - self.offsets()[self.group]  # position in its group
-        boxes = self.boxes.new_tensor(_PAD_BOX).expand(g, width, 4).clone()
+        counts = self.counts()
+        width = int(counts.max()) if len(self) else 0  # the one host sync: the padded width
+        slot = torch.arange(len(self), device=device) - (torch.cumsum(counts, 0) - counts)[self.group]
+        boxes = self.boxes.new_full((g, width, 4), _PAD_CENTRE)
+        boxes[..., 2:] = _PAD_SIDE
         labels = torch.zeros(g, width, dtype=torch.int64, device=device)
         mask = torch.zeros(g, width, dtype=torch.bool, device=device)
         index = torch.full((g, width), -1, dtype=torch.int64, device=device)
@@ -202,10 +206,11 @@ def matching_cost(
     return (cost_bbox * l1 + cost_class * cls - cost_giou * giou) * target_weight[:, None, :]
 
 
-def _check_finite(cost: Tensor, rows: Tensor, columns: Tensor, stage: str) -> None:
-    """Raise :class:`NonFiniteCostError` if a cost entry between a valid row and a real target is bad."""
+def _check_finite(cost: np.ndarray, rows: np.ndarray, columns: np.ndarray, stage: str) -> None:
+    """Raise :class:`NonFiniteCostError` if a cost entry between a valid row and a real target is bad
+    (host arrays: ``cost`` ``[G, N, T]``, ``rows`` ``[G, N]`` and ``columns`` ``[G, T]`` bool)."""
     relevant = rows[:, :, None] & columns[:, None, :]  # (G, N, T)
-    bad = int((~torch.isfinite(cost) & relevant).sum())
+    bad = int((~np.isfinite(cost) & relevant).sum())
     if bad:
         raise NonFiniteCostError(
             f"matching cost of stage '{stage}' has {bad} non-finite entries (NaN or inf) out of "
@@ -214,35 +219,44 @@ def _check_finite(cost: Tensor, rows: Tensor, columns: Tensor, stage: str) -> No
         )
 
 
+def _to_host(cost: Tensor, rows: Tensor, mask: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One device-to-host copy of a stage's ``[G, N, T]`` costs, ``[G, N]`` valid rows and ``[G, T]``
+    real-target mask (packed into one float32 vector; 0/1 flags are exact in float32)."""
+    g, n, t = cost.shape
+    parts = [cost.detach().float(), rows.float(), mask.float()]
+    packed = torch.cat([part.reshape(-1) for part in parts])
+    flat = packed.cpu().numpy()
+    cost_np = flat[: g * n * t].reshape(g, n, t)
+    rows_np = flat[g * n * t : g * n * (t + 1)].reshape(g, n) > 0.5
+    mask_np = flat[g * n * (t + 1) :].reshape(g, t) > 0.5
+    return cost_np, rows_np, mask_np
+
+
 def solve_assignment(cost: Tensor, rows: Tensor, targets: PaddedTargets, stage: str) -> Matching:
     """Run ``linear_sum_assignment`` per group over the valid rows and real targets.
+
+    The costs, rows and target masks of all groups cross to the host in one copy and the matched pairs
+    come back in one copy, whatever the number of groups.
 
     Args:
         cost: ``[G, N, T]`` cost (any device).
         rows: ``[G, N]`` bool, rows that may be matched.
-        targets: the padded targets the cost was computed for.
+        targets: the padded targets the cost was computed for (real targets first in every group).
         stage: name used in error messages.
     """
-    _check_finite(cost, rows, targets.mask, stage)
-    cost_np = cost.detach().cpu().numpy()
-    rows_cpu, mask_cpu, index_cpu = rows.cpu(), targets.mask.cpu(), targets.index.cpu()
-    groups, queries, tgts = [], [], []
-    for g in range(cost.shape[0]):
-        valid_rows = rows_cpu[g].nonzero().squeeze(1).numpy()
-        num_targets = int(mask_cpu[g].sum())
-        if len(valid_rows) == 0 or num_targets == 0:
+    cost_np, rows_np, mask_np = _to_host(cost, rows, targets.mask)
+    _check_finite(cost_np, rows_np, mask_np, stage)
+    counts = mask_np.sum(1)  # (G,) real targets per group
+    offsets = np.cumsum(counts) - counts  # flat index of each group's first target
+    pairs = [np.zeros((3, 0), dtype=np.int64)]  # rows: group, query, flat target
+    for g in range(cost_np.shape[0]):
+        valid_rows = np.flatnonzero(rows_np[g])
+        if len(valid_rows) == 0 or counts[g] == 0:
             continue
-        i, j = linear_sum_assignment(cost_np[g][valid_rows][:, :num_targets])
-        groups.append(np.full(len(i), g))
-        queries.append(valid_rows[i])
-        tgts.append(index_cpu[g, torch.as_tensor(j)].numpy())
-    device = cost.device
-
-    def _cat(parts: list[np.ndarray]) -> Tensor:
-        flat = np.concatenate(parts) if parts else np.zeros(0)
-        return torch.as_tensor(flat, dtype=torch.int64, device=device)
-
-    return Matching(_cat(groups), _cat(queries), _cat(tgts), cost.shape[0])
+        i, j = linear_sum_assignment(cost_np[g][valid_rows][:, : counts[g]])
+        pairs.append(np.stack([np.full(len(i), g), valid_rows[i], offsets[g] + j]).astype(np.int64))
+    group, query, target = torch.as_tensor(np.concatenate(pairs, axis=1), device=cost.device).unbind(0)
+    return Matching(group, query, target, cost.shape[0])
 
 
 # ------------------------------------------------------------------------------------------ matchers
@@ -335,9 +349,9 @@ class AnchorMatcher(HungarianMatcher):
 
 def _pad_weight(weight: Tensor, padded: PaddedTargets) -> Tensor:
     """Flat ``[T]`` per-target values -> ``[G, T_max]`` (1 in padding slots)."""
-    out = torch.ones(padded.mask.shape, dtype=weight.dtype, device=weight.device)
-    out[padded.mask] = weight[padded.index[padded.mask]]
-    return out
+    if weight.numel() == 0:
+        return torch.ones(padded.mask.shape, dtype=weight.dtype, device=weight.device)
+    return torch.where(padded.mask, weight[padded.index.clamp(min=0)], torch.ones_like(weight[:1]))
 
 
 def _float_boxes(padded: PaddedTargets) -> PaddedTargets:

@@ -75,6 +75,8 @@ def time_preset(preset: str, args: argparse.Namespace) -> dict[str, StageTimer]:
             wrap = timers[name] if r >= args.warmup else StageTimer(torch.device("cpu"))
             torch.manual_seed(r)
             trainer.train_step(inputs.images, inputs.image_sizes, targets, epoch=args.epoch, wrap=wrap)
+            times = " ".join(f"{part} {wrap.seconds[part][-1]:.2f}" for part in STEP_PARTS)
+            print(f"  {preset} round {r + 1} {name}: {times} s", flush=True)
         print(f"  {preset} round {r + 1}/{args.warmup + args.repeats}, load {os.getloadavg()[0]:.1f}",
               flush=True)
     del trainers

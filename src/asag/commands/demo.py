@@ -31,7 +31,7 @@ from asag.commands.train import build_evaluate_fn, resolve_amp, train
 from asag.config import Config, Range, apply_overrides, config_from_dict, load_config, option_type
 from asag.engine.budget import BUDGET_SAFETY, SchedulePlan, plan_schedule
 from asag.engine.checkpoint import seed_everything
-from asag.engine.trainer import make_grad_scaler, train_one_epoch
+from asag.engine.trainer import make_grad_scaler, train_one_epoch, use_channels_last
 from asag.outputs import check_output_dir, previous_run_files
 from asag.viz.draw import draw_detections
 
@@ -91,7 +91,7 @@ def measure_speed(cfg: Config, max_seconds: float) -> tuple[float, float, int]:
         torch.set_num_threads(rt.num_threads)
     seed_everything(rt.seed)
     train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
-    model = build_model(cfg.model, cfg.denoising).to(device)
+    model = build_model(cfg).to(device)
     criterion = build_criterion(cfg).to(device)
     optimizer, scheduler = build_optimizer_and_schedule(model, cfg.schedule)
     with contextlib.redirect_stdout(io.StringIO()):  # the training run prints its precision message
@@ -102,7 +102,8 @@ def measure_speed(cfg: Config, max_seconds: float) -> tuple[float, float, int]:
     def one_iteration() -> float:
         metrics = train_one_epoch(model, criterion, itertools.islice(batches, 1), optimizer, scheduler,
                                   epoch=0, device=device, amp=amp, scaler=make_grad_scaler(amp, device),
-                                  clip_max_norm=cfg.schedule.clip_max_norm, log_every=0)
+                                  clip_max_norm=cfg.schedule.clip_max_norm, log_every=0,
+                                  channels_last=use_channels_last(rt.memory_format, device))
         return metrics.seconds
 
     first = one_iteration()  # allocations and lazy initialisation make it the slowest: an upper bound

@@ -11,14 +11,16 @@ the same greedy NMS on ``[B, M]`` rows with masks and loops whose length is fixe
 
 Both reproduce ``torchvision.ops.nms`` on the CPU exactly: scores sorted descending with ties in index
 order (torchvision's stable sort), IoU computed with the same float32 operations
-(``inter / (area_i + area_j - inter)``) and compared with ``>`` against the threshold in float64, as the
-kernel does.
+(``inter / (area_i + area_j - inter)``) and compared with ``>`` against the threshold as the kernel
+does in float64, here in float32 against the largest float32 not above it (the same decision, and no
+float64 in an exported graph).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +38,15 @@ class FixedNMS:
     index: Tensor
     kept: Tensor
     overflow: Tensor
+
+
+def float32_threshold(threshold: float) -> float:
+    """The largest float32 value not above ``threshold``. For a float32 ``x``, ``x > threshold`` in
+    float64 (torchvision's NMS kernel) is ``x > float32_threshold(threshold)`` in float32."""
+    value = np.float32(threshold)
+    if float(value) > threshold:
+        value = np.nextafter(value, np.float32(-np.inf))
+    return float(value)
 
 
 def box_areas(boxes: Tensor) -> Tensor:
@@ -79,6 +90,7 @@ def fixed_budget_nms(
     """
     areas = box_areas(boxes)  # [B, M]
     columns = torch.arange(boxes.shape[1], device=boxes.device)[None]  # [1, M]
+    threshold = float32_threshold(iou_threshold)
     live = candidates.clone()
     picks, kept = [], []
     for _ in range(max_kept):
@@ -87,7 +99,7 @@ def fixed_budget_nms(
         kept.append(live.gather(1, best))  # [B, 1]; False once no candidate is left
         box = boxes.gather(1, best[..., None].expand(-1, -1, 4))  # [B, 1, 4]
         iou = iou_against(box, areas.gather(1, best), boxes, areas)  # [B, M]
-        live = live & ~(iou.double() > iou_threshold) & (columns != best)
+        live = live & ~(iou > threshold) & (columns != best)
     if max_kept == 0:
         empty = torch.zeros(boxes.shape[0], 0, dtype=torch.int64, device=boxes.device)
         return FixedNMS(empty, empty.bool(), live.any(dim=1))
@@ -111,7 +123,7 @@ def sorted_nms_keep(boxes: Tensor, groups: Tensor, candidates: Tensor, iou_thres
     areas = box_areas(boxes)  # [B, M]
     iou = iou_against(boxes[:, :, None], areas[:, :, None], boxes[:, None], areas[:, None])  # [B, M, M]
     later = torch.ones(num, num, dtype=torch.bool, device=boxes.device).triu(diagonal=1)  # [M, M] i < j
-    hits = (iou.double() > iou_threshold) & (groups[:, :, None] == groups[:, None, :]) & later  # [B, M, M]
+    hits = (iou > float32_threshold(iou_threshold)) & (groups[:, :, None] == groups[:, None, :]) & later
     keep = candidates.clone()
     for i in range(num):
         keep = keep & ~(hits[:, i] & keep[:, i : i + 1])

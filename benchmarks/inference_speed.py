@@ -14,6 +14,9 @@ made by :func:`asag.modeling.fast.optimize_for_inference` from that same model:
     fast_bf16     + bfloat16 backbone and FPN                      (``--fast --precision bf16``)
     fast_fp16     + float16 backbone and FPN (CUDA only)           (``--fast --precision fp16``)
     fast_compile  + torch.compile of backbone, FPN, decoder        (``--fast --compile``; slow to start)
+    static        the plain model in static mode                   (``--static``)
+    fast_static   folding + channels-last in static mode           (``--fast --static``)
+    fast_fp16_static  + float16 backbone and FPN (CUDA only)       (``--fast --static --precision fp16``)
 
 All settings see the same random images; the timed rounds run the settings round-robin (interleaved),
 so that the drifts of a shared machine hit all of them alike, and medians are reported. Each timed call
@@ -34,6 +37,7 @@ host wait for a CUDA device (on CUDA the count comes from the same audit).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -50,7 +54,8 @@ from asag.modeling.detector import ASAG
 from asag.modeling.fast import SyncAudit, cpu_supports_bf16, optimize_for_inference
 from asag.structures import Detections, ModelOutput
 
-PRESETS = {"ASAG-A": "asag_a_r50_speed", "ASAG-S": "asag_s_r50_speed"}
+PRESETS = {"ASAG-A": "asag_a_r50_speed", "ASAG-S": "asag_s_r50_speed", "ASAG-D": "asag_d_r50_speed"}
+DEFAULT_MODELS = ["ASAG-A", "ASAG-S"]
 # Setting name -> optimize_for_inference arguments (None: the plain model under torch.no_grad).
 SETTINGS: dict[str, dict | None] = {
     "plain": None,
@@ -61,6 +66,9 @@ SETTINGS: dict[str, dict | None] = {
     "fast_bf16": dict(fold_bn=True, channels_last=True, dtype="bf16"),
     "fast_fp16": dict(fold_bn=True, channels_last=True, dtype="fp16"),
     "fast_compile": dict(fold_bn=True, channels_last=True, compile=True),
+    "static": dict(static=True),
+    "fast_static": dict(fold_bn=True, channels_last=True, static=True),
+    "fast_fp16_static": dict(fold_bn=True, channels_last=True, dtype="fp16", static=True),
 }
 # Stages timed with module hooks; "features" (backbone + FPN) and "decoder" are the gaps between them.
 STAGES = ("features", "anchor_generator", "proposal", "decoder", "postprocess")
@@ -106,8 +114,9 @@ def benchmark_model(preset: str, overrides: list[str], seed: int = 0) -> ASAG:
 def make_settings(model: ASAG, names: list[str], device: torch.device) -> dict[str, ASAG]:
     variants = {}
     for name in names:
-        kwargs = SETTINGS[name]
-        variants[name] = model if kwargs is None else optimize_for_inference(model, device=device, **kwargs)
+        kwargs = dict(SETTINGS[name] or {})
+        base = copy.deepcopy(model).set_static(True) if kwargs.pop("static", False) else model
+        variants[name] = optimize_for_inference(base, device=device, **kwargs) if kwargs else base
     return variants
 
 
@@ -238,8 +247,8 @@ def pair_queries(ref_anchors: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
 def output_drift(ref: Result, out: Result) -> Drift:
     """Differences against the plain model; only comparable when the query counts agree."""
     (ref_out, ref_dets), (fast_out, fast_dets) = ref, out
-    mask_a, mask_b = ref_out.valid_mask, fast_out.valid_mask
-    if mask_a.shape != mask_b.shape or not torch.equal(mask_a.sum(1), mask_b.sum(1)):
+    mask_a, mask_b = ref_out.valid_mask, fast_out.valid_mask  # static mode: more (padded) columns
+    if not torch.equal(mask_a.sum(1), mask_b.sum(1)):
         return Drift(False, None, None, None, None, None)
     shift, moved, logits, boxes = 0.0, 0, 0.0, 0.0
     a, b = ref_out.heads[-1], fast_out.heads[-1]
@@ -326,7 +335,7 @@ def default_settings(device: torch.device) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=list(PRESETS), default=list(PRESETS))
+    parser.add_argument("--models", nargs="+", choices=list(PRESETS), default=DEFAULT_MODELS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--size", default="800x1216", help="HxW of the random images")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="default: plain fold cl fast "

@@ -69,13 +69,15 @@ def resolve_device(name: str = "auto") -> torch.device:
 def load_model(
     path: str | Path, *, used_head: str | None = None, inference_level: str | None = None,
     overrides: Sequence[str] = (), fast: bool = False, compile: bool = False,
-    dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None, device: str | torch.device | None = None, static: bool = False,
 ) -> tuple[ASAG, Config, LabelMap]:
     """Rebuild the model stored in a checkpoint (our format, see ``asag convert`` for the authors').
 
     ``fast`` (fold batch norms, channels-last), ``compile`` and ``dtype`` (backbone/FPN precision
     ``fp32 | fp16 | bf16``) return an inference-optimised copy on ``device`` (default CPU); see
-    :func:`asag.modeling.fast.optimize_for_inference` and ``docs/inference.md``.
+    :func:`asag.modeling.fast.optimize_for_inference` and ``docs/inference.md``. ``static`` switches on
+    the static mode (fixed shapes, no host reads; :meth:`ASAG.set_static`, also ``model.static=true``
+    in ``overrides``); it combines with the others.
     """
     ckpt = load_checkpoint(path)
     cfg = _stored_config(ckpt, path, overrides, used_head=used_head, inference_level=inference_level)
@@ -85,6 +87,8 @@ def load_model(
     label_map = _stored_label_map(ckpt, path) or _default_labels(cfg)
     check_label_map(label_map, cfg.model.num_classes, path)
     model = model.eval()
+    if static:
+        model.set_static(True)
     if fast or compile or resolve_precision(dtype) is not None:
         model = optimize_for_inference(model.to(device or "cpu"), fold_bn=fast, channels_last=fast,
                                        compile=compile, dtype=dtype)

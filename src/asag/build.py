@@ -90,6 +90,7 @@ def build_anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
         max_patches_per_image=a.max_patches_per_image,
         max_patches_per_level=a.max_patches_per_level,
         inference_level=a.inference_level,
+        static_patches_per_level=a.static_patches_per_level,
     )
 
 
@@ -165,6 +166,8 @@ def build_model(config: Config) -> ASAG:
         gather_roi_pooling(model)
     elif cfg.roi_pooling == "auto":
         device_roi_pooling(model)
+    if cfg.static:
+        model.eval().set_static(True)
     return model
 
 

@@ -71,6 +71,8 @@ class AnchorGeneratorConfig:
     min_training_patches: int = 4
     max_patches_per_image: int | None = None  # CrowdHuman preset: 60
     max_patches_per_level: int | None = None  # optional speed cap (the release's speed path used 15)
+    # Static mode (model.static): patch slots per image and probed level; measured in docs/inference.md.
+    static_patches_per_level: int = 15
 
 
 @dataclass
@@ -125,6 +127,10 @@ class ModelConfig:
     # backward on CPU, where torchvision's backward runs on one core). auto: gather on CPU tensors,
     # torchvision's kernel on CUDA (chosen per call by the features' device; docs/training.md).
     roi_pooling: Literal["auto", "torchvision", "gather"] = "auto"
+    # Static inference mode: every shape fixed by the input size, anchor_generator.max_anchors and
+    # anchor_generator.static_patches_per_level; no host reads in the forward (docs/inference.md).
+    # Inference only: training refuses it.
+    static: bool = False
 
 
 @dataclass
@@ -457,7 +463,8 @@ FIELD_RANGES: dict[str, Range] = {
     "model.neck.out_channels": POSITIVE,
     **{f"model.anchor_generator.{k}": POSITIVE for k in (
         "compress_dim", "mlp_hidden_dim", "num_anchors_coarse", "num_anchors_patch", "interpolate_size",
-        "patch_size", "min_anchors", "max_anchors", "max_patches_per_image", "max_patches_per_level")},
+        "patch_size", "min_anchors", "max_anchors", "max_patches_per_image", "max_patches_per_level",
+        "static_patches_per_level")},
     "model.anchor_generator.threshold_low": FRACTION,
     "model.anchor_generator.threshold_high": FRACTION,
     "model.anchor_generator.patch_nms_threshold": Range(0, 1, low_open=True),

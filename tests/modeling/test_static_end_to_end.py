@@ -82,7 +82,7 @@ def test_static_fixture_detections_equal_the_dynamic_ones(fixtures_dir, fixture_
 
 def crafted_model(decoder: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = build_model(load_config("tiny_cpu", [f"model.decoder.type={decoder}"]).model).eval()
+    model = build_model(load_config("tiny_cpu", [f"model.decoder.type={decoder}"])).eval()
     craft_probing_biases(model.anchor_generator)
     return model
 

@@ -61,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_inference_arguments(parser)
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON (default: print only)")
-    parser.add_argument("--data", metavar="ROOT", help="data set root (data.root) to scan (default: no scan)")
+    parser.add_argument("--data", metavar="ROOT", help="data set root (data.root) to scan (default: no scan; "
+                                                       "with --static: also how often a budget bound)")
     parser.add_argument("--max-images", type=option_type(int, POSITIVE), metavar="N",
                         help="images of the data set to scan (default: all)")
     parser.add_argument("--recall", action="store_true",
@@ -119,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     crafted = args.craft if args.craft is not None else not is_checkpoint(args.target)
     if crafted:
         craft_probing_biases(model.anchor_generator, args.seed)
+    if args.static:
+        model.eval().set_static(True)
     if args.fast or args.compile or args.precision != "fp32":
         model = optimize_for_inference(model.to(device), fold_bn=args.fast, channels_last=args.fast,
                                        compile=args.compile, dtype=args.precision)

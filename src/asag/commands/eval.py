@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         model, cfg, label_map = load_model(args.checkpoint, used_head=args.used_head,
                                            inference_level=args.inference_level, overrides=overrides,
                                            fast=args.fast, compile=args.compile, dtype=args.precision,
-                                           device=device)
+                                           device=device, static=args.static)
         dataset = build_dataset(cfg.data, "val")
         check_num_classes(cfg.model, dataset.label_map, str(dataset.ann_file))
         check_annotated(dataset)

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_images(args.images)
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
                                         inference_level=args.inference_level, fast=args.fast,
-                                        compile=args.compile, dtype=args.precision)
+                                        compile=args.compile, dtype=args.precision, static=args.static)
     out = check_output_dir(args.out, "--out")
     records, failed = [], []
     for path, name in tqdm(list(zip(paths, unique_stems(paths))), desc="predict", unit="img", disable=None):

@@ -27,6 +27,7 @@ from asag.engine.evaluator import evaluate, evaluate_crowdhuman
 from asag.engine.logger import RunLogger
 from asag.engine.trainer import FitResult, fit, make_grad_scaler, use_channels_last
 from asag.errors import ConfigError
+from asag.modeling.detector import STATIC_TRAINING_ERROR
 from asag.modeling.fast import cpu_supports_bf16
 from asag.outputs import prepare_run_dir
 
@@ -78,6 +79,8 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
     An output folder holding an earlier run is refused unless ``resume`` continues it or ``overwrite``
     replaces it (its checkpoints and logs are removed first).
     """
+    if cfg.model.static:
+        raise ConfigError(f"model.static=true: {STATIC_TRAINING_ERROR}")
     rt = cfg.runtime
     device = resolve_device(rt.device)
     out = Path(output_dir or rt.output_dir)

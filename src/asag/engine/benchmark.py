@@ -379,15 +379,25 @@ class MemoryProbe:
 
 
 def count_patches(anchors: AnchorOutput, batch_size: int) -> dict[str, int]:
-    """Probed (not loss-only) patches per level in a batch."""
+    """Probed (not loss-only) patches per level in a batch (static mode: the used patch slots)."""
     counts = dict.fromkeys(PROBED_LEVELS, 0)
     for prediction in anchors.patch_predictions:
         if prediction.level in counts:
             real = prediction.batch_idx < batch_size
             if prediction.loss_only is not None:
                 real &= ~prediction.loss_only
+            if prediction.valid is not None:
+                real &= prediction.valid
             counts[prediction.level] += int(real.sum())
     return counts
+
+
+def count_budget_bound(anchors: AnchorOutput) -> dict[str, int] | None:
+    """Static mode: budget (``P4``, ``P3`` patches, ``queries``) -> images of the batch where it bound;
+    ``None`` in the dynamic mode."""
+    if anchors.budget_bound is None:
+        return None
+    return {key: int(bound.sum()) for key, bound in anchors.budget_bound.items()}
 
 
 @dataclass
@@ -397,6 +407,7 @@ class DatasetScan:
     mean_queries / min_queries / max_queries: real (valid) anchors per image.
     mean_patches: level -> mean probed patches per image.
     recall: ``anchors`` / ``proposals`` -> :class:`RecallResult` (None unless requested).
+    budget_bound: static mode: budget -> fraction of the images where it bound (None: dynamic mode).
     """
 
     num_images: int
@@ -405,6 +416,7 @@ class DatasetScan:
     max_queries: int
     mean_patches: dict[str, float]
     recall: dict[str, RecallResult] | None = None
+    budget_bound: dict[str, float] | None = None
 
 
 @torch.inference_mode()
@@ -420,6 +432,7 @@ def scan_dataset(
     """Run ``model`` (eval mode) over ``loader``; count queries and patches, optionally recall."""
     queries: list[int] = []
     patches = dict.fromkeys(PROBED_LEVELS, 0)
+    bound: dict[str, int] | None = None
     evaluator = RecallEvaluator() if recall else None
     for batch in loader:
         if max_images is not None and len(queries) >= max_images:
@@ -430,6 +443,9 @@ def scan_dataset(
         queries += output.valid_mask.sum(dim=1).tolist()
         for level, n in count_patches(output.anchors, len(batch)).items():
             patches[level] += n
+        batch_bound = count_budget_bound(output.anchors)
+        if batch_bound is not None:
+            bound = {k: (bound or {}).get(k, 0) + v for k, v in batch_bound.items()}
         if evaluator is not None:
             evaluator.update(output, batch.targets, batch.image_sizes, batch.orig_sizes)
     n = max(len(queries), 1)
@@ -437,6 +453,7 @@ def scan_dataset(
         num_images=len(queries), mean_queries=sum(queries) / n, min_queries=min(queries, default=0),
         max_queries=max(queries, default=0), mean_patches={k: v / n for k, v in patches.items()},
         recall=evaluator.result() if evaluator is not None else None,
+        budget_bound=None if bound is None else {k: v / n for k, v in bound.items()},
     )
 
 
@@ -466,7 +483,9 @@ class BenchmarkResult:
     queries_per_image: queries entering the proposal stage (= ``fixed_queries`` when that is set);
     generated_queries_per_image: valid anchors the anchor generator produced; patches_per_image: probed
     patches per level; latency_ms: end-to-end (forward + post-processing) per batch; stage_ms / stage_share:
-    per-stage times and their share of the sum of stage medians; memory_kind: see :class:`MemoryProbe`.
+    per-stage times and their share of the sum of stage medians; memory_kind: see :class:`MemoryProbe`;
+    static: the model ran in static mode; budget_bound: then, budget -> fraction of the timed batch's
+    images where it bound (``P4`` / ``P3`` patch slots, ``queries``).
     """
 
     model: str
@@ -493,6 +512,8 @@ class BenchmarkResult:
     peak_memory_mib: float
     memory_kind: str
     dataset: DatasetScan | None = None
+    static: bool = False
+    budget_bound: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -545,6 +566,7 @@ def benchmark(model: ASAG, settings: BenchmarkSettings, *, device: torch.device,
     stage_sum = sum(s.median for s in stage_ms.values())
     latency = timing_stats(total)
     batch = settings.batch_size
+    bound = count_budget_bound(run.output.anchors)
     return BenchmarkResult(
         model=name, device=str(device), device_name=_device_name(device), threads=torch.get_num_threads(),
         torch_version=torch.__version__, amp=settings.amp, batch_size=batch,
@@ -556,7 +578,8 @@ def benchmark(model: ASAG, settings: BenchmarkSettings, *, device: torch.device,
         latency_ms=latency, fps=batch * MS_PER_S / latency.median, stage_ms=stage_ms,
         stage_share={k: v.median / stage_sum for k, v in stage_ms.items()},
         flops=flops, parameters=count_parameters(model), peak_memory_mib=peak / BYTES_PER_MIB,
-        memory_kind=memory.kind,
+        memory_kind=memory.kind, static=bool(getattr(model, "static", False)),
+        budget_bound=None if bound is None else {k: v / batch for k, v in bound.items()},
     )
 
 
@@ -589,6 +612,8 @@ def format_result(result: BenchmarkResult) -> str:
         lines.append(f"FLOPs {t.gflops:.2f} G = {t.gmacs:.2f} GMACs (the papers' 'GFLOPs') for the batch; "
                      f"hand-counted: grid_sample {t.by_op.get('grid_sample', 0) / 1e9:.3f} GFLOPs, "
                      f"roi_align {t.by_op.get('roi_align', 0) / 1e9:.3f} GFLOPs")
+    if r.budget_bound is not None:
+        lines.append("static mode; budget bound in " + _format_bound(r.budget_bound) + " of the images")
     p = r.parameters
     lines.append(f"parameters {p['total']:,} (trainable {p['trainable']:,}); "
                  f"peak memory {r.peak_memory_mib:.1f} MiB ({r.memory_kind})")
@@ -597,4 +622,12 @@ def format_result(result: BenchmarkResult) -> str:
         lines.append(f"data set: {d.num_images} images, queries per image mean {d.mean_queries:.1f} "
                      f"(min {d.min_queries}, max {d.max_queries}), probed patches per image "
                      + ", ".join(f"{k} {v:.2f}" for k, v in d.mean_patches.items()))
+        if d.budget_bound is not None:
+            lines.append("data set, static mode: budget bound in " + _format_bound(d.budget_bound)
+                         + " of the images")
     return "\n".join(lines)
+
+
+def _format_bound(bound: dict[str, float]) -> str:
+    """``{"P4": 0.0, "P3": 0.02, "queries": 0.0}`` -> ``"P4 patches 0.0%, P3 patches 2.0%, queries 0.0%"``."""
+    return ", ".join(f"{k} {'patches ' if k != 'queries' else ''}{v:.1%}" for k, v in bound.items())

@@ -125,6 +125,8 @@ def _patch_counts(output: object, batch_size: int) -> dict[str, float] | None:
         real = prediction.batch_idx < batch_size
         if prediction.loss_only is not None:
             real = real & ~prediction.loss_only
+        if getattr(prediction, "valid", None) is not None:  # static mode: used patch slots only
+            real = real & prediction.valid
         counts[prediction.level] += float(real.sum())
     return counts
 

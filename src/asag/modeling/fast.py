@@ -92,12 +92,16 @@ def check_precision(dtype: torch.dtype | None, device: torch.device | str) -> No
 
 
 def add_inference_arguments(parser) -> None:
-    """The ``--fast``, ``--compile`` and ``--precision`` options of ``asag predict | eval | benchmark``."""
+    """The ``--fast``, ``--compile``, ``--static`` and ``--precision`` options of ``asag predict | eval |
+    benchmark``."""
     parser.add_argument("--fast", action="store_true",
                         help="fold batch norms, channels-last backbone/FPN, RoIAlign as a gather "
                              "(same outputs up to rounding)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile backbone, FPN and decoder heads (slow first call)")
+    parser.add_argument("--static", action="store_true",
+                        help="static mode: fixed shapes and budgets, no host reads in the forward (same "
+                             "detections where no budget binds; docs/inference.md)")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="backbone/FPN precision: fp16 (CUDA) or bf16 (CUDA, CPUs with bf16); see "
                              "docs/inference.md for the AP effect")

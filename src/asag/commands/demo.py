@@ -182,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     budget = f" (budget {args.budget_minutes:g} min)" if plan is not None else " (no budget)"
     print(f"training:     {train_minutes:.1f} min{budget}, {result.iteration} iterations")
     if final is not None:
+        print("final AP (COCO metrics on the validation split, last evaluation):")
         print(format_result(final))
     _, image_dir = data_files(cfg.data, "val")
     print(f"data set:     {cfg.data.root}")

@@ -185,6 +185,22 @@ class Detector:
         model, cfg, label_map = load_model(path, device=resolved, **kwargs)
         return cls(model, cfg, label_map, resolved)
 
+    @classmethod
+    def from_exported(cls, path: str | Path, device: str = "auto") -> Detector:
+        """A detector running a file of ``asag export`` (``.onnx`` with ONNX Runtime, ``.pt2`` with
+        ``torch.export.load``): the same preprocessing and :class:`Detection` output as the checkpoint;
+        images are padded to the exported size (docs/inference.md, "Deployment")."""
+        from asag.export import ExportedModel
+
+        resolved = resolve_device(device)
+        exported = ExportedModel(path, resolved)
+        cfg = config_from_dict(exported.metadata["config"])
+        detector = cls.__new__(cls)
+        detector.model, detector.cfg, detector.device = exported, cfg, resolved
+        detector.label_map = LabelMap.from_dict(exported.metadata["label_map"])
+        detector.transforms = build_transforms(cfg.data, train=False)
+        return detector
+
     @staticmethod
     def load_image(image: PIL.Image.Image | Tensor | str | Path) -> PIL.Image.Image:
         """An 8-bit RGB PIL image from a PIL image (any mode), a ``[3, H, W]`` tensor (uint8, or float in

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from asag.api import Detector
 from asag.config import FRACTION, field_option, option_type
-from asag.errors import DataError
+from asag.errors import ConfigError, DataError
 from asag.modeling.fast import add_inference_arguments
 from asag.outputs import check_output_dir, unique_stems
 from asag.viz.draw import draw_detections
@@ -28,7 +28,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help="detect objects in images")
-    parser.add_argument("checkpoint", help="checkpoint written by asag train or asag convert")
+    parser.add_argument("checkpoint", help="checkpoint written by asag train or asag convert, or a "
+                        "model written by asag export (.onnx / .pt2)")
     parser.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--out", default="predictions", help="output folder (predictions.json, drawings)")
     parser.add_argument("--draw", action="store_true", help="also write annotated images")
@@ -69,11 +70,24 @@ def expand_images(specs: list[str]) -> list[Path]:
     return [path for path in paths if unique[path.resolve()] is path]
 
 
-def run(args: argparse.Namespace) -> int:
-    paths = expand_images(args.images)
-    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
+def load_detector(args: argparse.Namespace) -> Detector:
+    """A checkpoint's detector, or an exported model's (``.onnx`` / ``.pt2`` of ``asag export``)."""
+    if Path(args.checkpoint).suffix.lower() not in (".onnx", ".pt2"):
+        return Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
                                         inference_level=args.inference_level, fast=args.fast,
                                         compile=args.compile, dtype=args.precision, static=args.static)
+    fixed = {"--used-head": args.used_head, "--inference-level": args.inference_level, "--fast": args.fast,
+             "--compile": args.compile, "--precision": args.precision != "fp32"}
+    given = [name for name, value in fixed.items() if value]
+    if given:
+        raise ConfigError(f"{args.checkpoint}: {', '.join(given)} cannot change an exported model "
+                          "(choose them at `asag export`)")
+    return Detector.from_exported(args.checkpoint, device=args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = expand_images(args.images)
+    detector = load_detector(args)
     out = check_output_dir(args.out, "--out")
     records, failed = [], []
     for path, name in tqdm(list(zip(paths, unique_stems(paths))), desc="predict", unit="img", disable=None):

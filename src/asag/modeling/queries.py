@@ -40,7 +40,8 @@ def query_attention_mask(
     idx = torch.arange(length, device=num_valid.device)  # [L]
     n = num_gt.to(num_valid.device)[:, None]  # [B, 1]
     empty = (n == 0) & (num_dn > 0)  # images whose DN part is all padding
-    group_end = torch.where(n > 0, (num_dn // n.clamp(min=1)) * n, 0)  # [B, 1] = r * n
+    repeats = torch.full_like(n, num_dn) // n.clamp(min=1)  # [B, 1] r (tensor // tensor: exportable)
+    group_end = torch.where(n > 0, repeats * n, 0)  # [B, 1] = r * n
     is_dn = (idx < num_dn)[None].expand(n.shape[0], -1)  # [B, L]
     is_group = idx[None] < group_end  # [B, L]
     is_pad_dn = is_dn & ~is_group  # [B, L]
@@ -59,7 +60,7 @@ def query_attention_mask(
     blocked |= rows(is_pad_dn) & cols(is_group)
     # padded-anchor columns: hidden from all rows but the padded ones (authors' layout); for an image
     # without GT the authors hide them from every matching row instead and let DN rows see them
-    sees_padded = torch.where(rows(empty), rows(is_dn), rows(is_padded))  # [B, L, 1]
+    sees_padded = rows(empty & is_dn | ~empty & is_padded)  # [B, L, 1] (bool where, without Where)
     blocked |= ~sees_padded & cols(is_padded)
     batch = blocked.shape[0]
     return blocked[:, None].expand(batch, num_heads, length, length).reshape(-1, length, length)

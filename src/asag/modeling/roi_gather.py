@@ -74,11 +74,13 @@ def roi_align_gather(feature: Tensor, boxes_xyxy_px: Tensor, image_idx: Tensor, 
 
 
 def _pool_rows(table: Tensor, cells: Tensor, base: Tensor, height: int | Tensor, width: int | Tensor,
-               output_size: int, sampling_ratio: int) -> Tensor:
+               output_size: int, sampling_ratio: int, weighted_sum: str = "embedding_bag") -> Tensor:
     """RoIAlign of ``[R, 4]`` xyxy boxes in feature cells from the rows of a ``[rows, C]`` table.
 
     Row of cell ``(y, x)`` of a RoI: ``base + y * width + x``. ``height`` / ``width`` are the map's
     sides, or ``[R]`` int64 sides (one map per RoI, the static mode's concatenated levels).
+    ``weighted_sum``: ``"embedding_bag"`` (fast in PyTorch) or ``"index"``, one gather per tap (ONNX has
+    no weighted ``embedding_bag``: its exporter writes a slow loop); equal up to float rounding.
     """
     num, s, sr = cells.shape[0], output_size, sampling_ratio
     per_roi = isinstance(width, Tensor)
@@ -92,8 +94,15 @@ def _pool_rows(table: Tensor, cells: Tensor, base: Tensor, height: int | Tensor,
     index = (base.view(num, 1, 1, 1, 1, 1, 1) + y_taps.view(num, s, 1, sr, 1, 2, 1) * row_stride
              + x_taps.view(num, 1, s, 1, sr, 1, 2))
     weight = y_weights.view(num, s, 1, sr, 1, 2, 1) * x_weights.view(num, 1, s, 1, sr, 1, 2) / (sr * sr)
-    pooled = F.embedding_bag(index.reshape(num * s * s, -1), table, mode="sum",
-                             per_sample_weights=weight.reshape(num * s * s, -1).to(table.dtype))
+    index, weight = index.reshape(num * s * s, -1), weight.reshape(num * s * s, -1).to(table.dtype)
+    if weighted_sum == "index":  # one gather per tap, summed in embedding_bag's order
+        pooled = table[index[:, 0]] * weight[:, :1]  # [R * S * S, C]
+        for tap in range(1, index.shape[1]):
+            pooled = pooled + table[index[:, tap]] * weight[:, tap:tap + 1]
+    elif weighted_sum == "embedding_bag":
+        pooled = F.embedding_bag(index, table, mode="sum", per_sample_weights=weight)  # [R * S * S, C]
+    else:
+        raise ValueError(f"weighted_sum must be 'embedding_bag' or 'index', got {weighted_sum!r}")
     return pooled.view(num, s, s, table.shape[1]).permute(0, 3, 1, 2)  # [R, C, S, S]
 
 
@@ -106,11 +115,13 @@ class GatherRoIPooling(nn.Module):
 
     ``static`` (the detector's static mode): no host reads and fixed shapes; every RoI is pooled in one
     gather from the levels concatenated into one table (each RoI reads its own level's rows).
+    ``weighted_sum = "index"`` writes that gather as one gather per sample tap, for ONNX export.
     """
 
     def __init__(self, extractor: RoIFeatureExtractor, static: bool = False) -> None:
         super().__init__()
         self.static = static
+        self.weighted_sum = "embedding_bag"  # static mode's formulation: "index" for ONNX (see _pool_rows)
         pooler = extractor.pooler
         self.map_levels = pooler.map_levels
         self.scales = list(pooler.scales)
@@ -159,7 +170,8 @@ class GatherRoIPooling(nn.Module):
         widths = constant([f.shape[3] for f in features], images)[levels]
         base = constant(starts, images)[levels] + images * heights * widths  # [R] first row of the RoI's map
         cells = boxes * constant(self.scales, boxes)[levels][:, None]  # [R, 4] xyxy in the level's cells
-        return _pool_rows(table, cells, base, heights, widths, self.output_size, self.sampling_ratio)
+        return _pool_rows(table, cells, base, heights, widths, self.output_size, self.sampling_ratio,
+                          self.weighted_sum)
 
 
 def gather_roi_pooling(module: nn.Module) -> int:

@@ -135,7 +135,7 @@ def export_model(model: ASAG, cfg: Config, label_map: LabelMap, out: str | Path,
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     check_export_size(size, batch_size)
-    deployed = DeployedDetector(model)
+    deployed = DeployedDetector(model).eval()
     device = next(model.parameters()).device
     inputs = example_inputs(batch_size, size, device)
     metadata = json.dumps({"config": cfg.to_dict(), "label_map": label_map.to_dict(),

@@ -3,6 +3,8 @@ parallel decoder heads."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor, nn
 
@@ -163,7 +165,12 @@ class ASAG(nn.Module):
     ) -> ModelOutput:
         """Everything after the neck, from :meth:`extract_features`' levels; always float32."""
         train_targets = targets if self.training else None
-        with torch.autocast(features[0].device.type, enabled=False):
+        device = features[0].device.type
+        # leave autocast only where it is on: an autocast region is an export graph node that .pt2 files
+        # cannot serialise
+        autocast_on = torch.is_autocast_enabled(device)
+        float32 = torch.autocast(device, enabled=False) if autocast_on else nullcontext()
+        with float32:
             anchors = self.anchor_generator(
                 self.anchor_features(features), image_sizes, targets=train_targets, epoch=epoch,
                 inference_level=inference_level,

@@ -1,0 +1,201 @@
+"""``asag export`` and exported models: ASAG-A / S / D (tiny widths, anchor generator probing P4 and P3)
+exported to ONNX and ``.pt2`` give the eager static model's detections; ``Detector.from_exported`` and
+``asag predict FILE.onnx|FILE.pt2`` give the checkpoint's; clear errors for what cannot be exported.
+
+The default run exports ASAG-A in both formats (the file is made once per module); ASAG-S and ASAG-D
+take as long each and run with ``-m slow``."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from asag.api import Detector, load_model
+from asag.build import build_model
+from asag.cli import main
+from asag.config import load_config
+from asag.data import LabelMap
+from asag.engine.benchmark import craft_probing_biases
+from asag.engine.checkpoint import save_checkpoint
+from asag.errors import CheckpointError, ConfigError, DataError
+from asag.export import DeployedDetector, ExportedModel, export_model, require
+
+VARIANTS = {
+    "ASAG-A": ["model.decoder.type=adamixer"],
+    "ASAG-S": ["model.decoder.type=sparse_rcnn"],
+    "ASAG-D": ["model.decoder.type=deformable", "model.decoder.encoder_layers=1"],
+}
+SIZE = (160, 224)  # (H, W) of the exported input
+BATCH = 2
+CASES = [
+    pytest.param(variant, fmt, marks=[] if variant == "ASAG-A" else [pytest.mark.slow], id=f"{variant}-{fmt}")
+    for variant in VARIANTS for fmt in ("onnx", "pt2")
+]
+LABELS = LabelMap.from_dict({"category_ids": [1, 2, 3, 5, 8], "names": ["a", "b", "c", "d", "e"]})
+
+
+def checkpoint(variant: str, folder) -> str:
+    """A tiny model of ``variant`` (one head) with crafted anchor biases, so that Adaptive Probing of P4
+    and P3 runs on any input, saved as a checkpoint."""
+    overrides = [*VARIANTS[variant], "model.decoder.num_heads=1", "model.decoder.used_head=main"]
+    cfg = load_config("tiny_cpu", overrides)
+    cfg.model.backbone.weights = None
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    craft_probing_biases(model.anchor_generator)
+    path = folder / f"{variant}.pth"
+    save_checkpoint(path, model=model, optimizer=None, scheduler=None, scaler=None, epoch=0, iteration=0,
+                    config=cfg.to_dict(), label_map=LABELS.to_dict())
+    return str(path)
+
+
+def probe_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two normalised images padded to ``SIZE`` (the second smaller), their sizes and original sizes."""
+    g = torch.Generator().manual_seed(5)
+    sizes = torch.tensor([[160, 224], [128, 200]])
+    images = torch.zeros(BATCH, 3, *SIZE)
+    for b, (h, w) in enumerate(sizes.tolist()):
+        images[b, :, :h, :w] = torch.randn(3, h, w, generator=g)
+    return images, sizes, torch.tensor([[320, 448], [300, 470]])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, request):
+    """``(variant, fmt) -> (checkpoint, exported file)``, each made once through ``asag export``."""
+    folder = tmp_path_factory.mktemp("export")
+    made = {}
+
+    def get(variant: str, fmt: str):
+        if (variant, fmt) not in made:
+            ckpt = checkpoint(variant, folder)
+            out = folder / f"{variant}.{fmt}"
+            assert main(["export", ckpt, "--size", f"{SIZE[0]}x{SIZE[1]}", "--batch-size", str(BATCH),
+                         "--out", str(out)]) == 0
+            made[variant, fmt] = ckpt, out
+        return made[variant, fmt]
+
+    return get
+
+
+def eager_static(ckpt: str):
+    model, cfg, labels = load_model(ckpt)
+    return model.set_static(True), cfg, labels
+
+
+@pytest.mark.parametrize("variant, fmt", CASES)
+def test_exported_model_gives_the_eager_static_detections(exported, variant, fmt):
+    ckpt, path = exported(variant, fmt)
+    model, _, _ = eager_static(ckpt)
+    images, sizes, orig = probe_batch()
+    with torch.no_grad():
+        output = model(images, sizes)
+        expected = model.postprocess_fixed(output, orig)
+    levels = {p.level for p in output.anchors.patch_predictions}
+    assert {"P4", "P3"} <= levels, "the crafted generator probes P4 and P3"
+    got = ExportedModel(path).run(images, sizes, orig)
+    assert got.boxes.shape == (BATCH, expected.boxes.shape[1], 4) and got.labels.dtype == torch.int64
+    assert torch.equal(got.valid, expected.valid) and expected.valid.sum() > 0
+    assert torch.equal(got.labels, expected.labels)
+    assert (got.scores - expected.scores).abs().max() <= 1e-4
+    assert (got.boxes - expected.boxes).abs().max() <= 1e-2
+
+
+def write_images(folder) -> list:
+    """Two RGB images whose evaluation resize (short side 160) fits ``SIZE`` (160 x 200 and 160 x 213)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(320, 400), (300, 400)]):
+        path = folder / f"img{i}.png"
+        PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_from_exported_and_predict_give_the_checkpoint_detections(exported, fmt, tmp_path):
+    ckpt, path = exported("ASAG-A", fmt)
+    images = write_images(tmp_path)
+    model, cfg, labels = eager_static(ckpt)
+    expected = Detector(model, cfg, labels, torch.device("cpu")).predict_batch(images)
+    deployed = Detector.from_exported(path, device="cpu")
+    got = deployed.predict_batch(images)
+    assert [len(d) for d in got] == [len(d) for d in expected] and len(got[0]) > 0
+    for dets, ref in zip(got, expected):
+        assert [d.category_id for d in dets] == [d.category_id for d in ref]
+        assert [d.category_name for d in dets] == [d.category_name for d in ref]
+        assert np.allclose([d.score for d in dets], [d.score for d in ref], atol=1e-4)
+        assert np.allclose([d.box for d in dets], [d.box for d in ref], atol=2e-2)  # boxes rounded to 0.01
+    out = tmp_path / "pred"
+    assert main(["predict", str(path), *map(str, images), "--out", str(out), "--score-threshold", "0"]) == 0
+    records = json.loads((out / "predictions.json").read_text())
+    assert [len(r["detections"]) for r in records] == [min(len(d), 100) for d in got]
+    assert records[0]["detections"][0] == got[0][0].to_dict()
+
+
+def test_predict_refuses_options_of_the_checkpoint_path(exported, tmp_path, capsys):
+    _, path = exported("ASAG-A", "onnx")
+    image = write_images(tmp_path)[0]
+    assert main(["predict", str(path), str(image), "--out", str(tmp_path / "o"), "--fast"]) == 2
+    assert "--fast cannot change an exported model" in capsys.readouterr().err
+
+
+def test_exported_model_refuses_images_larger_than_its_size(exported):
+    _, path = exported("ASAG-A", "onnx")
+    runner = ExportedModel(path)
+    with pytest.raises(DataError, match="does not fit the exported input size 160x224"):
+        runner.predict(torch.zeros(1, 3, 192, 224), torch.tensor([[192, 224]]), torch.tensor([[192, 224]]))
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_export_errors_name_the_option(tmp_path, capsys):
+    ckpt = checkpoint("ASAG-A", tmp_path)
+    cases = [
+        (["--size", "150x224", "--out", str(tmp_path / "m.onnx")], "multiples of 32"),
+        (["--size", "160x224", "--batch-size", "0", "--out", str(tmp_path / "m.onnx")], "--batch-size 0"),
+        (["--size", "160x224", "--format", "pt2", "--out", str(tmp_path / "m.onnx")], "does not match"),
+        (["--size", "160x224", "--out", str(tmp_path / "m.tflite")], "ends in .onnx or .pt2"),
+        (["--size", "big", "--out", str(tmp_path / "m.onnx")], "expected HEIGHTxWIDTH"),
+    ]
+    for args, message in cases:
+        assert main(["export", ckpt, *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert not list(tmp_path.glob("m.*"))
+
+
+def test_only_a_static_model_in_evaluation_mode_exports():
+    model = build_model(load_config("tiny_cpu").model)
+    with pytest.raises(ConfigError, match="static model in evaluation mode"):
+        DeployedDetector(model.eval())
+    with pytest.raises(ConfigError, match="static"):
+        model.eval().set_static(True).train()
+
+
+def test_missing_extra_and_foreign_files_are_named(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="not found"):
+        ExportedModel(tmp_path / "none.onnx")
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph), tmp_path / "other.onnx")
+    with pytest.raises(CheckpointError, match="not exported by `asag export`"):
+        ExportedModel(tmp_path / "other.onnx")
+    import importlib
+
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a: (_ for _ in ()).throw(ImportError(name)) if name == "onnxruntime"
+                        else real(name, *a))
+    with pytest.raises(ConfigError, match=r'onnxruntime.*pip install "asag\[export\]"'):
+        require("onnxruntime", "running an ONNX model")
+
+
+def test_export_api_writes_metadata(tmp_path):
+    ckpt = checkpoint("ASAG-A", tmp_path)
+    model, cfg, labels = eager_static(ckpt)
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        export_model(model, cfg, labels, tmp_path / "m.pt2", size=(100, 100))

@@ -179,10 +179,20 @@ class Detector:
         self.transforms = build_transforms(cfg.data, train=False)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", **kwargs) -> Detector:
-        """``kwargs`` as for :func:`load_model`, e.g. ``fast=True, dtype="bf16"``."""
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", cuda_graph: bool = False,
+                        **kwargs) -> Detector:
+        """``kwargs`` as for :func:`load_model`, e.g. ``fast=True, dtype="bf16"``. ``cuda_graph``: run the
+        static model through CUDA graphs captured per input-size bucket (CUDA only; see
+        :mod:`asag.engine.cuda_graph`)."""
         resolved = resolve_device(device)
+        if cuda_graph:
+            from asag.engine.cuda_graph import CudaGraphDetector, check_cuda_graph_device
+
+            check_cuda_graph_device(resolved)
         model, cfg, label_map = load_model(path, device=resolved, **kwargs)
+        if cuda_graph:
+            model = model.to(resolved).eval()
+            model = CudaGraphDetector(model if model.static else model.set_static(True))
         return cls(model, cfg, label_map, resolved)
 
     @classmethod

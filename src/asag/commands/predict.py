@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="probing depth (default: the stored inference_level)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_inference_arguments(parser)
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay CUDA graphs of the static model, one per input-size bucket (CUDA only)")
     parser.set_defaults(func=run)
 
 
@@ -75,9 +77,11 @@ def load_detector(args: argparse.Namespace) -> Detector:
     if Path(args.checkpoint).suffix.lower() not in (".onnx", ".pt2"):
         return Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
                                         inference_level=args.inference_level, fast=args.fast,
-                                        compile=args.compile, dtype=args.precision, static=args.static)
+                                        compile=args.compile, dtype=args.precision, static=args.static,
+                                        cuda_graph=args.cuda_graph)
     fixed = {"--used-head": args.used_head, "--inference-level": args.inference_level, "--fast": args.fast,
-             "--compile": args.compile, "--precision": args.precision != "fp32"}
+             "--compile": args.compile, "--precision": args.precision != "fp32",
+             "--cuda-graph": args.cuda_graph}
     given = [name for name, value in fixed.items() if value]
     if given:
         raise ConfigError(f"{args.checkpoint}: {', '.join(given)} cannot change an exported model "

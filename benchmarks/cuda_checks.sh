@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA device, in one run: the CUDA tests, inference speed of the plain and fast
+# The checks that need a CUDA device, in one run: the static model with CUDA graphs against the dynamic
+# paths and torchvision's FCOS / Faster R-CNN, the CUDA tests, inference speed of the plain and fast
 # paths (end to end and per stage), host-device synchronisations per stage, torch.compile, and a short
 # mixed-precision (fp16 + grad scaler) training run of the demo on the GPU.
 #
@@ -23,6 +24,10 @@ step "environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+step "static model + CUDA graphs vs --fast, plain, FCOS and Faster R-CNN (batch 1 and 4), static syncs"
+timeout $(limit 300) $PY benchmarks/deployment_gpu.py --batch-sizes 1 4 --repeats 30 --warmup 5 2>&1 \
+    | tee "$OUT_DIR/deployment_gpu.log"
 
 step "host-device synchronisations per stage"
 timeout $(limit 120) $PY benchmarks/cuda_syncs.py 2>&1 | tee "$OUT_DIR/syncs.log"

@@ -91,8 +91,12 @@ class CudaGraphDetector(nn.Module):
         """``(B, H, W)`` of the graphs held now."""
         return list(self._graphs)
 
-    @torch.no_grad()
     def detect(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor) -> DetectionBatch:
+        # the graphs' buffers are ordinary tensors (no autograd), whether called in inference mode or not
+        with torch.inference_mode(False), torch.no_grad():
+            return self._replay(images, image_sizes, orig_sizes)
+
+    def _replay(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor) -> DetectionBatch:
         batch, _, height, width = images.shape
         key = (batch, *bucket_size(height, width, self.bucket))
         captured = self._graphs.get(key) or self._capture(*key)

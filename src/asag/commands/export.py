@@ -14,15 +14,16 @@ from asag.export import EXPORT_FORMATS, check_export_size, export_model, format_
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="export the static model to ONNX or torch.export (.pt2)")
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="checkpoint written by asag train or asag convert")
     parser.add_argument("--format", choices=EXPORT_FORMATS, help="default: from the suffix of --out")
     parser.add_argument("--size", required=True,
                         help="fixed padded input HEIGHTxWIDTH, multiples of 32 (e.g. 800x1216 or 1344x1344)")
     parser.add_argument("--batch-size", type=int, default=1, help="fixed batch size of the exported graph")
     parser.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
     parser.add_argument("--fast", action="store_true", help="fold the backbone's batch norms first")
-    parser.add_argument("--used-head", help="head to export: main or aux_k")
-    parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"])
+    parser.add_argument("--used-head", help="head to export: main or aux_k (default: the checkpoint's)")
+    parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"],
+                        help="probing depth (default: the checkpoint's)")
     parser.set_defaults(func=run)
 
 

@@ -43,7 +43,7 @@ def checkpoint(variant: str, folder) -> str:
     cfg = load_config("tiny_cpu", overrides)
     cfg.model.backbone.weights = None
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     craft_probing_biases(model.anchor_generator)
     path = folder / f"{variant}.pth"
     save_checkpoint(path, model=model, optimizer=None, scheduler=None, scaler=None, epoch=0, iteration=0,
@@ -167,7 +167,7 @@ def test_export_errors_name_the_option(tmp_path, capsys):
 
 
 def test_only_a_static_model_in_evaluation_mode_exports():
-    model = build_model(load_config("tiny_cpu").model)
+    model = build_model(load_config("tiny_cpu"))
     with pytest.raises(ConfigError, match="static model in evaluation mode"):
         DeployedDetector(model.eval())
     with pytest.raises(ConfigError, match="static"):

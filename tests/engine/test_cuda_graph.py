@@ -33,7 +33,7 @@ def test_cuda_graphs_are_refused_on_the_cpu(tiny_checkpoint, capsys, tmp_path):
 
 
 def test_cuda_graphs_need_the_static_model():
-    model = build_model(load_config("tiny_cpu").model).eval()
+    model = build_model(load_config("tiny_cpu")).eval()
     with pytest.raises(ConfigError, match="static model"):
         CudaGraphDetector(model)
 
@@ -42,7 +42,7 @@ def static_cuda_model(decoder: str = "adamixer"):
     torch.manual_seed(0)
     cfg = load_config("tiny_cpu", [f"model.decoder.type={decoder}"])
     cfg.model.backbone.weights = None
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     craft_probing_biases(model.anchor_generator)
     return model.cuda().eval().set_static(True)
 

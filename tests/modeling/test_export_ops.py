@@ -70,7 +70,7 @@ def tail_and_inputs(decoder: str, batch: int = 2) -> tuple[nn.Module, tuple[Tens
     if decoder == "deformable":
         overrides.append("model.decoder.encoder_layers=1")
     torch.manual_seed(0)
-    model = build_model(load_config("tiny_cpu", overrides).model).eval()
+    model = build_model(load_config("tiny_cpu", overrides)).eval()
     model.set_static(True)
     g = torch.Generator().manual_seed(1)
     h, w = SIZE

@@ -15,6 +15,11 @@ counted:
   (``sampling_ratio^2`` per bin; adaptive ``ceil(roi_side / bins)`` per side when the ratio is <= 0) and
   per channel, one bilinear interpolation = 4 multiply-adds. The average over the points of a bin
   (additions only) is not counted.
+* ``aten._embedding_bag`` with per-sample weights (the gathered RoIAlign,
+  :class:`~asag.modeling.roi_gather.GatherRoIPooling`): one multiply-add per gathered row and channel.
+  Each output cell gathers the 4 bilinear taps of every sampling point, so the count equals
+  ``torchvision::roi_align``'s above and FLOPs do not depend on the RoI pooling option. Unweighted bags
+  (additions only) count zero.
 * ``aten._scaled_dot_product_flash_attention_for_cpu`` (``nn.MultiheadAttention`` on the CPU): the two
   batched products ``Q K^T`` and ``softmax(.) V``, exactly like torch's own formula for the CUDA kernels.
 
@@ -48,6 +53,7 @@ GIGA = 1e9
 GRID_SAMPLE = "grid_sample"
 ROI_ALIGN = "roi_align"
 CPU_ATTENTION = "sdpa_cpu"
+WEIGHTED_GATHER = "weighted_gather"
 
 
 # ------------------------------------------------------------------------------- pure formulas
@@ -112,6 +118,13 @@ def _roi_align_flops(features: Tensor, rois: Tensor, spatial_scale: float, poole
 _roi_align_flops._get_raw = True  # type: ignore[attr-defined]  # needs the RoI values (adaptive ratio)
 
 
+def _embedding_bag_flops(weight_shape, indices_shape, offsets_shape=None, scale_grad_by_freq=False, mode=0,
+                         sparse=False, per_sample_weights_shape=None, *args, out_shape=None, **kwargs) -> int:
+    if per_sample_weights_shape is None:
+        return 0
+    return FLOPS_PER_MAC * math.prod(indices_shape) * weight_shape[1]
+
+
 def _attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
     return FLOPS_PER_MAC * attention_macs(tuple(q_shape), tuple(k_shape), tuple(v_shape))
 
@@ -122,6 +135,8 @@ def hand_counted_ops() -> dict[Any, Callable[..., int]]:
         torch.ops.aten.grid_sampler_2d: _grid_sample_flops,
         torch.ops.torchvision.roi_align: _roi_align_flops,
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+        torch.ops.aten._embedding_bag: _embedding_bag_flops,
+        torch.ops.aten._embedding_bag_forward_only: _embedding_bag_flops,
     }
 
 
@@ -129,6 +144,8 @@ _OP_NAMES = {
     torch.ops.aten.grid_sampler_2d: GRID_SAMPLE,
     torch.ops.torchvision.roi_align: ROI_ALIGN,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: CPU_ATTENTION,
+    torch.ops.aten._embedding_bag: WEIGHTED_GATHER,
+    torch.ops.aten._embedding_bag_forward_only: WEIGHTED_GATHER,
 }
 
 

@@ -174,19 +174,33 @@ class GatherRoIPooling(nn.Module):
                           self.weighted_sum)
 
 
-def gather_roi_pooling(module: nn.Module) -> int:
-    """Replace, in place, every RoI feature extractor below ``module`` by :class:`GatherRoIPooling`."""
+def _replace_extractors(module: nn.Module, replace) -> int:
+    """Replace, in place, every child below ``module`` for which ``replace(child)`` returns a module;
+    return how many were replaced (children that are replaced are not descended into)."""
     replaced = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, RoIFeatureExtractor) and child.pooler.sampling_ratio > 0:
-            setattr(module, name, GatherRoIPooling(child))
-            replaced += 1
-        elif isinstance(child, DeviceRoIPooling):
-            setattr(module, name, child.gather)
+        new = replace(child)
+        if new is not None:
+            setattr(module, name, new)
             replaced += 1
         else:
-            replaced += gather_roi_pooling(child)
+            replaced += _replace_extractors(child, replace)
     return replaced
+
+
+def _is_fixed_ratio_extractor(module: nn.Module) -> bool:
+    return isinstance(module, RoIFeatureExtractor) and module.pooler.sampling_ratio > 0
+
+
+def gather_roi_pooling(module: nn.Module) -> int:
+    """Replace, in place, every RoI feature extractor below ``module`` by :class:`GatherRoIPooling`."""
+
+    def replace(child: nn.Module) -> nn.Module | None:
+        if _is_fixed_ratio_extractor(child):
+            return GatherRoIPooling(child)
+        return child.gather if isinstance(child, DeviceRoIPooling) else None
+
+    return _replace_extractors(module, replace)
 
 
 class DeviceRoIPooling(nn.Module):
@@ -208,11 +222,5 @@ class DeviceRoIPooling(nn.Module):
 
 def device_roi_pooling(module: nn.Module) -> int:
     """Replace, in place, every RoI feature extractor below ``module`` by :class:`DeviceRoIPooling`."""
-    replaced = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, RoIFeatureExtractor) and child.pooler.sampling_ratio > 0:
-            setattr(module, name, DeviceRoIPooling(child))
-            replaced += 1
-        else:
-            replaced += device_roi_pooling(child)
-    return replaced
+    return _replace_extractors(
+        module, lambda child: DeviceRoIPooling(child) if _is_fixed_ratio_extractor(child) else None)

@@ -15,7 +15,6 @@ same from batch 1 to batch 4 show that no stage loops over images or patches on 
 from __future__ import annotations
 
 import argparse
-import warnings
 
 import torch
 from crafting import crafted_detector
@@ -24,7 +23,7 @@ from inference_speed import STAGES, StageClock, detect
 from asag.commands.benchmark import parse_size
 from asag.engine.benchmark import random_inputs
 from asag.modeling.detector import ASAG
-from asag.modeling.fast import optimize_for_inference
+from asag.modeling.fast import CudaSyncCount, optimize_for_inference
 
 PRESETS = {"ASAG-A": "asag_a_r50_speed", "ASAG-S": "asag_s_r50_speed"}
 
@@ -32,17 +31,14 @@ PRESETS = {"ASAG-A": "asag_a_r50_speed", "ASAG-S": "asag_s_r50_speed"}
 def count_stage_syncs(model: ASAG, images: torch.Tensor, sizes: torch.Tensor) -> dict[str, int]:
     """Sync warnings per stage of one ``model(images, sizes)`` + ``model.postprocess`` call, and in all."""
     torch.cuda.synchronize()
-    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        clock = StageClock(images.device, read=lambda: sum("synchroniz" in str(w.message) for w in caught))
+    with torch.inference_mode(), CudaSyncCount() as syncs:
+        clock = StageClock(images.device, read=lambda: syncs.total)
         clock.attach(model)
-        torch.cuda.set_sync_debug_mode("warn")
         try:
             clock.mark("start")
             detect(model, images, sizes)
             clock.mark("end")
         finally:
-            torch.cuda.set_sync_debug_mode("default")
             clock.detach()
     counts = {stage: int(n) for stage, n in clock.stages().items()}
     return {**counts, "total": int(clock.marks["end"])}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import warnings
 from functools import partial
 
 import torch
@@ -34,7 +33,7 @@ from inference_speed import benchmark_model
 from asag.commands.benchmark import parse_size
 from asag.engine.benchmark import MS_PER_S, random_inputs, time_call, timing_stats
 from asag.engine.cuda_graph import CudaGraphDetector
-from asag.modeling.fast import optimize_for_inference
+from asag.modeling.fast import CudaSyncCount, optimize_for_inference
 
 BASELINE = "FCOS"
 
@@ -44,15 +43,10 @@ def count_syncs(model, images, sizes) -> int:
     with torch.no_grad():
         model.detect(images, sizes, sizes)
         torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                model.detect(images, sizes, sizes)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
+        with CudaSyncCount() as syncs:
+            model.detect(images, sizes, sizes)
         torch.cuda.synchronize()
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
+    return syncs.total
 
 
 def runners(preset: str, size: tuple[int, int], device: torch.device) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 
 import torch
 
@@ -29,6 +28,7 @@ from asag.build import build_dataset, build_loader, build_trainer
 from asag.commands.benchmark import parse_size
 from asag.config import load_config
 from asag.engine.benchmark import random_inputs
+from asag.modeling.fast import CudaSyncCount
 from asag.structures import ImageTargets
 
 PRECISIONS = {"fp32": None, "fp16": "fp16", "bf16": "bf16"}
@@ -76,14 +76,9 @@ def time_steps(args: argparse.Namespace) -> None:
 
 
 def count_cuda_syncs(trainer, inputs, targets) -> int:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            trainer.train_step(inputs.images, inputs.image_sizes, targets, epoch=1)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    with CudaSyncCount() as syncs:
+        trainer.train_step(inputs.images, inputs.image_sizes, targets, epoch=1)
+    return syncs.total
 
 
 def time_loader(args: argparse.Namespace) -> None:

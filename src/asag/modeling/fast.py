@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -346,6 +347,34 @@ def _caller() -> str:
         if frame.filename.startswith(PACKAGE_DIR) and not frame.filename.endswith("fast.py"):
             return f"{Path(frame.filename).relative_to(PACKAGE_DIR)}:{frame.lineno}"
     return "<outside asag>"
+
+
+class CudaSyncCount:
+    """Count the host-device synchronisations that CUDA reports inside a ``with`` block.
+
+    Turns on ``torch.cuda.set_sync_debug_mode("warn")`` and records its warnings; :attr:`total` is the
+    number so far (readable inside the block too). The ground truth that :class:`SyncAudit` stands in
+    for on the CPU; the first block of a process counts one more (PyTorch's own first-call sync).
+
+    >>> with CudaSyncCount() as syncs:
+    ...     model.detect(images, sizes, sizes)
+    >>> syncs.total
+    """
+
+    def __enter__(self) -> CudaSyncCount:
+        torch.cuda.set_sync_debug_mode("warn")  # raises without CUDA, before any state is changed
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum("synchroniz" in str(w.message).lower() for w in self._caught)
 
 
 class SyncAudit(TorchFunctionMode):

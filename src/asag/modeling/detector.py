@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from asag.errors import ConfigError
 from asag.modeling.queries import build_queries
-from asag.modeling.roi_gather import GatherRoIPooling, gather_roi_pooling
+from asag.modeling.roi_gather import GatherRoIPooling, LevelRows, gather_roi_pooling
 from asag.structures import DetectionBatch, Detections, ImageTargets, ModelOutput
 
 STATIC_TRAINING_ERROR = ("static mode is for inference only (fixed budgets, no training behaviour): train "
@@ -165,6 +165,8 @@ class ASAG(nn.Module):
     ) -> ModelOutput:
         """Everything after the neck, from :meth:`extract_features`' levels; always float32."""
         train_targets = targets if self.training else None
+        if self.static:  # the static RoI pooling's table of all levels, built once for both stages
+            features = LevelRows(features)
         device = features[0].device.type
         # leave autocast only where it is on: an autocast region is an export graph node that .pt2 files
         # cannot serialise

@@ -10,6 +10,8 @@ Used by the inference fast path (channels-last levels need no copy) and, with
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,7 +21,7 @@ from asag.modeling.blocks import RoIFeatureExtractor
 from asag.modeling.patches import count_per_group
 from asag.ops.constants import constant
 
-__all__ = ["DeviceRoIPooling", "GatherRoIPooling", "device_roi_pooling", "gather_roi_pooling",
+__all__ = ["DeviceRoIPooling", "GatherRoIPooling", "LevelRows", "device_roi_pooling", "gather_roi_pooling",
            "roi_align_gather"]
 
 
@@ -106,6 +108,33 @@ def _pool_rows(table: Tensor, cells: Tensor, base: Tensor, height: int | Tensor,
     return pooled.view(num, s, s, table.shape[1]).permute(0, 3, 1, 2)  # [R, C, S, S]
 
 
+class LevelRows(list):
+    """The neck's levels (a plain list of ``[B, C, H_l, W_l]`` maps to every reader) that also holds,
+    built on first use and then kept, their channel vectors as the rows of one table.
+
+    The static RoI pooling reads every RoI from that table in one gather; wrapping the levels once per
+    forward (the detector does so in static mode) lets the proposal stage and the decoder share one
+    concatenation instead of building one per call.
+
+    Attributes:
+        table: ``[sum_l B * H_l * W_l, C]``: row ``starts[l] + (b * H_l + y) * W_l + x`` is the vector of
+            cell ``(y, x)`` of image ``b`` on level ``l``.
+        starts: first row of each level (Python ints, fixed by the shapes).
+    """
+
+    @functools.cached_property
+    def table(self) -> Tensor:
+        return torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in self])
+
+    @property
+    def starts(self) -> list[int]:
+        starts, total = [], 0
+        for f in self:
+            starts.append(total)
+            total += f.shape[0] * f.shape[2] * f.shape[3]
+        return starts
+
+
 class GatherRoIPooling(nn.Module):
     """Drop-in for :class:`~asag.modeling.blocks.RoIFeatureExtractor` built on :func:`roi_align_gather`.
 
@@ -114,7 +143,8 @@ class GatherRoIPooling(nn.Module):
     ``(features, boxes_xyxy_px [B, N, 4], image_sizes)`` -> ``[B * N, d, S, S]`` (batch-major).
 
     ``static`` (the detector's static mode): no host reads and fixed shapes; every RoI is pooled in one
-    gather from the levels concatenated into one table (each RoI reads its own level's rows).
+    gather from the levels concatenated into one table (each RoI reads its own level's rows; a
+    :class:`LevelRows` argument brings a table built once per forward).
     ``weighted_sum = "index"`` writes that gather as one gather per sample tap, for ONNX export.
     """
 
@@ -161,11 +191,10 @@ class GatherRoIPooling(nn.Module):
     def _pool_static(self, features: list[Tensor], boxes: Tensor, images: Tensor) -> Tensor:
         """Static mode: ``[R, 4]`` boxes, ``[R]`` images -> ``[R, d, S, S]`` in one gather, no host reads."""
         levels = self.levels(boxes)  # [R]
-        table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features])  # [sum B H W, d]
-        starts, total = [], 0
-        for f in features:
-            starts.append(total)
-            total += f.shape[0] * f.shape[2] * f.shape[3]
+        if not isinstance(features, LevelRows):
+            features = LevelRows(features[:len(self.scales)])
+        table, starts = features.table, features.starts  # [sum B H W, d], first row of each level
+        features = features[:len(self.scales)]
         heights = constant([f.shape[2] for f in features], images)[levels]  # [R] int64
         widths = constant([f.shape[3] for f in features], images)[levels]
         base = constant(starts, images)[levels] + images * heights * widths  # [R] first row of the RoI's map

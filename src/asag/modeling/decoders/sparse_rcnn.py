@@ -160,7 +160,8 @@ class SparseRCNNStage(nn.Module):
     ) -> Tensor:
         """RoI tokens ``[B*N, S*S, d]`` (row-major bins) for normalised cxcywh boxes ``[B, N, 4]``."""
         boxes_xyxy_px = box_convert(boxes_cxcywh, "cxcywh", "xyxy") * whwh(image_sizes).to(boxes_cxcywh)
-        rois = self.roi_extractor(list(features), boxes_xyxy_px, image_sizes)  # [B*N, d, S, S]
+        levels = features if isinstance(features, list) else list(features)  # keeps a LevelRows table
+        rois = self.roi_extractor(levels, boxes_xyxy_px, image_sizes)  # [B*N, d, S, S]
         return rois.flatten(2).transpose(1, 2)  # [B*N, S*S, d]
 
     def forward(

@@ -94,9 +94,10 @@ def check_new_files(folder: Path, names: Sequence[str], *, overwrite: bool, opti
 
 
 def fresh_dir(parent: Path, name: str) -> Path:
-    """``parent/name``, or ``parent/name_2``, ``_3`` ... : the first that does not exist yet."""
+    """``parent/name``, or ``parent/name_2``, ``_3`` ... : the first that does not exist yet or is an empty
+    folder (one that a run which failed before writing anything left behind)."""
     candidate, n = parent / name, 1
-    while candidate.exists():
+    while candidate.exists() and not (candidate.is_dir() and not any(candidate.iterdir())):
         n += 1
         candidate = parent / f"{name}_{n}"
     return candidate

@@ -277,6 +277,31 @@ def test_predict_gives_every_input_its_own_output_and_skips_unreadable_images(
     assert [d.size for d in drawings] == [PIL.Image.open(f).size for f in files]
 
 
+
+def test_predict_never_replaces_earlier_results(trained, data_root, tmp_path, monkeypatch, capsys):
+    image = sorted((data_root / "images" / "val").iterdir())[0]
+    checkpoint = str(trained / "last.pth")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "predictions").mkdir()  # an empty folder (left by a failed run) is used
+    for _ in range(2):
+        assert main(["predict", checkpoint, str(image)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions", "predictions_2"]
+    first = tmp_path / "predictions"
+    assert [p.name for p in first.iterdir()] == ["predictions.json"]
+    before = (first / "predictions.json").read_bytes()
+    capsys.readouterr()
+    assert main(["predict", checkpoint, str(image), "--out", str(first)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {first} already holds predictions.json; pass --overwrite" in err and "Traceback" not in err
+    assert (first / "predictions.json").read_bytes() == before
+    drawn = tmp_path / "drawn"
+    drawn.mkdir()
+    (drawn / f"{image.stem}_pred.png").write_bytes(b"an earlier drawing")
+    assert main(["predict", checkpoint, str(image), "--out", str(drawn), "--draw"]) == 2
+    assert f"already holds {image.stem}_pred.png" in capsys.readouterr().err
+    assert main(["predict", checkpoint, str(image), "--out", str(drawn), "--draw", "--overwrite"]) == 0
+    assert (drawn / f"{image.stem}_pred.png").read_bytes() != b"an earlier drawing"
+
 def test_every_option_has_help_with_its_default_and_the_top_level_help_is_plain(capsys):
     import argparse
 

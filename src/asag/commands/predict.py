@@ -3,7 +3,9 @@
 ``predictions.json`` holds one record per readable image: ``file`` (the input path), ``detections``
 and, with ``--draw``, ``drawing`` (the file name of its drawing in ``--out``; names are unique even for
 equal stems in different folders). Unreadable images are skipped, listed on stderr, and the exit
-status is 1.
+status is 1. Earlier results are never replaced without ``--overwrite``: the default ``--out`` is a new
+folder (``predictions``, else ``predictions_2``, ...), and a given ``--out`` that already holds
+``predictions.json`` (or a drawing this run would write) is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from asag.api import Detector
 from asag.config import FRACTION, field_option, option_type
 from asag.errors import ConfigError, DataError
 from asag.modeling.fast import add_inference_arguments
-from asag.outputs import check_output_dir, unique_stems
+from asag.outputs import check_new_files, check_output_dir, fresh_dir, unique_stems
 from asag.viz.draw import draw_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -31,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("checkpoint", help="checkpoint written by asag train or asag convert, or a "
                         "model written by asag export (.onnx / .pt2)")
     parser.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--out", default="predictions", help="output folder (predictions.json, drawings)")
+    parser.add_argument("--out", help="output folder for predictions.json and the drawings (default: a new "
+                        "folder ./predictions, or ./predictions_2, ... when it exists)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in --out (default: refuse)")
     parser.add_argument("--draw", action="store_true", help="also write annotated images")
     parser.add_argument("--score-threshold", type=option_type(float, FRACTION), default=0.3,
                         help="minimum score of a kept detection")
@@ -91,10 +96,17 @@ def load_detector(args: argparse.Namespace) -> Detector:
 
 def run(args: argparse.Namespace) -> int:
     paths = expand_images(args.images)
+    names = unique_stems(paths)
+    if args.out is None:
+        out = fresh_dir(Path.cwd(), "predictions")
+    else:
+        out = Path(args.out)
+        drawings = [f"{name}_pred.png" for name in names] if args.draw else []
+        check_new_files(out, ["predictions.json", *drawings], overwrite=args.overwrite, option="--out")
+    out = check_output_dir(out, "--out")
     detector = load_detector(args)
-    out = check_output_dir(args.out, "--out")
     records, failed = [], []
-    for path, name in tqdm(list(zip(paths, unique_stems(paths))), desc="predict", unit="img", disable=None):
+    for path, name in tqdm(list(zip(paths, names)), desc="predict", unit="img", disable=None):
         try:
             image = detector.load_image(path)
         except DataError as err:

@@ -174,7 +174,23 @@ def test_newer_format_rejected(tmp_path):
         load_checkpoint(path)
 
 
-def test_ctrl_c_during_a_write_is_held_back_until_the_write_is_complete(tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_handler():
+    """Install a SIGINT handler for one test (pytest may run with SIGINT ignored, e.g. in the
+    background of a non-interactive shell); the one before is restored afterwards."""
+    before = signal.getsignal(signal.SIGINT)
+
+    def install(handler):
+        signal.signal(signal.SIGINT, handler)
+        return handler
+
+    yield install
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_during_a_write_is_held_back_until_the_write_is_complete(tmp_path, monkeypatch,
+                                                                        sigint_handler):
+    sigint_handler(signal.default_int_handler)
     model, opt, sched = training_objects()
     real_save = torch.save
 
@@ -189,6 +205,22 @@ def test_ctrl_c_during_a_write_is_held_back_until_the_write_is_complete(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]  # no temporary file left
     assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 7  # and the checkpoint is whole
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_an_ignored_ctrl_c_stays_ignored_during_a_write(tmp_path, monkeypatch, sigint_handler):
+    sigint_handler(signal.SIG_IGN)
+    model, opt, sched = training_objects()
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", interrupted_save)
+    save(tmp_path / "last.pth", model, opt, sched, epoch=3)  # no KeyboardInterrupt
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_ctrl_c_and_a_failing_write_leave_no_temporary_file(tmp_path, monkeypatch):

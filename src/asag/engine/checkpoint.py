@@ -216,8 +216,10 @@ def _atomic_torch_save(payload: dict, path: Path) -> None:
 @contextlib.contextmanager
 def _interrupt_held_back() -> Iterator[None]:
     """SIGINT (Ctrl-C) inside the block is raised as KeyboardInterrupt when the block ends (main thread
-    only; elsewhere a no-op). An error inside the block takes precedence and is raised instead."""
-    if threading.current_thread() is not threading.main_thread():
+    only; elsewhere a no-op). An error inside the block takes precedence and is raised instead. A process
+    that ignores SIGINT (e.g. started in the background by a non-interactive shell) goes on ignoring it."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield
         return
     received: list[int] = []

@@ -300,6 +300,8 @@ def test_predict_never_replaces_earlier_results(trained, data_root, tmp_path, mo
     assert main(["predict", checkpoint, str(image), "--out", str(drawn), "--draw"]) == 2
     assert f"already holds {image.stem}_pred.png" in capsys.readouterr().err
     assert main(["predict", checkpoint, str(image), "--out", str(drawn), "--draw", "--overwrite"]) == 0
+    assert main(["predict", str(tmp_path / "missing.pth"), str(image)]) == 2  # a failed run leaves no folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["drawn", "predictions", "predictions_2"]
     assert (drawn / f"{image.stem}_pred.png").read_bytes() != b"an earlier drawing"
 
 def test_every_option_has_help_with_its_default_and_the_top_level_help_is_plain(capsys):

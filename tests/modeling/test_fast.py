@@ -470,5 +470,5 @@ def test_commands_accept_the_fast_flags(checkpoint, capsys):
     assert main(["predict", ckpt, str(image), "--fast", "--out", str(checkpoint / "pred")]) == 0
     assert (checkpoint / "pred" / "predictions.json").is_file()
     assert main(["predict", ckpt, str(image), "--precision", "fp16", "--device", "cpu",
-                 "--out", str(checkpoint / "pred")]) == 2
+                 "--out", str(checkpoint / "pred_fp16")]) == 2
     assert "fp16 needs a CUDA device" in capsys.readouterr().err

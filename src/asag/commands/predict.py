@@ -103,8 +103,14 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         drawings = [f"{name}_pred.png" for name in names] if args.draw else []
         check_new_files(out, ["predictions.json", *drawings], overwrite=args.overwrite, option="--out")
+    created = not out.exists()
     out = check_output_dir(out, "--out")
-    detector = load_detector(args)
+    try:
+        detector = load_detector(args)
+    except BaseException:
+        if created and not any(out.iterdir()):  # leave no empty folder behind
+            out.rmdir()
+        raise
     records, failed = [], []
     for path, name in tqdm(list(zip(paths, names)), desc="predict", unit="img", disable=None):
         try:

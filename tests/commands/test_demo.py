@@ -26,7 +26,7 @@ def test_preset_plan_and_overrides_round_trip():
 def test_fit_to_budget_prints_and_applies_the_plan(monkeypatch, capsys):
     # measured: 0.6 s per iteration, 6 s per evaluation; budget 300 s, the probe itself taking ~0 s:
     # 95 % of 300 s = 285 s; evaluations 5 x 6 = 30 s; (285 - 30) / 0.6 = 425 iterations = 9 x 47 (+2);
-    # warm-up 100 x 47 / 75 = 62.7 -> 63
+    # warm-up 100 x 47 / 75 = 62.7 -> 63; the preset: 675 x 0.6 + 30 = 435 s = 7.25 min
     monkeypatch.setattr(demo, "measure_speed", lambda cfg, max_seconds: (0.6, 6.0, 75))
     cfg, plan = demo.fit_to_budget(load_config("demo"), 300.0)
     assert plan == SchedulePlan(9, 47, (7, 8), 63, 2)
@@ -36,6 +36,9 @@ def test_fit_to_budget_prints_and_applies_the_plan(monkeypatch, capsys):
     assert "budget: 5.0 min of training; measured 0.60 s per iteration (batch 4), 6.0 s per evaluation" in out
     assert "preset schedule:  9 epochs x 75 iterations = 675 iterations" in out
     assert "chosen schedule:  9 epochs x 47 iterations = 423 iterations, lr x gamma at epochs 7, 8" in out
+    assert ("note: the budget trains 63% of the preset's iterations on this machine, so expect a lower AP "
+            "than the full schedule's") in out
+    assert "--budget-minutes 0 runs it in full (about 7.2 min here)" in out
 
 
 @pytest.mark.slow

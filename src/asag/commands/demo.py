@@ -136,6 +136,11 @@ def fit_to_budget(cfg: Config, budget_seconds: float) -> tuple[Config, ScheduleP
     print(f"preset schedule:  {preset.describe()} (about {minutes[preset]:.1f} min here)")
     fits = "the preset fits" if plan == preset else f"shortened to {BUDGET_SAFETY:.0%} of the time left"
     print(f"chosen schedule:  {plan.describe()} (about {minutes[plan]:.1f} min; {fits})")
+    if plan.total_iters < preset.total_iters:
+        share = plan.total_iters / preset.total_iters
+        print(f"note: the budget trains {share:.0%} of the preset's iterations on this machine, so "
+              f"expect a lower AP than the full schedule's (README, \"The demo\"); --budget-minutes 0 "
+              f"runs it in full (about {minutes[preset]:.1f} min here)")
     if plan.seconds(iter_seconds, eval_seconds) > left:
         print(f"note: {budget_seconds / 60:.1f} min is too short on this machine for even this schedule; "
               f"expect about {(budget_seconds - left) / 60 + minutes[plan]:.1f} min of training")

@@ -7,10 +7,11 @@ unwritable folder is reported in one line before minutes of training or evaluati
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from asag.errors import OutputError
@@ -91,6 +92,36 @@ def check_new_files(folder: Path, names: Sequence[str], *, overwrite: bool, opti
     if existing and not overwrite:
         raise OutputError(f"{option} {folder} already holds {', '.join(existing)}; pass --overwrite to "
                           f"replace them or choose another {option}")
+
+
+def results_dir(out: str | os.PathLike | None, default_name: str, files: Sequence[str], *, overwrite: bool,
+                option: str = "--out") -> tuple[Path, bool]:
+    """The output folder of a command that writes ``files`` into it (``asag predict``, ``asag visualize``).
+
+    ``out`` None: a new folder ``default_name`` in the current folder (``_2``, ``_3``, ... when it
+    exists and is not empty, see :func:`fresh_dir`). A given ``out`` that already holds one of ``files``
+    is refused unless ``overwrite``. The folder is created and checked (:func:`check_output_dir`).
+    Returns ``(folder, created)``: ``created`` tells :func:`removed_if_unused` whether it is this run's.
+    """
+    if out is None:
+        folder = fresh_dir(Path.cwd(), default_name)
+    else:
+        folder = Path(out)
+        check_new_files(folder, files, overwrite=overwrite, option=option)
+    created = not folder.exists()
+    return check_output_dir(folder, option), created
+
+
+@contextlib.contextmanager
+def removed_if_unused(folder: Path, created: bool) -> Iterator[None]:
+    """Remove ``folder`` again when the block fails while it is still empty and this run created it (a
+    command that stops before writing anything leaves no folder behind)."""
+    try:
+        yield
+    except BaseException:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
 
 
 def fresh_dir(parent: Path, name: str) -> Path:

@@ -146,3 +146,24 @@ def test_inputs_with_the_same_stem_get_their_own_figures(setup, tmp_path, capsys
     first_figure, second_figure = (np.asarray(PIL.Image.open(out / f"{f}_x_png_pipeline.png")) for f in "ab")
     assert first_figure.shape != second_figure.shape or (first_figure != second_figure).any()
     assert "-> a_x_png_pipeline.png" in capsys.readouterr().out
+
+
+def test_earlier_figures_are_never_replaced(setup, tmp_path, monkeypatch, capsys):
+    checkpoint, paths = setup
+    image = first_image(paths)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the default --out: a new folder each time
+        assert main(["visualize", str(checkpoint), str(image)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["visualizations", "visualizations_2"]
+    first = tmp_path / "visualizations"
+    before = (first / f"{image.stem}_pipeline.png").read_bytes()
+    capsys.readouterr()
+    # --separate would also write <stem>_<stage>.png: only the pipeline figure is in the way
+    assert main(["visualize", str(checkpoint), str(image), "--out", str(first), "--separate"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {first} already holds {image.stem}_pipeline.png; pass --overwrite" in err
+    assert (first / f"{image.stem}_pipeline.png").read_bytes() == before
+    assert main(["visualize", str(checkpoint), str(image), "--out", str(first), "--features", "P3"]) == 2
+    assert main(["visualize", str(checkpoint), str(image), "--out", str(first), "--overwrite"]) == 0
+    assert main(["visualize", str(tmp_path / "none.pth"), str(image)]) == 2  # a failed run leaves no folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["visualizations", "visualizations_2"]

@@ -22,7 +22,7 @@ from asag.api import Detector
 from asag.config import FRACTION, field_option, option_type
 from asag.errors import ConfigError, DataError
 from asag.modeling.fast import add_inference_arguments
-from asag.outputs import check_new_files, check_output_dir, fresh_dir, unique_stems
+from asag.outputs import removed_if_unused, results_dir, unique_stems
 from asag.viz.draw import draw_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -97,20 +97,11 @@ def load_detector(args: argparse.Namespace) -> Detector:
 def run(args: argparse.Namespace) -> int:
     paths = expand_images(args.images)
     names = unique_stems(paths)
-    if args.out is None:
-        out = fresh_dir(Path.cwd(), "predictions")
-    else:
-        out = Path(args.out)
-        drawings = [f"{name}_pred.png" for name in names] if args.draw else []
-        check_new_files(out, ["predictions.json", *drawings], overwrite=args.overwrite, option="--out")
-    created = not out.exists()
-    out = check_output_dir(out, "--out")
-    try:
+    drawings = [f"{name}_pred.png" for name in names] if args.draw else []
+    out, created = results_dir(args.out, "predictions", ["predictions.json", *drawings],
+                               overwrite=args.overwrite)
+    with removed_if_unused(out, created):
         detector = load_detector(args)
-    except BaseException:
-        if created and not any(out.iterdir()):  # leave no empty folder behind
-            out.rmdir()
-        raise
     records, failed = [], []
     for path, name in tqdm(list(zip(paths, names)), desc="predict", unit="img", disable=None):
         try:

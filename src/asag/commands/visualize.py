@@ -5,6 +5,9 @@ parent folders where two inputs share a stem) shows one titled panel per stage (
 proposals, detections, and ground truth with ``--ann``), like the supplement's Figure C-2;
 ``--separate`` also writes each panel as ``<name>_<stage>.png``. With ``--features P3,P4``,
 ``<name>_features.png`` holds the mean-activation heat maps of those FPN levels (Figure C-3).
+As with ``asag predict``, earlier figures are never replaced without ``--overwrite``: the default
+``--out`` is a new folder (``visualizations``, else ``visualizations_2``, ...), and a given ``--out``
+that already holds a figure this run would write is refused before the model loads.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from asag.commands.predict import expand_images, report_unreadable
 from asag.config import FRACTION, option_type
 from asag.data import collate
 from asag.errors import ConfigError, DataError
-from asag.outputs import check_output_dir, unique_stems
+from asag.outputs import removed_if_unused, results_dir, unique_stems
 from asag.viz.draw import Panel, compose_panels
 from asag.viz.features import FPN_LEVELS, feature_panels, with_colour_bar
 from asag.viz.pipeline import (
@@ -48,7 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--features",
                         help=f"comma-separated FPN levels to draw as heat maps ({','.join(FPN_LEVELS)}; "
                              f"default: none)")
-    parser.add_argument("--out", default="visualizations", help="output folder")
+    parser.add_argument("--out", help="output folder (default: a new folder ./visualizations, or "
+                        "./visualizations_2, ... when it exists)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the figures of an earlier run in --out (default: refuse)")
     parser.add_argument("--separate", action="store_true", help="also write one PNG per stage")
     parser.add_argument("--score-threshold", type=option_type(float, FRACTION),
                         default=DEFAULT_SCORE_THRESHOLD, help="minimum score of a drawn detection")
@@ -111,18 +117,29 @@ def visualise_image(
                         feature_panels(image, run_.features, 0, levels, size_hw))
 
 
+def figure_file(stem: str, part: str) -> str:
+    """File name of one figure of an image: ``<stem>_<part>.png`` (part: pipeline, a stage, features)."""
+    return f"{stem}_{part}.png"
+
+
+def planned_files(stems: list[str], stages: list[str], separate: bool, features: bool) -> list[str]:
+    """Every file :func:`save_figures` can write for these images (checked before the work starts)."""
+    parts = ["pipeline", *(stages if separate else []), *(["features"] if features else [])]
+    return [figure_file(stem, part) for stem in stems for part in parts]
+
+
 def save_figures(figures: ImageFigures, stem: str, out: Path, separate: bool) -> list[Path]:
     """Write the figures of one image; returns the files written."""
     written = []
     if figures.stages:
-        written.append(out / f"{stem}_pipeline.png")
+        written.append(out / figure_file(stem, "pipeline"))
         compose_panels(list(figures.stages.values())).save(written[-1])
     if separate:
         for stage, panel in figures.stages.items():
-            written.append(out / f"{stem}_{stage}.png")
+            written.append(out / figure_file(stem, stage))
             panel.image.save(written[-1])
     if figures.features:
-        written.append(out / f"{stem}_features.png")
+        written.append(out / figure_file(stem, "features"))
         with_colour_bar(compose_panels(figures.features)).save(written[-1])
     return written
 
@@ -142,12 +159,15 @@ def run(args: argparse.Namespace) -> int:
     stages = choose_stages(args.stages, args.ann is not None)
     levels = parse_list(args.features, FPN_LEVELS, "--features")
     paths = expand_images(args.images)
+    names = unique_stems(paths)
     annotations = load_ground_truth(args.ann) if args.ann else None
-    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
-                                        inference_level=args.inference_level)
-    out = check_output_dir(args.out, "--out")
+    files = planned_files(names, stages, args.separate, features=bool(levels))
+    out, created = results_dir(args.out, "visualizations", files, overwrite=args.overwrite)
+    with removed_if_unused(out, created):
+        detector = Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
+                                            inference_level=args.inference_level)
     lines, failed = [], []
-    for path, name in tqdm(list(zip(paths, unique_stems(paths))), desc="visualize", unit="img", disable=None):
+    for path, name in tqdm(list(zip(paths, names)), desc="visualize", unit="img", disable=None):
         try:
             figures = visualise_image(detector, path, stages, levels, args.score_threshold,
                                       args.inference_level, annotations)

@@ -25,7 +25,7 @@ from asag.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESET_DIR = REPO_ROOT / "configs"
 
-BackboneName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+BackboneName = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"]
 DecoderType = Literal["adamixer", "sparse_rcnn", "deformable"]
 InferenceLevel = Literal["P3P6", "P4P6", "P5P6"]
 

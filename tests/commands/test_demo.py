@@ -13,11 +13,11 @@ from asag.engine.budget import SchedulePlan
 def test_preset_plan_and_overrides_round_trip():
     cfg = load_config("demo")
     preset = demo.preset_plan(cfg, full_pass=75)  # 300 images / batch 4
-    assert preset == SchedulePlan(9, 75, (7, 8), 100, 2)
-    shorter = SchedulePlan(9, 50, (7, 8), 67, 2)
+    assert preset == SchedulePlan(9, 75, (8,), 100, 3)
+    shorter = SchedulePlan(9, 50, (8,), 67, 3)
     overrides = demo.plan_overrides(shorter, full_pass=75)
-    assert overrides == ["schedule.epochs=9", "schedule.milestones=[7, 8]", "schedule.warmup_iters=67",
-                         "schedule.max_iters_per_epoch=50", "runtime.eval_every=2"]
+    assert overrides == ["schedule.epochs=9", "schedule.milestones=[8]", "schedule.warmup_iters=67",
+                         "schedule.max_iters_per_epoch=50", "runtime.eval_every=3"]
     cfg = load_config("demo", overrides)
     assert demo.preset_plan(cfg, full_pass=75) == shorter
     assert "schedule.max_iters_per_epoch=null" in demo.plan_overrides(preset, full_pass=75)
@@ -25,20 +25,21 @@ def test_preset_plan_and_overrides_round_trip():
 
 def test_fit_to_budget_prints_and_applies_the_plan(monkeypatch, capsys):
     # measured: 0.6 s per iteration, 6 s per evaluation; budget 300 s, the probe itself taking ~0 s:
-    # 95 % of 300 s = 285 s; evaluations 5 x 6 = 30 s; (285 - 30) / 0.6 = 425 iterations = 9 x 47 (+2);
-    # warm-up 100 x 47 / 75 = 62.7 -> 63; the preset: 675 x 0.6 + 30 = 435 s = 7.25 min
+    # 95 % of 300 s = 285 s; evaluations (after epochs 3, 6, 9) 3 x 6 = 18 s; (285 - 18) / 0.6 = 445
+    # iterations = 9 x 49 (+4); warm-up 100 x 49 / 75 = 65.3 -> 65; the preset: 675 x 0.6 + 18 = 423 s
     monkeypatch.setattr(demo, "measure_speed", lambda cfg, max_seconds: (0.6, 6.0, 75))
-    cfg, plan = demo.fit_to_budget(load_config("demo"), 300.0)
-    assert plan == SchedulePlan(9, 47, (7, 8), 63, 2)
-    assert (cfg.schedule.epochs, cfg.schedule.max_iters_per_epoch, cfg.schedule.warmup_iters) == (9, 47, 63)
-    assert cfg.schedule.milestones == [7, 8] and cfg.runtime.eval_every == 2
+    cfg, pacer = demo.fit_to_budget(load_config("demo"), 300.0)
+    assert pacer.plan == SchedulePlan(9, 49, (8,), 65, 3)
+    assert pacer.max_iters_per_epoch == 75 and pacer.eval_seconds == 6.0
+    assert (cfg.schedule.epochs, cfg.schedule.max_iters_per_epoch, cfg.schedule.warmup_iters) == (9, 49, 65)
+    assert cfg.schedule.milestones == [8] and cfg.runtime.eval_every == 3
     out = capsys.readouterr().out
     assert "budget: 5.0 min of training; measured 0.60 s per iteration (batch 4), 6.0 s per evaluation" in out
     assert "preset schedule:  9 epochs x 75 iterations = 675 iterations" in out
-    assert "chosen schedule:  9 epochs x 47 iterations = 423 iterations, lr x gamma at epochs 7, 8" in out
-    assert ("note: the budget trains 63% of the preset's iterations on this machine, so expect a lower AP "
+    assert "chosen schedule:  9 epochs x 49 iterations = 441 iterations, lr x gamma at epochs 8," in out
+    assert ("note: the budget trains 65% of the preset's iterations on this machine, so expect a lower AP "
             "than the full schedule's") in out
-    assert "--budget-minutes 0 runs it in full (about 7.2 min here)" in out
+    assert "--budget-minutes 0 runs it in full (about 7.0 min here)" in out
 
 
 @pytest.mark.slow

@@ -2,9 +2,15 @@
 
 import pytest
 
-from asag.engine.budget import SchedulePlan, num_evaluations, plan_schedule
+from asag.engine.budget import (
+    BudgetPacer,
+    SchedulePlan,
+    num_evaluations,
+    paced_iterations,
+    plan_schedule,
+)
 
-# The demo preset: 9 epochs of 75 iterations (300 images, batch 4), lr drops at epochs 7 and 8, 100
+# A demo-like preset: 9 epochs of 75 iterations (300 images, batch 4), lr drops at epochs 7 and 8, 100
 # warm-up iterations, evaluation every 2 epochs (after epochs 2, 4, 6, 8 and 9: 5 evaluations).
 DEMO = SchedulePlan(epochs=9, iters_per_epoch=75, milestones=(7, 8), warmup_iters=100, eval_every=2)
 
@@ -64,3 +70,40 @@ def test_no_evaluation_stays_off():
 def test_bad_measurements_are_refused():
     with pytest.raises(ValueError):
         plan_schedule(DEMO, budget_seconds=10, iter_seconds=0.0, eval_seconds=1.0)
+
+
+def test_paced_iterations_fill_the_time_left():
+    plan = SchedulePlan(9, 40, milestones=(7, 8), warmup_iters=53, eval_every=2)
+    # from epoch 1: epochs 1..8 evaluate after 1, 3, 5, 7, 8 -> 5 x 6 s; (280 - 30) / (8 x 0.5) = 62.5
+    assert paced_iterations(plan, epoch=1, seconds_left=280, iter_seconds=0.5, eval_seconds=6.0,
+                            max_iters_per_epoch=75) == 62
+    # never above the preset's epoch, never below one iteration
+    assert paced_iterations(plan, epoch=1, seconds_left=1e4, iter_seconds=0.5, eval_seconds=6.0,
+                            max_iters_per_epoch=75) == 75
+    assert paced_iterations(plan, epoch=8, seconds_left=-5, iter_seconds=0.5, eval_seconds=6.0,
+                            max_iters_per_epoch=75) == 1
+    # the last epoch alone: one evaluation; (40 - 6) / 0.5 = 68
+    assert paced_iterations(plan, epoch=8, seconds_left=40, iter_seconds=0.5, eval_seconds=6.0,
+                            max_iters_per_epoch=75) == 68
+    with pytest.raises(ValueError):
+        paced_iterations(plan, epoch=9, seconds_left=40, iter_seconds=0.5, eval_seconds=6.0,
+                         max_iters_per_epoch=75)
+
+
+def test_pacer_replans_from_the_previous_epochs_speed():
+    plan = SchedulePlan(3, 10, milestones=(2,), warmup_iters=5, eval_every=2)  # evaluates after 1 and 2
+    now, lines = [100.0], []
+    pacer = BudgetPacer(plan, deadline=160.0, eval_seconds=4.0, max_iters_per_epoch=30, log=lines.append,
+                        clock=lambda: now[0])
+    assert pacer(0) == 10 and lines == []  # the probe's plan for the first epoch
+    now[0] += 10 * 1.0  # epoch 0 ran at 1 s per iteration (the probe guessed slower)
+    # 50 s left for epochs 1-2 (two evaluations, 8 s): (50 - 8) / (2 x 1.0) = 21
+    assert pacer(1) == 21
+    assert lines == ["budget: 1.00 s per iteration in epoch 0; epochs 1-2 train 21 iterations each "
+                     "(0.8 min left)"]
+    now[0] += 21 * 1.5 + 4.0  # slower, then evaluated: 1.5 s per iteration
+    # 160 - 145.5 = 14.5 s left, one evaluation: (14.5 - 4) / 1.5 = 7
+    assert pacer(2) == 7
+    assert lines[-1] == "budget: 1.50 s per iteration in epoch 1; epoch 2 trains 7 iterations (0.2 min left)"
+    now[0] += 7 * 1.5
+    assert pacer(2) == 10  # not after the epoch it planned (a restarted count): the plan's length

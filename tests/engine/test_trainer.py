@@ -214,6 +214,21 @@ def test_epoch_without_iterations_fails_before_saving(tmp_path, loader, max_iter
     assert calls == [] and list(tmp_path.iterdir()) == []  # no evaluation, no untrained best.pth
 
 
+def test_epoch_iters_sets_each_epochs_length(tmp_path):
+    model, opt, sched = setup()
+    asked = []
+
+    def epoch_iters(epoch):
+        asked.append(epoch)
+        return [3, 1, 2][epoch]
+
+    result = fit(model, FakeCriterion(), train_loader(), opt, sched, epochs=3, device="cpu",
+                 output_dir=tmp_path, config={}, label_map={}, eval_every=0, max_iters=5,
+                 epoch_iters=epoch_iters)
+    assert asked == [0, 1, 2]
+    assert [m.iterations for m in result.epochs] == [3, 1, 2] and result.iteration == 6
+
+
 def test_epoch_checkpoint_is_saved_before_evaluation(tmp_path):
     model, opt, sched = setup()
 

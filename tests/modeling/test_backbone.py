@@ -35,6 +35,20 @@ def test_resnet50_parameter_counts_match_the_release():
     assert buffers == 53_120
 
 
+def test_resnet10_has_one_basic_block_per_layer():
+    b = Backbone("resnet10", norm="batch_norm", trainable_layers=["conv1", "bn1", "layer"])
+    assert [len(getattr(b.body, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    assert b.out_channels == [64, 128, 256, 512]
+    # ResNet-18 (11,176,512 parameters without fc) less one 64-, 128-, 256- and 512-channel basic block
+    r18 = sum(p.numel() for p in Backbone("resnet18").parameters())
+    blocks = sum(2 * (9 * c * c + 2 * c) for c in (64, 128, 256, 512))
+    assert sum(p.numel() for p in b.parameters()) == r18 - blocks
+    assert all(p.requires_grad for p in b.parameters())
+    feats = b(torch.randn(2, 3, 64, 96))
+    shapes = [tuple(f.shape[1:]) for f in feats.values()]
+    assert shapes == [(64, 16, 24), (128, 8, 12), (256, 4, 6), (512, 2, 3)]
+
+
 def test_freeze_bn_affine_option():
     b = Backbone("resnet18", freeze_bn_affine=True)
     assert not any(p.requires_grad for n, p in b.named_parameters() if ".bn" in n)

@@ -29,7 +29,7 @@ from asag.build import (
 from asag.commands.eval import format_result
 from asag.commands.train import build_evaluate_fn, resolve_amp, train
 from asag.config import Config, Range, apply_overrides, config_from_dict, load_config, option_type
-from asag.engine.budget import BUDGET_SAFETY, SchedulePlan, plan_schedule
+from asag.engine.budget import BUDGET_SAFETY, BudgetPacer, SchedulePlan, plan_schedule
 from asag.engine.checkpoint import seed_everything
 from asag.engine.trainer import make_grad_scaler, train_one_epoch, use_channels_last
 from asag.outputs import check_output_dir, previous_run_files
@@ -41,7 +41,7 @@ DEFAULT_BUDGET_MINUTES = 8.0
 # Speed probe: one untimed iteration (allocations, lazy initialisation), then up to PROBE_TIMED_ITERS
 # timed ones within PROBE_BUDGET_SHARE of the budget; the evaluation time is extrapolated from
 # PROBE_EVAL_BATCHES validation batches (the first is the slowest: a conservative estimate).
-PROBE_TIMED_ITERS, PROBE_BUDGET_SHARE, PROBE_EVAL_BATCHES = 8, 0.05, 1
+PROBE_TIMED_ITERS, PROBE_BUDGET_SHARE, PROBE_EVAL_BATCHES = 5, 0.03, 1
 # Drawings: the demo's confident detections (the trained demo model's near-duplicate boxes score lower),
 # on images scaled up so that their short side has at least this many pixels.
 DRAW_SCORE_THRESHOLD = 0.5
@@ -121,12 +121,14 @@ def measure_speed(cfg: Config, max_seconds: float) -> tuple[float, float, int]:
     return iter_seconds, eval_seconds, len(loader)
 
 
-def fit_to_budget(cfg: Config, budget_seconds: float) -> tuple[Config, SchedulePlan]:
+def fit_to_budget(cfg: Config, budget_seconds: float) -> tuple[Config, BudgetPacer]:
     """Measure the speed, then shorten ``cfg``'s schedule so that training (this measurement included)
-    takes at most ``budget_seconds``; prints the measurement and both schedules."""
+    takes at most ``budget_seconds``; prints the measurement and both schedules. The returned pacer
+    re-plans the later epochs' lengths from their measured speed (``train(epoch_iters=...)``)."""
     start = time.perf_counter()
     iter_seconds, eval_seconds, full_pass = measure_speed(cfg, PROBE_BUDGET_SHARE * budget_seconds)
-    left = budget_seconds - (time.perf_counter() - start)
+    now = time.perf_counter()
+    left = budget_seconds - (now - start)
     preset = preset_plan(cfg, full_pass)
     plan = plan_schedule(preset, budget_seconds=max(0.0, BUDGET_SAFETY * left), iter_seconds=iter_seconds,
                          eval_seconds=eval_seconds)
@@ -145,7 +147,9 @@ def fit_to_budget(cfg: Config, budget_seconds: float) -> tuple[Config, ScheduleP
         print(f"note: {budget_seconds / 60:.1f} min is too short on this machine for even this schedule; "
               f"expect about {(budget_seconds - left) / 60 + minutes[plan]:.1f} min of training")
     data = apply_overrides(cfg.to_dict(), plan_overrides(plan, full_pass))
-    return config_from_dict(data), plan
+    pacer = BudgetPacer(plan, deadline=now + BUDGET_SAFETY * max(0.0, left), eval_seconds=eval_seconds,
+                        max_iters_per_epoch=preset.iters_per_epoch)
+    return config_from_dict(data), pacer
 
 
 def draw_predictions(checkpoint: Path, cfg: Config, out: Path) -> tuple[Path, int]:
@@ -174,17 +178,17 @@ def run(args: argparse.Namespace) -> int:
     if previous_run_files(out):  # a demo run folder is the demo's own: a new demo replaces the old one
         print(f"asag demo: replacing the earlier demo run in {out} (its data set is reused)")
     train_start = time.perf_counter()
-    plan = None
+    pacer = None
     if args.budget_minutes > 0:
-        cfg, plan = fit_to_budget(cfg, args.budget_minutes * 60)
-    result = train(cfg, output_dir=out, overwrite=True).result
+        cfg, pacer = fit_to_budget(cfg, args.budget_minutes * 60)
+    result = train(cfg, output_dir=out, overwrite=True, epoch_iters=pacer).result
     train_minutes = (time.perf_counter() - train_start) / 60
     final = result.evaluations[max(result.evaluations)] if result.evaluations else None
     checkpoint = result.best_checkpoint or result.last_checkpoint
     drawn, num_drawn = draw_predictions(checkpoint, cfg, out)
     minutes = (time.perf_counter() - start) / 60
     print(f"\n== asag demo finished in {minutes:.1f} min ==")
-    budget = f" (budget {args.budget_minutes:g} min)" if plan is not None else " (no budget)"
+    budget = f" (budget {args.budget_minutes:g} min)" if pacer is not None else " (no budget)"
     print(f"training:     {train_minutes:.1f} min{budget}, {result.iteration} iterations")
     if final is not None:
         print("final AP (COCO metrics on the validation split, last evaluation):")

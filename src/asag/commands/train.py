@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +74,13 @@ class TrainingRun:
 
 
 def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | None = None,
-          overwrite: bool = False, log=print) -> TrainingRun:
+          overwrite: bool = False, log=print, epoch_iters: Callable[[int], int | None] | None = None
+          ) -> TrainingRun:
     """Train ``cfg`` end to end: data, model, objective, schedule, evaluation and checkpoints.
 
     An output folder holding an earlier run is refused unless ``resume`` continues it or ``overwrite``
-    replaces it (its checkpoints and logs are removed first).
+    replaces it (its checkpoints and logs are removed first). ``epoch_iters``: as in
+    :func:`~asag.engine.trainer.fit` (``asag demo``'s budget).
     """
     if cfg.model.static:
         raise ConfigError(f"model.static=true: {STATIC_TRAINING_ERROR}")
@@ -118,7 +121,7 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
             label_map=train_set.label_map.to_dict(), evaluate_fn=evaluate_fn, eval_every=rt.eval_every,
             checkpoint_every=rt.checkpoint_every, clip_max_norm=cfg.schedule.clip_max_norm, amp=amp,
             scaler=make_grad_scaler(amp, device), logger=logger, resume=resume,
-            max_iters=cfg.schedule.max_iters_per_epoch, log_every=rt.log_every,
+            max_iters=cfg.schedule.max_iters_per_epoch, epoch_iters=epoch_iters, log_every=rt.log_every,
             channels_last=use_channels_last(rt.memory_format, device),
         )
     finally:

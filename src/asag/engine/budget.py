@@ -14,7 +14,11 @@ the milestones scaled to the new length.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from asag.engine.schedule import evaluates
 
 # The plan uses this fraction of the budget: later iterations can be slower than the measured first ones
 # (the anchor generator probes more patches as it learns), and checkpoints and logs take time too.
@@ -60,9 +64,7 @@ class SchedulePlan:
 
 def num_evaluations(epochs: int, eval_every: int) -> int:
     """Evaluations in a run: every ``eval_every`` epochs and after the last one (0: none)."""
-    if eval_every <= 0:
-        return 0
-    return len({e for e in range(epochs) if (e + 1) % eval_every == 0 or e == epochs - 1})
+    return sum(evaluates(e, epochs, eval_every) for e in range(epochs))
 
 
 def plan_schedule(preset: SchedulePlan, *, budget_seconds: float, iter_seconds: float,
@@ -89,3 +91,59 @@ def plan_schedule(preset: SchedulePlan, *, budget_seconds: float, iter_seconds: 
     milestones = tuple(sorted(m for m in scaled if m < epochs))  # a milestone at the end changes nothing
     warmup = round(preset.warmup_iters * epochs / preset.total_iters)
     return SchedulePlan(epochs, 1, milestones, warmup, epochs if eval_every > 0 else 0)
+
+
+def paced_iterations(plan: SchedulePlan, *, epoch: int, seconds_left: float, iter_seconds: float,
+                     eval_seconds: float, max_iters_per_epoch: int) -> int:
+    """Iterations for each of the epochs ``epoch .. plan.epochs - 1`` such that they and their
+    evaluations take ``seconds_left``: at least 1, at most ``max_iters_per_epoch`` (the preset's)."""
+    epochs_left = plan.epochs - epoch
+    evals_left = sum(evaluates(e, plan.epochs, plan.eval_every) for e in range(epoch, plan.epochs))
+    if epochs_left <= 0 or iter_seconds <= 0:
+        raise ValueError("no epoch left to pace, or a non-positive iteration time")
+    fitting = math.floor((seconds_left - evals_left * eval_seconds) / (epochs_left * iter_seconds))
+    return max(1, min(max_iters_per_epoch, fitting))
+
+
+class BudgetPacer:
+    """Re-plans the length of every epoch from the speed measured on the previous one, so that a
+    planned run ends at ``deadline`` even when the first measurement was off (a busy machine, a model
+    that gets faster or slower as it learns).
+
+    Called with the 0-based epoch before each epoch (``fit(epoch_iters=...)``), it returns that epoch's
+    number of iterations: ``plan.iters_per_epoch`` for the first one, then :func:`paced_iterations`
+    with the seconds per iteration of the previous epoch (its wall-clock time, less ``eval_seconds``
+    if it was evaluated). The warm-up and the milestones stay those of ``plan``.
+
+    Args:
+        plan: the schedule chosen from the speed probe.
+        deadline: ``clock()`` value by which training should end.
+        eval_seconds: the estimated seconds of one evaluation.
+        max_iters_per_epoch: the preset's iterations per epoch (never exceeded).
+        log: receives one line whenever the epoch length changes.
+        clock: the time source (seconds).
+    """
+
+    def __init__(self, plan: SchedulePlan, *, deadline: float, eval_seconds: float, max_iters_per_epoch: int,
+                 log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.plan, self.deadline, self.eval_seconds = plan, deadline, eval_seconds
+        self.max_iters_per_epoch, self.log, self.clock = max_iters_per_epoch, log, clock
+        self._previous: tuple[int, float, int] | None = None  # (epoch, start time, iterations)
+
+    def __call__(self, epoch: int) -> int:
+        now = self.clock()
+        iterations = self.plan.iters_per_epoch
+        if self._previous is not None and self._previous[0] == epoch - 1:
+            last_epoch, start, last_iters = self._previous
+            evaluated = evaluates(last_epoch, self.plan.epochs, self.plan.eval_every)
+            iter_seconds = max(now - start - (self.eval_seconds if evaluated else 0.0), 1e-3) / last_iters
+            iterations = paced_iterations(self.plan, epoch=epoch, seconds_left=self.deadline - now,
+                                          iter_seconds=iter_seconds, eval_seconds=self.eval_seconds,
+                                          max_iters_per_epoch=self.max_iters_per_epoch)
+            if iterations != last_iters:
+                epochs = (f"epoch {epoch} trains {iterations} iterations" if epoch == self.plan.epochs - 1
+                          else f"epochs {epoch}-{self.plan.epochs - 1} train {iterations} iterations each")
+                self.log(f"budget: {iter_seconds:.2f} s per iteration in epoch {last_epoch}; {epochs} "
+                         f"({(self.deadline - now) / 60:.1f} min left)")
+        self._previous = (epoch, now, iterations)
+        return iterations

@@ -60,6 +60,12 @@ def decay_factor(epoch: int, *, milestones: Sequence[int], gamma: float) -> floa
     return gamma ** bisect.bisect_right(sorted(milestones), epoch)
 
 
+def evaluates(epoch: int, epochs: int, eval_every: int) -> bool:
+    """Whether a run of ``epochs`` evaluates after ``epoch`` (0-based): every ``eval_every`` epochs and
+    after the last one (``eval_every <= 0``: never)."""
+    return eval_every > 0 and ((epoch + 1) % eval_every == 0 or epoch == epochs - 1)
+
+
 class WarmupMultiStepFactor:
     """The multiplicative lr factor as a callable :class:`LambdaLR` can save in its state dict.
 

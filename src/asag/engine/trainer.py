@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from asag.engine.checkpoint import capture_rng_state, load_checkpoint, restore_training_state, save_checkpoint
 from asag.engine.distributed import all_gather_object, all_reduce_mean, barrier, get_rank, set_sampler_epoch
 from asag.engine.logger import RunLogger
-from asag.engine.schedule import WarmupMultiStepLR
+from asag.engine.schedule import WarmupMultiStepLR, evaluates
 from asag.errors import CheckpointError, ConfigError
 from asag.structures import Batch, ImageTargets
 
@@ -492,12 +492,6 @@ def _resume(path: str | Path, objects: _TrainingObjects, result: FitResult) -> N
                               f"({err!r})") from None
 
 
-def _should_evaluate(epoch: int, epochs: int, eval_every: int) -> bool:
-    if eval_every <= 0:
-        return False
-    return (epoch + 1) % eval_every == 0 or epoch == epochs - 1
-
-
 def _checkpoint_names(epoch: int, checkpoint_every: int, *, improved: bool) -> list[str]:
     """last.pth every epoch, best.pth when AP improved, checkpoint_EEEE.pth every ``checkpoint_every``."""
     names = [LAST_CHECKPOINT]
@@ -558,6 +552,7 @@ def fit(
     logger: RunLogger | None = None,
     resume: str | Path | None = None,
     max_iters: int | None = None,
+    epoch_iters: Callable[[int], int | None] | None = None,
     log_every: int = DEFAULT_LOG_EVERY,
     channels_last: bool = False,
 ) -> FitResult:
@@ -573,7 +568,8 @@ def fit(
     states, iteration count and best AP are restored and training continues with the next epoch; the
     sampler order depends only on its seed and epoch, so on a fixed seed the result equals an
     uninterrupted run. ``config`` and ``label_map`` (plain data) are stored in every checkpoint.
-    Other arguments as in :func:`train_one_epoch`.
+    ``epoch_iters(epoch)``: called before each epoch, its result replaces ``max_iters`` for that epoch
+    (e.g. a :class:`~asag.engine.budget.BudgetPacer`). Other arguments as in :func:`train_one_epoch`.
     """
     output_dir = Path(output_dir)
     logger = logger or RunLogger(None, tensorboard=False, progress=True)
@@ -585,22 +581,24 @@ def fit(
     start = time.perf_counter()
     for epoch in range(result.start_epoch, epochs):
         set_sampler_epoch(train_loader, epoch)
+        epoch_max_iters = epoch_iters(epoch) if epoch_iters is not None else max_iters
         metrics = train_one_epoch(
             model, criterion, train_loader, optimizer, scheduler,
             epoch=epoch, device=device, clip_max_norm=clip_max_norm, amp=amp, scaler=scaler,
-            logger=logger, max_iters=max_iters, global_step=result.iteration, log_every=log_every,
+            logger=logger, max_iters=epoch_max_iters, global_step=result.iteration, log_every=log_every,
             channels_last=channels_last,
         )
         if metrics.iterations == 0:  # an empty loader or max_iters <= 0: nothing trained, nothing to save
             raise ConfigError(f"epoch {epoch} ran no training iteration (the training loader yielded no "
-                              f"batch{'' if max_iters is None else f'; max_iters={max_iters}'}); stopping")
+                              f"batch{'' if epoch_max_iters is None else f'; max_iters={epoch_max_iters}'}); "
+                              f"stopping")
         scheduler.step_epoch()
         result.iteration += metrics.iterations
         result.epochs.append(metrics)
         logger.log("epoch", result.iteration, dataclasses.asdict(metrics))
         save = functools.partial(_save_epoch, output_dir, objects, result, epoch=epoch, config=config,
                                  label_map=label_map)
-        due = evaluate_fn is not None and _should_evaluate(epoch, epochs, eval_every)
+        due = evaluate_fn is not None and evaluates(epoch, epochs, eval_every)
         # The epoch's weights are on disk before evaluating: a failing evaluation loses no training;
         # they are written again after it, with its result, so that a resume sees the same best AP.
         save(names=_checkpoint_names(epoch, checkpoint_every, improved=False), extra=_extra(result, metrics))

@@ -12,14 +12,18 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 from asag.errors import CheckpointError
 
-# Output channels of layer1..layer4 per torchvision ResNet depth.
+# Output channels of layer1..layer4 per ResNet depth.
 RESNET_CHANNELS = {
+    "resnet10": [64, 128, 256, 512],
     "resnet18": [64, 128, 256, 512],
     "resnet34": [64, 128, 256, 512],
     "resnet50": [256, 512, 1024, 2048],
     "resnet101": [256, 512, 1024, 2048],
 }
 RESNET_STRIDES = [4, 8, 16, 32]
+# Depths torchvision has no constructor for: (block, blocks per layer). ResNet-10, one basic block per
+# layer (half of ResNet-18's blocks), is for small from-scratch models such as the CPU demo.
+EXTRA_RESNETS = {"resnet10": (resnet.BasicBlock, [1, 1, 1, 1])}
 FEATURE_NAMES = ["C2", "C3", "C4", "C5"]
 
 
@@ -66,7 +70,8 @@ class Backbone(nn.Module):
     """torchvision ResNet returning ``C2..C5`` (strides 4, 8, 16, 32).
 
     Args:
-        name: ``resnet18 | resnet34 | resnet50 | resnet101``.
+        name: ``resnet18 | resnet34 | resnet50 | resnet101``, or ``resnet10`` (torchvision's ``ResNet``
+            with one basic block per layer).
         norm: ``frozen_bn`` (the release; for ImageNet-initialised backbones), or ``batch_norm`` /
             ``group_norm`` for backbones trained from scratch (e.g. the CPU demo), where fixed identity
             statistics would leave the deep network unnormalised.
@@ -91,7 +96,13 @@ class Backbone(nn.Module):
             raise ValueError(f"unsupported backbone {name!r}; choose one of {sorted(RESNET_CHANNELS)}")
         if norm not in NORM_LAYERS:
             raise ValueError(f"unsupported backbone norm {norm!r}; choose one of {sorted(NORM_LAYERS)}")
-        net = getattr(resnet, name)(weights=None, norm_layer=lambda c: NORM_LAYERS[norm](c, eps))
+        def norm_layer(channels: int) -> nn.Module:
+            return NORM_LAYERS[norm](channels, eps)
+
+        if name in EXTRA_RESNETS:
+            net = resnet.ResNet(*EXTRA_RESNETS[name], norm_layer=norm_layer)
+        else:
+            net = getattr(resnet, name)(weights=None, norm_layer=norm_layer)
         self.body = IntermediateLayerGetter(
             net, return_layers={f"layer{i + 1}": n for i, n in enumerate(FEATURE_NAMES)}
         )

@@ -2,9 +2,9 @@
 
 Runs ``asag demo`` from a fresh output folder (so the synthetic data set is generated too, as on a new
 install), measures the whole command's wall-clock time, then reads the run's ``metrics.jsonl``: for
-every evaluation (the demo preset evaluates every 2 epochs) the epoch, the cumulative training time
+every evaluation (the demo preset evaluates every 3 epochs) the epoch, the cumulative training time
 and the COCO AP, AP50, AP75, APs, APm, APl on the synthetic validation split. The last line checks the
-demo's target (AP50 >= 0.5 and AP >= 0.3 within 10 minutes). Run it on an otherwise idle machine; the
+demo's promise (AP50 >= 0.5 within 10 minutes). Run it on an otherwise idle machine; the
 numbers in README.md come from this script.
 
     python benchmarks/demo_curve.py [--output-dir /tmp/demo_curve] [--threads N] [key=value ...]
@@ -24,7 +24,7 @@ import torch
 
 from asag.cli import main as asag_main
 
-TARGET_MINUTES, TARGET_AP, TARGET_AP50 = 10.0, 0.3, 0.5
+TARGET_MINUTES, TARGET_AP50 = 10.0, 0.5
 COLUMNS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
 
 
@@ -65,10 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         values = " ".join(f"{100 * row[c]:>6.1f}" for c in COLUMNS)
         print(f"{row['epoch']:>5} {row['train_s'] / 60:>9.2f} {values}")
     final = rows[-1] if rows else None
-    met = final is not None and final["ap"] >= TARGET_AP and final["ap50"] >= TARGET_AP50 and \
-        minutes <= TARGET_MINUTES
-    print(f"\nwhole `asag demo`: {minutes:.2f} min wall-clock; target AP >= {TARGET_AP}, AP50 >= "
-          f"{TARGET_AP50} within {TARGET_MINUTES:.0f} min: {'met' if met else 'NOT met'}")
+    met = final is not None and final["ap50"] >= TARGET_AP50 and minutes <= TARGET_MINUTES
+    print(f"\nwhole `asag demo`: {minutes:.2f} min wall-clock; target AP50 >= {TARGET_AP50} within "
+          f"{TARGET_MINUTES:.0f} min: {'met' if met else 'NOT met'}")
     return 0
 
 

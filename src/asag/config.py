@@ -32,6 +32,7 @@ InferenceLevel = Literal["P3P6", "P4P6", "P5P6"]
 
 @dataclass
 class BackboneConfig:
+    # torchvision ResNets; resnet10 (one basic block per layer) is for small from-scratch models (the demo).
     name: BackboneName = "resnet50"
     # Path of a torchvision ImageNet checkpoint (e.g. resnet50-0676ba61.pth). Never downloaded.
     weights: str | None = None

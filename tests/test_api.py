@@ -113,3 +113,22 @@ def test_unknown_device_strings_are_refused(name, tiny_checkpoint, tmp_path, cap
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"device {name!r}" in err and "Traceback" not in err
     assert resolve_device("cpu") == torch.device("cpu") and resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_nms_iou_hides_same_class_near_duplicates_only(tiny_checkpoint, tmp_path):
+    from asag.structures import Detections
+
+    detector = Detector.from_checkpoint(with_label_map(tiny_checkpoint, tmp_path, 5), device="cpu")
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0],    # best
+                          [0.0, 0.0, 10.0, 9.0],     # IoU 0.9 with the best, same class: hidden
+                          [0.0, 0.0, 10.0, 9.0],     # the same box, another class: kept
+                          [0.0, 0.0, 10.0, 4.0],     # IoU 0.4 with the best: kept
+                          [20.0, 20.0, 30.0, 30.0]])  # elsewhere, below the threshold: dropped
+    dets = Detections(boxes, torch.tensor([0.9, 0.8, 0.7, 0.6, 0.2]), torch.tensor([1, 1, 2, 1, 1]))
+    plain = detector.to_detections(dets, score_threshold=0.5)
+    assert [d.score for d in plain] == [0.9, 0.8, 0.7, 0.6]  # default: the model's detections as they are
+    hidden = detector.to_detections(dets, score_threshold=0.5, nms_iou=0.5)
+    assert [(d.score, d.category_name) for d in hidden] == [(0.9, "c1"), (0.7, "c2"), (0.6, "c1")]
+    assert [d.score for d in detector.to_detections(dets, nms_iou=0.95)] == [0.9, 0.8, 0.7, 0.6, 0.2]
+    with pytest.raises(ConfigError, match="nms_iou"):
+        detector.to_detections(dets, nms_iou=1.5)

@@ -15,6 +15,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 from torch import Tensor
+from torchvision.ops import batched_nms
 
 from asag.build import build_model, build_transforms
 from asag.config import FIELD_RANGES, FRACTION, Config, check_number, config_from_dict
@@ -232,13 +233,24 @@ class Detector:
         """Any accepted image -> one ``(tensor, ImageTargets)`` sample with the evaluation transforms."""
         return self.transforms(self.load_image(image), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
 
-    def to_detections(self, dets: Detections, score_threshold: float = 0.0, topk: int | None = None
-                      ) -> list[Detection]:
+    def to_detections(self, dets: Detections, score_threshold: float = 0.0, topk: int | None = None,
+                      nms_iou: float | None = None) -> list[Detection]:
+        """The detections of one image with ``score >= score_threshold``, best first, at most ``topk``.
+
+        ``nms_iou``: also drop every detection that overlaps a better-scored one of the same class by
+        IoU above this (torchvision's ``batched_nms``). ASAG needs no NMS and its AP is measured
+        without; a briefly trained model still places near-duplicate boxes, which this hides in
+        drawings. None (the default): the model's detections as they are.
+        """
         check_number("score_threshold", score_threshold, FRACTION)
         if topk is not None:
             check_number("topk", topk, FIELD_RANGES["model.postprocess.topk"])
         keep = dets.scores >= score_threshold
         boxes, scores, labels = dets.boxes[keep], dets.scores[keep], dets.labels[keep]
+        if nms_iou is not None:
+            check_number("nms_iou", nms_iou, FRACTION)
+            kept = batched_nms(boxes.float(), scores.float(), labels, nms_iou)  # sorted by score
+            boxes, scores, labels = boxes[kept], scores[kept], labels[kept]
         if topk is not None:
             boxes, scores, labels = boxes[:topk], scores[:topk], labels[:topk]
         ids = self.label_map.to_category_ids(labels.cpu()).tolist()
@@ -247,12 +259,15 @@ class Detector:
                 for b, s, i, n in zip(boxes.cpu().tolist(), scores.cpu().tolist(), ids, names)]
 
     @torch.inference_mode()
-    def predict_batch(self, images: Sequence, score_threshold: float = 0.0, topk: int | None = None
-                      ) -> list[list[Detection]]:
+    def predict_batch(self, images: Sequence, score_threshold: float = 0.0, topk: int | None = None,
+                      nms_iou: float | None = None) -> list[list[Detection]]:
+        """:meth:`predict` for several images in one batch."""
         batch = collate([self.preprocess(img) for img in images]).to(self.device)
         dets = self.model.predict(batch.images, batch.image_sizes, batch.orig_sizes)
-        return [self.to_detections(d, score_threshold, topk) for d in dets]
+        return [self.to_detections(d, score_threshold, topk, nms_iou) for d in dets]
 
-    def predict(self, image, score_threshold: float = 0.0, topk: int | None = None) -> list[Detection]:
-        """Detections for one image (PIL image, ``[3, H, W]`` tensor or path), boxes in its pixels."""
-        return self.predict_batch([image], score_threshold, topk)[0]
+    def predict(self, image, score_threshold: float = 0.0, topk: int | None = None,
+                nms_iou: float | None = None) -> list[Detection]:
+        """Detections for one image (PIL image, ``[3, H, W]`` tensor or path), boxes in its pixels;
+        filtering as in :meth:`to_detections`."""
+        return self.predict_batch([image], score_threshold, topk, nms_iou)[0]

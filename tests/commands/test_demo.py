@@ -25,19 +25,19 @@ def test_preset_plan_and_overrides_round_trip():
 
 def test_fit_to_budget_prints_and_applies_the_plan(monkeypatch, capsys):
     # measured: 0.6 s per iteration, 6 s per evaluation; budget 300 s, the probe itself taking ~0 s:
-    # 95 % of 300 s = 285 s; evaluations (after epochs 3, 6, 9) 3 x 6 = 18 s; (285 - 18) / 0.6 = 445
-    # iterations = 9 x 49 (+4); warm-up 100 x 49 / 75 = 65.3 -> 65; the preset: 675 x 0.6 + 18 = 423 s
+    # 98 % of 300 s = 294 s; evaluations (after epochs 3, 6, 9) 3 x 6 = 18 s; (294 - 18) / 0.6 = 460
+    # iterations = 9 x 51 (+1); warm-up 100 x 51 / 75 = 68; the preset: 675 x 0.6 + 18 = 423 s
     monkeypatch.setattr(demo, "measure_speed", lambda cfg, max_seconds: (0.6, 6.0, 75))
     cfg, pacer = demo.fit_to_budget(load_config("demo"), 300.0)
-    assert pacer.plan == SchedulePlan(9, 49, (8,), 65, 3)
+    assert pacer.plan == SchedulePlan(9, 51, (8,), 68, 3)
     assert pacer.max_iters_per_epoch == 75 and pacer.eval_seconds == 6.0
-    assert (cfg.schedule.epochs, cfg.schedule.max_iters_per_epoch, cfg.schedule.warmup_iters) == (9, 49, 65)
+    assert (cfg.schedule.epochs, cfg.schedule.max_iters_per_epoch, cfg.schedule.warmup_iters) == (9, 51, 68)
     assert cfg.schedule.milestones == [8] and cfg.runtime.eval_every == 3
     out = capsys.readouterr().out
     assert "budget: 5.0 min of training; measured 0.60 s per iteration (batch 4), 6.0 s per evaluation" in out
     assert "preset schedule:  9 epochs x 75 iterations = 675 iterations" in out
-    assert "chosen schedule:  9 epochs x 49 iterations = 441 iterations, lr x gamma at epochs 8," in out
-    assert ("note: the budget trains 65% of the preset's iterations on this machine, so expect a lower AP "
+    assert "chosen schedule:  9 epochs x 51 iterations = 459 iterations, lr x gamma at epochs 8," in out
+    assert ("note: the budget trains 68% of the preset's iterations on this machine, so expect a lower AP "
             "than the full schedule's") in out
     assert "--budget-minutes 0 runs it in full (about 7.0 min here)" in out
 

@@ -42,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="minimum score of a kept detection")
     parser.add_argument("--topk", type=field_option("model.postprocess.topk"), default=100,
                         help="most detections kept per image")
+    parser.add_argument("--nms-iou", type=option_type(float, FRACTION), default=None,
+                        help="also drop detections overlapping a better one of the same class by more than "
+                             "this IoU (hides a briefly trained model's near-duplicates; default: off, the "
+                             "model's detections as evaluated)")
     parser.add_argument("--used-head", help="head to use: main or aux_k (default: the stored used_head)")
     parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"],
                         help="probing depth (default: the stored inference_level)")
@@ -109,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         except DataError as err:
             failed.append(str(err))
             continue
-        dets = detector.predict(image, score_threshold=args.score_threshold, topk=args.topk)
+        dets = detector.predict(image, score_threshold=args.score_threshold, topk=args.topk,
+                                nms_iou=args.nms_iou)
         record = {"file": str(path), "detections": [d.to_dict() for d in dets]}
         if args.draw:
             record["drawing"] = f"{name}_pred.png"

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from asag.engine.schedule import evaluates
 
-# The plan uses this fraction of the budget: later iterations can be slower than the measured first ones
-# (the anchor generator probes more patches as it learns), and checkpoints and logs take time too.
-BUDGET_SAFETY = 0.95
+# The plan uses this fraction of the budget: the last epoch can be slower than the one before it (its
+# length is planned from that one's speed), and checkpoints and logs take time too.
+BUDGET_SAFETY = 0.98
 # Evaluating on the preset's cadence may use at most this share of the budget; else only at the end.
 MAX_EVAL_SHARE = 0.25
 

@@ -27,6 +27,7 @@ from asag.build import (
     prepare_synthetic,
 )
 from asag.commands.eval import format_result
+from asag.commands.predict import drawing_file
 from asag.commands.train import build_evaluate_fn, resolve_amp, train
 from asag.config import Config, Range, apply_overrides, config_from_dict, load_config, option_type
 from asag.engine.budget import BUDGET_SAFETY, BudgetPacer, SchedulePlan, plan_schedule
@@ -166,7 +167,7 @@ def draw_predictions(checkpoint: Path, cfg: Config, out: Path) -> tuple[Path, in
     for path in sorted(image_dir.iterdir())[:NUM_DRAWN]:
         dets = detector.predict(path, score_threshold=DRAW_SCORE_THRESHOLD, nms_iou=DRAW_NMS_IOU)
         image = draw_detections(detector.load_image(path), dets, min_side=DRAW_MIN_SIDE)
-        image.save(drawn / f"{path.stem}_pred.png")
+        image.save(drawn / drawing_file(path.stem))
         records.append({"file": str(path), "detections": [d.to_dict() for d in dets]})
     (drawn / "predictions.json").write_text(json.dumps(records, indent=2))
     return drawn, len(records)

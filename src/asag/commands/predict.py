@@ -98,10 +98,15 @@ def load_detector(args: argparse.Namespace) -> Detector:
     return Detector.from_exported(args.checkpoint, device=args.device)
 
 
+def drawing_file(name: str) -> str:
+    """File name of the drawing of the image with unique name ``name`` (see ``unique_stems``)."""
+    return f"{name}_pred.png"
+
+
 def run(args: argparse.Namespace) -> int:
     paths = expand_images(args.images)
     names = unique_stems(paths)
-    drawings = [f"{name}_pred.png" for name in names] if args.draw else []
+    drawings = [drawing_file(name) for name in names] if args.draw else []
     out, created = results_dir(args.out, "predictions", ["predictions.json", *drawings],
                                overwrite=args.overwrite)
     with removed_if_unused(out, created):
@@ -117,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                                 nms_iou=args.nms_iou)
         record = {"file": str(path), "detections": [d.to_dict() for d in dets]}
         if args.draw:
-            record["drawing"] = f"{name}_pred.png"
+            record["drawing"] = drawing_file(name)
             draw_detections(image, dets).save(out / record["drawing"])
         records.append(record)
     (out / "predictions.json").write_text(json.dumps(records, indent=2))

@@ -7,7 +7,8 @@ and the COCO AP, AP50, AP75, APs, APm, APl on the synthetic validation split. Th
 demo's promise (AP50 >= 0.5 within 10 minutes). Run it on an otherwise idle machine; the
 numbers in README.md come from this script.
 
-    python benchmarks/demo_curve.py [--output-dir /tmp/demo_curve] [--threads N] [key=value ...]
+    python benchmarks/demo_curve.py [--output-dir /tmp/demo_curve] [--threads N] [--budget-minutes M]
+                                    [key=value ...]
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo preset")
     parser.add_argument("--output-dir", default="/tmp/demo_curve", help="emptied first")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--budget-minutes", help="asag demo --budget-minutes (default: the demo's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
     start = time.perf_counter()
-    code = asag_main(["demo", "--output-dir", str(out), *args.overrides])
+    budget = ["--budget-minutes", args.budget_minutes] if args.budget_minutes is not None else []
+    code = asag_main(["demo", "--output-dir", str(out), *budget, *args.overrides])
     minutes = (time.perf_counter() - start) / 60
     if code != 0:
         print(f"asag demo failed with exit code {code}")

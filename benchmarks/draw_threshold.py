@@ -12,12 +12,14 @@ false positive, an unmatched ground-truth box a miss.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import io
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torchvision.ops import box_iou
+from pycocotools.coco import COCO
+from torchvision.ops import box_convert, box_iou
 
 from asag.api import Detector
 from asag.build import data_files
@@ -26,33 +28,34 @@ THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 MATCH_IOU = 0.5
 
 
-def ground_truth(annotation_file: Path) -> dict[str, list[tuple[int, list[float]]]]:
-    """File name -> ``[(category_id, [x1, y1, x2, y2])]`` from a COCO JSON (crowd boxes left out)."""
-    coco = json.loads(annotation_file.read_text())
-    names = {image["id"]: image["file_name"] for image in coco["images"]}
-    boxes: dict[str, list[tuple[int, list[float]]]] = {name: [] for name in names.values()}
-    for ann in coco["annotations"]:
-        if not ann.get("iscrowd", 0):
-            x, y, w, h = ann["bbox"]
-            boxes[names[ann["image_id"]]].append((ann["category_id"], [x, y, x + w, y + h]))
-    return boxes
+def ground_truth(annotation_file: Path) -> dict[str, tuple[list[int], torch.Tensor]]:
+    """File name -> ``(category ids, boxes [N, 4] xyxy)`` of a COCO JSON, crowd boxes left out."""
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its loading progress
+        coco = COCO(str(annotation_file))
+    truth = {}
+    for image in coco.loadImgs(coco.getImgIds()):
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image["id"], iscrowd=False))
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        truth[image["file_name"]] = ([a["category_id"] for a in anns], box_convert(boxes, "xywh", "xyxy"))
+    return truth
 
 
-def count_matches(dets, truth, threshold: float) -> tuple[int, int, int]:
-    """``(true positives, false positives, misses)`` of the detections scoring >= ``threshold``."""
-    tp = fp = 0
-    matched: set[int] = set()
-    for det in sorted((d for d in dets if d.score >= threshold), key=lambda d: -d.score):
-        candidates = [i for i, (cat, _) in enumerate(truth) if cat == det.category_id and i not in matched]
-        if candidates:
-            ious = box_iou(torch.tensor([det.box]), torch.tensor([truth[i][1] for i in candidates]))[0]
-            best = int(ious.argmax())
-            if ious[best] >= MATCH_IOU:
-                matched.add(candidates[best])
-                tp += 1
-                continue
-        fp += 1
-    return tp, fp, len(truth) - len(matched)
+def count_matches(dets, truth: tuple[list[int], torch.Tensor], threshold: float) -> tuple[int, int, int]:
+    """``(true positives, false positives, misses)`` of the detections scoring >= ``threshold``: greedy
+    matching, best score first, to the unmatched ground truth of the same class with the highest IoU."""
+    categories, gt_boxes = truth
+    kept = sorted((d for d in dets if d.score >= threshold), key=lambda d: -d.score)
+    if not kept:
+        return 0, 0, len(categories)
+    ious = box_iou(torch.tensor([d.box for d in kept]), gt_boxes)
+    ious[torch.tensor([d.category_id for d in kept])[:, None] != torch.tensor(categories)[None, :]] = 0.0
+    tp = 0
+    for row in ious:  # one detection after the other: each match removes its ground-truth column
+        best = int(row.argmax()) if row.numel() else -1
+        if best >= 0 and row[best] >= MATCH_IOU:
+            ious[:, best] = 0.0
+            tp += 1
+    return tp, len(kept) - tp, len(categories) - tp
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             for threshold in THRESHOLDS:
                 counts = count_matches(dets, boxes, threshold)
                 totals[mode, threshold] = [a + b for a, b in zip(totals[mode, threshold], counts)]
-    print(f"{len(truth)} validation images, {sum(map(len, truth.values()))} objects; "
+    print(f"{len(truth)} validation images, {sum(len(c) for c, _ in truth.values())} objects; "
           f"precision / recall / F1 of the drawn boxes (same class, IoU >= {MATCH_IOU})")
     modes = ("all boxes", f"nms {args.nms_iou}")
     print(f"{'threshold':>9} " + " ".join(f"{m:>20}" for m in modes))

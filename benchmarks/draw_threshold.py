@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import io
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -65,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nms-iou", type=float, default=0.5, help="duplicate hiding for the second columns")
     args = parser.parse_args(argv)
     detector = Detector.from_checkpoint(args.checkpoint, device="cpu")
-    data_cfg = detector.cfg.data
-    if args.data:
-        data_cfg.root = args.data
+    data_cfg = replace(detector.cfg.data, root=args.data) if args.data else detector.cfg.data
     annotation_file, image_dir = data_files(data_cfg, "val")
     truth = ground_truth(annotation_file)
     totals: dict[tuple[str, float], list[int]] = defaultdict(lambda: [0, 0, 0])

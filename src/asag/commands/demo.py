@@ -45,8 +45,8 @@ DEFAULT_BUDGET_MINUTES = 8.0
 PROBE_TIMED_ITERS, PROBE_BUDGET_SHARE, PROBE_EVAL_BATCHES = 3, 0.02, 1
 # Drawings: the demo's confident detections, without the near-duplicate boxes a model trained for minutes
 # still places (a same-class box overlapping a better one by IoU > DRAW_NMS_IOU is hidden), on images
-# scaled up so that their short side has at least DRAW_MIN_SIDE pixels. The threshold is within 0.01 of
-# the best F1 of the drawn boxes on the validation split (README, "The demo").
+# scaled up so that their short side has at least DRAW_MIN_SIDE pixels. The threshold is at the best F1
+# of the drawn boxes on the validation split (benchmarks/draw_threshold.py; README, "The demo").
 DRAW_SCORE_THRESHOLD = 0.45
 DRAW_NMS_IOU = 0.5
 DRAW_MIN_SIDE = 512

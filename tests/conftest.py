@@ -1,28 +1,17 @@
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from tests.official import FIXTURES_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def official_fixtures_dir() -> Path | None:
-    """``../shared/fixtures/official`` beside the checkout (or ``$ASAG_FIXTURES``)."""
-    env = os.environ.get("ASAG_FIXTURES")
-    candidates = [Path(env)] if env else []
-    candidates.append(REPO.parent / "shared" / "fixtures" / "official")
-    for path in candidates:
-        if path.is_dir():
-            return path
-    return None
-
-
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    path = official_fixtures_dir()
-    if path is None:
-        pytest.skip("official reference fixtures not found (set ASAG_FIXTURES)")
+    path = FIXTURES_DIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"official reference fixtures not found: {path}")
     return path
 
 

@@ -1,11 +1,16 @@
-"""Loading helpers for the official reference fixtures (see ``../shared/fixtures/official/README.md``)."""
+"""Loading helpers for the official reference fixtures (see ``tests/fixtures/official/README.md``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+# The reference tensors of the authors' implementation, kept in the repository so that every equivalence
+# test runs on any fresh clone; ``$ASAG_FIXTURES`` points the tests at another copy (e.g. a regenerated set).
+FIXTURES_DIR = Path(os.environ.get("ASAG_FIXTURES") or Path(__file__).resolve().parent / "fixtures/official")
 
 
 def load(fixtures_dir: Path, name: str) -> dict:

@@ -3,10 +3,10 @@
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from tests.official import FIXTURES_DIR
 
 from asag.cli import main
 from asag.data.synthetic import generate_synthetic
@@ -438,9 +438,7 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
 def official_shapes(variant: str) -> dict[str, torch.Tensor]:
     """An authors'-layout state dict with the right key names and shapes, every tensor a broadcast view
     of one zero (a few bytes on disk)."""
-    manifest = Path(__file__).resolve().parents[3] / "shared" / "spec" / f"official-state-dict-{variant}.txt"
-    if not manifest.is_file():
-        pytest.skip(f"{manifest} not found")
+    manifest = FIXTURES_DIR / f"official-state-dict-{variant}.txt"
     state = {}
     for line in manifest.read_text().splitlines():
         key, shape, _ = line.split("\t")

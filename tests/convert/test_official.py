@@ -1,9 +1,8 @@
 """Authors' checkpoint layout -> ours, using the key manifests of the full default models."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from tests.official import FIXTURES_DIR
 
 from asag.build import build_model
 from asag.config import load_config
@@ -14,13 +13,9 @@ from asag.convert.official import (
     rename_official_key,
 )
 
-SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "spec"
-
 
 def manifest_state_dict(variant: str, old_fpn_names: bool = False) -> dict[str, torch.Tensor]:
-    path = SPEC / f"official-state-dict-{variant}.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
+    path = FIXTURES_DIR / f"official-state-dict-{variant}.txt"
     out = {}
     gen = torch.Generator().manual_seed(0)
     for line in path.read_text().splitlines():

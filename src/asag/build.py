@@ -5,6 +5,7 @@ Everything built here takes plain, typed arguments; see :mod:`asag.config` for t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -24,6 +25,13 @@ from asag.data import (
 from asag.data.synthetic import generate_synthetic, synthetic_paths
 from asag.data.transforms import DetectionTransform
 from asag.engine.distributed import build_eval_sampler, build_train_batch_sampler
+from asag.engine.finetune import (
+    FREEZE_CHOICES,
+    InitReport,
+    class_axes,
+    initialize_from,
+    read_init_source,
+)
 from asag.engine.optim import build_optimizer
 from asag.engine.schedule import WarmupMultiStepLR
 from asag.engine.trainer import Trainer, use_channels_last
@@ -161,6 +169,7 @@ def build_model(config: Config) -> ASAG:
         used_head=head_index(cfg.decoder.used_head, cfg.decoder.num_heads),
         anchor_levels=ENCODER_ANCHOR_LEVELS if is_deformable(cfg) else FPN_ANCHOR_LEVELS,
         neck_uses_image_sizes=is_deformable(cfg),
+        frozen_parts=FREEZE_CHOICES[config.finetune.freeze],
     )
     if cfg.roi_pooling == "gather":
         gather_roi_pooling(model)
@@ -169,6 +178,24 @@ def build_model(config: Config) -> ASAG:
     if cfg.static:
         model.eval().set_static(True)
     return model
+
+
+def init_model(model: ASAG, config: Config, label_map: LabelMap) -> InitReport | None:
+    """Load ``config.finetune.init`` into the freshly built ``model`` for the data set's classes
+    ``label_map`` (:mod:`asag.engine.finetune`); None when no starting checkpoint is set."""
+    ft = config.finetune
+    if not ft.init:
+        return None
+    source = read_init_source(ft.init)
+    no_weights = dataclasses.replace(config.model, backbone=dataclasses.replace(config.model.backbone,
+                                                                                 weights=None))
+
+    def build(num_classes: int) -> ASAG:
+        model_cfg = dataclasses.replace(no_weights, num_classes=num_classes)
+        return build_model(dataclasses.replace(config, model=model_cfg))
+
+    axes = class_axes(build, config.model.num_classes)
+    return initialize_from(model, source, label_map, axes, allow_partial=ft.allow_partial)
 
 
 def build_criterion(cfg: Config) -> nn.Module:

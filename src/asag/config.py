@@ -243,6 +243,21 @@ class EvaluationConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    # Weights of a trained detector to start from (asag train / asag convert checkpoint, or an authors'
+    # release file): matched by name and shape, classifier rows remapped by class name
+    # (asag.engine.finetune). Not a resume: optimiser, schedule and epochs start afresh. None: random
+    # initialisation (and the backbone's ImageNet weights).
+    init: str | None = None
+    # Load what fits and initialise the rest afresh, instead of refusing a checkpoint of another
+    # architecture.
+    allow_partial: bool = False
+    # Parts that do not train: none, backbone, backbone_neck, or all_but_heads (backbone, neck and anchor
+    # generator; the proposal stage and decoder heads train).
+    freeze: Literal["none", "backbone", "backbone_neck", "all_but_heads"] = "none"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
@@ -252,6 +267,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Free text naming the paper source of a preset.
     description: str = ""
 

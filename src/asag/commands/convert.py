@@ -11,7 +11,7 @@ from asag.build import build_model
 from asag.config import apply_overrides, config_from_dict, load_config
 from asag.convert.official import convert_state_dict, head_index, infer_architecture
 from asag.data.coco_categories import default_label_map
-from asag.engine.checkpoint import one_line, save_checkpoint
+from asag.engine.checkpoint import one_line, read_torch_file, save_checkpoint
 from asag.errors import CheckpointError
 from asag.outputs import check_output_file
 
@@ -31,15 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def read_official(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of an authors' checkpoint, read with ``weights_only=True``."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unreadable input is a user error
-        raise CheckpointError(f"{path}: cannot read checkpoint ({one_line(err)})") from None
+    obj = read_torch_file(path, allow=[argparse.Namespace])
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no state dict found (expected a dict of tensors under 'model')")

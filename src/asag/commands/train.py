@@ -19,12 +19,14 @@ from asag.build import (
     build_optimizer_and_schedule,
     check_annotated,
     check_num_classes,
+    init_model,
 )
 from asag.config import Config, field_option, load_config
 from asag.engine.checkpoint import configure_determinism, seed_everything
 from asag.engine.crowdhuman_eval import check_single_category
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process, wrap_ddp
 from asag.engine.evaluator import evaluate, evaluate_crowdhuman
+from asag.engine.finetune import INIT_REPORT, describe_trainable
 from asag.engine.logger import RunLogger
 from asag.engine.trainer import FitResult, fit, make_grad_scaler, use_channels_last
 from asag.errors import ConfigError
@@ -43,6 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.add_argument("--resume", metavar="CKPT",
                         help="continue from a checkpoint written by asag train (default: start afresh)")
+    parser.add_argument("--init", metavar="CKPT",
+                        help="start from the weights of a trained detector (asag train / asag convert "
+                             "checkpoint, or an authors' release file) with fresh optimiser and schedule; "
+                             "classes are matched by name (finetune.init; docs/finetuning.md)")
     parser.add_argument("--output-dir", help="where checkpoints and logs go (default: runtime.output_dir)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the checkpoints and logs of an earlier run in the output folder "
@@ -106,7 +112,17 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
         if is_main_process():
             log(f"training {cfg.description or cfg.model.variant}: {len(train_set)} train images, "
                 f"{len(val_set)} val images, device {device}, output {out}")
-        model = build_model(cfg).to(device)
+        model = build_model(cfg)
+        if resume is None:
+            report = init_model(model, cfg, train_set.label_map)
+            if report is not None and is_main_process():
+                log(report.table())
+                (out / INIT_REPORT).write_text(report.table() + "\n")
+        elif cfg.finetune.init and is_main_process():
+            log(f"finetune.init={cfg.finetune.init} not loaded: the resumed checkpoint holds the weights")
+        if (cfg.finetune.freeze != "none" or cfg.finetune.init) and is_main_process():
+            log(describe_trainable(model, cfg.finetune.freeze))
+        model = model.to(device)
         criterion = build_criterion(cfg).to(device)
         optimizer, scheduler = build_optimizer_and_schedule(model, cfg.schedule)
         amp = resolve_amp(cfg, device)
@@ -162,7 +178,13 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"runtime.device={args.device}")
     if args.threads is not None:
         overrides.append(f"runtime.num_threads={args.threads}")
+    if args.init is not None:
+        if args.resume is not None:
+            raise ConfigError("--init starts a new run from trained weights, --resume continues a run: give "
+                              "one of them")
     cfg = load_config(args.preset, overrides)
+    if args.init is not None:
+        cfg.finetune.init = args.init
     run = train(cfg, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite)
     if is_main_process():
         print(final_line(run))

@@ -18,7 +18,7 @@ import random
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -232,12 +232,16 @@ def _interrupt_held_back() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+def read_torch_file(path: str | os.PathLike, *, map_location: str | torch.device = "cpu",
+                    allow: Sequence[type] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors naming the file.
+
+    ``allow``: further classes the file may hold (e.g. ``argparse.Namespace``, a plain attribute
+    container the authors' release files store); nothing else but tensors and plain data is unpickled.
 
     Raises:
-        CheckpointError: naming the file, when it is missing, truncated or corrupt, holds arbitrary
-            Python objects, or is a PyTorch file that is not an asag training checkpoint.
+        CheckpointError: when the file is missing, empty, truncated or corrupt, or holds other Python
+            objects (it cannot be loaded safely).
     """
     path = Path(path)
     if not path.is_file():
@@ -245,7 +249,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if path.stat().st_size == 0:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path} is not an asag training checkpoint: it holds Python objects other than tensors and "
@@ -254,6 +259,17 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     except Exception as err:  # damaged files raise many types (RuntimeError, EOFError, KeyError ...)
         reason = _first_line(err)
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt ({reason})") from err
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: naming the file, when it is missing, truncated or corrupt, holds arbitrary
+            Python objects, or is a PyTorch file that is not an asag training checkpoint.
+    """
+    path = Path(path)
+    data = read_torch_file(path, map_location=map_location)
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an asag training checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     if data.get("format_version", 0) > CHECKPOINT_VERSION:

@@ -38,6 +38,9 @@ class ASAG(nn.Module):
             ``[P2..P5]``, ``(0, 1, 2)`` for the ASAG-D encoder's ``[P3..P6]``.
         neck_uses_image_sizes: call the neck as ``neck(features, image_sizes)`` (the ASAG-D encoder masks
             the padded cells of every level); the FPN takes the backbone features only.
+        frozen_parts: names of parts that never train (fine-tuning, e.g. ``("backbone", "neck")``):
+            their parameters get no gradient and the parts stay in evaluation mode (batch-norm statistics
+            fixed, dropout off) when the model trains.
 
     The same :class:`~asag.structures.ModelOutput` is returned in training and evaluation; losses live
     in :mod:`asag.training`. The engine may run the forward under autocast: backbone and FPN follow it,
@@ -68,6 +71,9 @@ class ASAG(nn.Module):
     detections equal the dynamic mode's up to float rounding (docs/inference.md).
     """
 
+    # The parts of the detector, in the order the forward runs them.
+    PARTS = ("backbone", "neck", "anchor_generator", "proposal", "decoder")
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -83,6 +89,7 @@ class ASAG(nn.Module):
         used_head: int = -1,
         anchor_levels: tuple[int, int, int] = (1, 2, 3),
         neck_uses_image_sizes: bool = False,
+        frozen_parts: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -98,6 +105,12 @@ class ASAG(nn.Module):
         self.used_head = used_head
         self.anchor_levels = tuple(anchor_levels)
         self.neck_uses_image_sizes = neck_uses_image_sizes
+        unknown = [part for part in frozen_parts if part not in self.PARTS]
+        if unknown:
+            raise ValueError(f"frozen_parts {unknown}: choose from {self.PARTS}")
+        self.frozen_parts = tuple(frozen_parts)
+        for part in self.frozen_parts:
+            getattr(self, part).requires_grad_(False)
 
     def extract_features(self, images: Tensor, image_sizes: Tensor | None = None) -> list[Tensor]:
         """``[B, 3, Hp, Wp]`` -> the neck's levels as float32: FPN ``[P2, P3, P4, P5]`` or ASAG-D encoder
@@ -129,7 +142,10 @@ class ASAG(nn.Module):
     def train(self, mode: bool = True) -> ASAG:
         if mode and self.static:
             raise ConfigError(STATIC_TRAINING_ERROR)
-        return super().train(mode)
+        super().train(mode)
+        for part in self.frozen_parts:
+            getattr(self, part).train(False)
+        return self
 
     def anchor_features(self, features: list[Tensor]) -> list[Tensor]:
         """The ``[P3, P4, P5]`` levels the anchor generator reads, from :meth:`extract_features`' output."""

@@ -223,6 +223,7 @@ class FastASAG(ASAG):
             attention_heads=model.attention_heads, num_dn=model.num_dn, dn_noise_scale=model.dn_noise_scale,
             dn_noise_decay=model.dn_noise_decay, used_head=model.used_head,
             anchor_levels=model.anchor_levels, neck_uses_image_sizes=model.neck_uses_image_sizes,
+            frozen_parts=model.frozen_parts,
         )
         self.settings = dict(settings)
         super().train(False)

@@ -207,7 +207,10 @@ def _star_corners(points: int = 5, inner: float = 0.45) -> list[tuple[float, flo
 _triangle = _maybe_flipped(_unit_polygon([(0, 1), (1, 1), (0.5, 0)]), PIL.Image.Transpose.FLIP_TOP_BOTTOM)
 _diamond = _unit_polygon([(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)])
 _star = _unit_polygon(_star_corners())
-_hexagon = _maybe_transposed(_unit_polygon([(0, 0.5), (0.25, 0), (0.75, 0), (1, 0.5), (0.75, 1), (0.25, 1)]))
+_corner = _maybe_flipped(  # an L, mirrored left-right and top-bottom at random: four turns
+    _maybe_flipped(_unit_polygon([(0, 0), (0.4, 0), (0.4, 0.6), (1, 0.6), (1, 1), (0, 1)]),
+                   PIL.Image.Transpose.FLIP_LEFT_RIGHT),
+    PIL.Image.Transpose.FLIP_TOP_BOTTOM)
 _arrow = _four_ways(_unit_polygon(
     [(0, 0.3), (0.55, 0.3), (0.55, 0), (1, 0.5), (0.55, 1), (0.55, 0.7), (0, 0.7)]))  # pointing right
 _crescent = _four_ways(_crescent_right)
@@ -238,7 +241,7 @@ SHAPE_CATALOGUE: tuple[ShapeClass, ...] = (
     ShapeClass("ring", 0.83, "magenta", "ellipse with a hole half its size", _ring),
     ShapeClass("diamond", 0.08, "orange", "rhombus with its corners at the box's edge midpoints", _diamond),
     ShapeClass("star", 0.5, "cyan", "five-pointed star, one tip up", _star),
-    ShapeClass("hexagon", 0.7, "violet", "hexagon with corners left and right, or top and bottom", _hexagon),
+    ShapeClass("corner", 0.7, "violet", "L of two bars 0.4 of the box thick, in any of four turns", _corner),
     ShapeClass("arrow", 0.24, "lime", "block arrow pointing right, left, down or up", _arrow),
     ShapeClass("crescent", 0.42, "spring green", "crescent moon opening right, left, down or up", _crescent),
     ShapeClass("heart", 0.92, "rose", "heart, point down", _heart),

@@ -22,7 +22,8 @@ from asag.data import (
     build_train_transforms,
     collate,
 )
-from asag.data.synthetic import generate_synthetic, synthetic_paths
+from asag.data.coco import load_coco_json
+from asag.data.synthetic import check_classes, generate_synthetic, synthetic_paths
 from asag.data.transforms import DetectionTransform
 from asag.engine.distributed import build_eval_sampler, build_train_batch_sampler
 from asag.engine.finetune import (
@@ -242,17 +243,33 @@ def data_files(cfg: DataConfig, split: str) -> tuple[Path, Path]:
     return root / cfg.val_annotations, root / cfg.val_images
 
 
+def synth_command(cfg: DataConfig) -> str:
+    """The ``asag data synth`` command line that generates the synthetic data set ``cfg`` describes."""
+    classes = "" if cfg.synthetic_classes is None else f" --classes {','.join(cfg.synthetic_classes)}"
+    return (f"asag data synth --out {cfg.root} --images {cfg.synthetic_train_images} --val-images "
+            f"{cfg.synthetic_val_images} --seed {cfg.synthetic_seed}{classes}")
+
+
 def prepare_synthetic(cfg: DataConfig, log=print) -> None:
     """Generate the synthetic data set into ``cfg.root`` unless it is already there. Only ``asag demo``
     (and ``asag data synth``) generate data; elsewhere a missing data set is an error
-    (:func:`build_dataset`)."""
+    (:func:`build_dataset`). A data set already there is reused only if its categories are the
+    configured classes (``DataError`` otherwise: it was generated with other ``data.synthetic_classes``)."""
     paths = synthetic_paths(cfg.root)
+    classes = check_classes(cfg.synthetic_classes, "data.synthetic_classes")
     if paths.train_json.is_file() and paths.val_json.is_file():
+        categories = load_coco_json(paths.train_json)["categories"]
+        found = LabelMap.from_categories(categories, str(paths.train_json))
+        if found.names != classes:
+            raise DataError(
+                f"{paths.train_json}: the data set there has the classes {','.join(found.names)}, not "
+                f"data.synthetic_classes={','.join(classes)}; remove {paths.root} (or choose another folder) "
+                f"to generate it anew")
         return
     log(f"generating the synthetic data set in {paths.root} ({cfg.synthetic_train_images} train / "
-        f"{cfg.synthetic_val_images} val images, seed {cfg.synthetic_seed})")
+        f"{cfg.synthetic_val_images} val images, seed {cfg.synthetic_seed}, classes {','.join(classes)})")
     generate_synthetic(paths.root, cfg.synthetic_train_images, cfg.synthetic_seed,
-                       val_images=cfg.synthetic_val_images)
+                       val_images=cfg.synthetic_val_images, classes=classes)
 
 
 def build_transforms(cfg: DataConfig, train: bool) -> DetectionTransform:
@@ -271,9 +288,7 @@ def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
     if not ann_file.is_file():
         hint = ""
         if cfg.format == "synthetic":  # never generated behind the user's back (a mistyped root)
-            hint = (f"; to generate the synthetic data set there: asag data synth --out {cfg.root} --images "
-                    f"{cfg.synthetic_train_images} --val-images {cfg.synthetic_val_images} --seed "
-                    f"{cfg.synthetic_seed}")
+            hint = f"; to generate the synthetic data set there: {synth_command(cfg)}"
         raise DataError(f"{ann_file}: annotation file not found (data.root={cfg.root!r}){hint}")
     train = split == "train"
     return CocoDetection(ann_file, image_dir, build_transforms(cfg, train), training_filter=train,

@@ -193,6 +193,10 @@ class DataConfig:
     synthetic_train_images: int = 200
     synthetic_val_images: int = 50
     synthetic_seed: int = 0
+    # Shape classes of the generated data set, names from the catalogue (`asag data synth --list-classes`),
+    # in category-id order; null: the five default ones (rectangle, ellipse, triangle, cross, ring).
+    # model.num_classes must equal their number.
+    synthetic_classes: list[str] | None = None
 
 
 @dataclass
@@ -617,3 +621,7 @@ def validate(cfg: Config) -> None:
     _check(len(cfg.data.crop_size) == 2 and cfg.data.crop_size[0] <= cfg.data.crop_size[1],
            "data.crop_size must be [min, max]")
     _check(len(cfg.data.train_scales) >= 1, "data.train_scales must not be empty")
+    if cfg.data.synthetic_classes is not None:
+        from asag.data.synthetic import check_classes  # numpy and PIL: only when classes are chosen
+
+        check_classes(cfg.data.synthetic_classes, "data.synthetic_classes")

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from coco_files import ann, write_coco
 
 from asag.cli import main
@@ -55,6 +56,34 @@ def test_cli_synth_then_stats(tmp_path, capsys):
         assert f"{split}.json\n  images: {count} (0 without boxes)\n  boxes: {boxes} " in printed
     assert main(["data", "stats", str(out_dir)]) == 0
     assert capsys.readouterr().out.count("classes: 5") == 2
+
+
+def test_cli_synth_chosen_classes(tmp_path, capsys):
+    out_dir = tmp_path / "synth"
+    argv = ["data", "synth", "--out", str(out_dir), "--images", "3", "--val-images", "1",
+            "--classes", "crescent, heart,trapezoid"]
+    assert main(argv) == 0
+    for split in ("train", "val"):
+        categories = json.loads((out_dir / f"{split}.json").read_text())["categories"]
+        assert [(c["id"], c["name"]) for c in categories] == [(1, "crescent"), (2, "heart"), (3, "trapezoid")]
+
+
+def test_cli_synth_unknown_class_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out_dir = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(out_dir), "--images", "1", "--classes", "star,,heart"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("asag data: error: --classes: unknown shape class ''; the catalogue: rectangle, ")
+    assert not out_dir.exists()
+
+
+def test_cli_synth_list_classes_needs_no_other_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["data", "synth", "--list-classes"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("13 shape classes (* = default: rectangle,ellipse,triangle,cross,ring):\n")
+    assert "\n* ring " in out and "\n  hourglass " in out
 
 
 def test_cli_missing_file_exit_code_2(tmp_path, capsys):

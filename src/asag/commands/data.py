@@ -21,6 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="random seed (same seed, same bytes)")
     synth.add_argument("--val-images", type=field_option("data.synthetic_val_images"), default=None,
                        help="validation images (default: images / 4)")
+    synth.add_argument("--classes", type=name_list, default=None, metavar="NAME,NAME,...",
+                       help="shape classes, in category-id order (default: rectangle,ellipse,triangle,"
+                            "cross,ring; the catalogue: --list-classes)")
+    synth.add_argument("--list-classes", action=ListClassesAction,
+                       help="print the catalogue of shape classes and exit")
     synth.set_defaults(func=run_synth)
 
     stats = sub.add_parser("stats", help="print statistics of a COCO JSON or of every JSON in a folder")
@@ -34,12 +39,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.set_defaults(func=run_convert_crowdhuman)
 
 
-def run_synth(args: argparse.Namespace) -> int:
-    from asag.data.synthetic import generate_synthetic
+def name_list(text: str) -> list[str]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]`` (the names are checked by the command)."""
+    return [name.strip() for name in text.split(",")]
 
+
+class ListClassesAction(argparse.Action):
+    """``--list-classes``: print the shape catalogue and exit 0 (the other options are not required)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from asag.data.synthetic import format_catalogue
+
+        print(format_catalogue())
+        parser.exit()
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from asag.data.synthetic import check_classes, generate_synthetic
+
+    classes = check_classes(args.classes, "--classes")
     check_output_dir(args.out, "--out")
     start = time.perf_counter()
-    paths = generate_synthetic(args.out, args.images, args.seed, args.val_images)
+    paths = generate_synthetic(args.out, args.images, args.seed, args.val_images, classes=classes)
     elapsed = time.perf_counter() - start
     print(f"wrote {paths.train_json}, {paths.val_json} and {paths.root / 'images'} in {elapsed:.1f} s")
     return run_stats(argparse.Namespace(path=str(paths.root)))

@@ -178,10 +178,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"runtime.device={args.device}")
     if args.threads is not None:
         overrides.append(f"runtime.num_threads={args.threads}")
-    if args.init is not None:
-        if args.resume is not None:
-            raise ConfigError("--init starts a new run from trained weights, --resume continues a run: give "
-                              "one of them")
+    if args.init is not None and args.resume is not None:
+        raise ConfigError("--init starts a new run from trained weights, --resume continues a run: give one "
+                          "of them")
     cfg = load_config(args.preset, overrides)
     if args.init is not None:
         cfg.finetune.init = args.init

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import time
+from pathlib import Path
 
 from asag.config import field_option
 from asag.errors import ConfigError
-from asag.outputs import check_output_dir, check_output_file
+from asag.outputs import check_output_dir, check_output_file, removed_if_unused
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -121,27 +122,31 @@ def run_convert_crowdhuman(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     """``asag data convert``: read the source, write the COCO data set, print its statistics and the
-    ``asag train`` overrides that use it."""
+    ``asag train`` overrides that use it. The output folder is checked first; one this run created is
+    removed again when the source turns out unusable."""
     from asag.data.formats import check_split_name, read_voc, read_yolo, train_overrides, write_coco_dataset
     from asag.data.stats import compute_stats, format_stats
 
     split = None if args.split is None else check_split_name(args.split, "--split")
-    if args.source_format == "voc":
-        source = read_voc(args.src, split, args.classes, args.voc_difficult or "crowd")
-    else:
-        given = [option for attr, option in VOC_ONLY_OPTIONS if getattr(args, attr) is not None]
-        if given:
-            raise ConfigError(f"{', '.join(given)}: only for --from voc (YOLO class names come from the "
-                              f"data.yaml or the names file)")
-        source = read_yolo(args.src, split)
-    paths = write_coco_dataset(source, args.out, copy_images=args.copy_images, overwrite=args.overwrite)
+    given = [option for attr, option in VOC_ONLY_OPTIONS if getattr(args, attr) is not None]
+    if args.source_format == "yolo" and given:
+        raise ConfigError(f"{', '.join(given)}: only for --from voc (YOLO class names come from the "
+                          f"data.yaml or the names file)")
+    created = not Path(args.out).exists()
+    out = check_output_dir(args.out, "--out")
+    with removed_if_unused(out, created):
+        if args.source_format == "voc":
+            source = read_voc(args.src, split, args.classes, args.voc_difficult or "crowd")
+        else:
+            source = read_yolo(args.src, split)
+        paths = write_coco_dataset(source, out, copy_images=args.copy_images, overwrite=args.overwrite)
     how = "copies" if args.copy_images else "symbolic links"
     counts = ", ".join(f"{name} ({len(data.images)} images)" for name, data in source.splits.items())
     print(f"read {args.src} ({args.source_format}): {len(source.categories)} classes; splits {counts}")
     for note in source.notes:
         print(f"  {note}")
     splits = ",".join(paths.splits) if len(paths.splits) == 1 else "{" + ",".join(paths.splits) + "}"
-    print(f"wrote {paths.root / 'annotations' / splits}.json and {paths.root / 'images' / splits} ({how})")
+    print(f"wrote {out / 'annotations' / splits}.json and {out / 'images' / splits} ({how})")
     for ann_file, _ in paths.splits.values():
         print(format_stats(compute_stats(ann_file)))
     overrides = " ".join(shlex.quote(o) for o in train_overrides(paths, len(source.categories)))

@@ -51,7 +51,7 @@ import os
 import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,11 @@ from asag.errors import ConfigError, DataError, OutputError
 from asag.outputs import check_new_files, check_output_dir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_SUFFIX_LIST = "/".join(suffix[1:] for suffix in IMAGE_SUFFIXES)  # for messages: "jpg/jpeg/png/..."
 DEFAULT_SPLIT = "train"
 # How far a normalised YOLO value may lie outside [0, 1] (rounding of labelling tools).
 NORMALISED_TOLERANCE = 1e-3
 YOLO_BOX_COLUMNS = 5  # class cx cy w h
-YOLO_MIN_POLYGON_POINTS = 3
 YOLO_SPLIT_KEYS = ("train", "val", "test")
 YOLO_YAML_NAMES = ("data.yaml", "data.yml")
 LABELIMG_NAMES_FILE = "classes.txt"
@@ -260,17 +260,16 @@ def parse_yolo_line(line: str, num_classes: int, where: str) -> tuple[int, tuple
     """
     tokens = line.split()
     polygon = len(tokens) > YOLO_BOX_COLUMNS
-    if len(tokens) < YOLO_BOX_COLUMNS or (polygon and (len(tokens) % 2 == 0
-                                                       or len(tokens) < 1 + 2 * YOLO_MIN_POLYGON_POINTS)):
-        raise DataError(f"{where}: {len(tokens)} columns; expected 5 (class cx cy w h) or a class and at "
-                        f"least {YOLO_MIN_POLYGON_POINTS} polygon points (x y pairs); extra columns such as "
-                        f"a confidence are not supported")
+    if len(tokens) < YOLO_BOX_COLUMNS or (polygon and len(tokens) % 2 == 0):  # odd and > 5: >= 3 points
+        raise DataError(f"{where}: {len(tokens)} columns; expected 5 (class cx cy w h) or a class and the "
+                        f"x y pairs of a polygon (3 points or more); extra columns such as a confidence are "
+                        f"not supported")
     label = _number(tokens[0], "class index", where)
     if not label.is_integer():
         raise DataError(f"{where}: class index {tokens[0]!r} is not an integer")
     if not 0 <= label < num_classes:
-        raise DataError(f"{where}: class index {int(label)} is out of range: the names file lists "
-                        f"{num_classes} classes (0..{num_classes - 1})")
+        raise DataError(f"{where}: class index {int(label)} is out of range: there are {num_classes} class "
+                        f"names (0..{num_classes - 1})")
     values = [_number(token, "value", where) for token in tokens[1:]]
     outside = [v for v in values if not -NORMALISED_TOLERANCE <= v <= 1 + NORMALISED_TOLERANCE]
     if outside:
@@ -289,6 +288,8 @@ def parse_yolo_line(line: str, num_classes: int, where: str) -> tuple[int, tuple
 
 @dataclass
 class _YoloCounts:
+    """What a YOLO conversion changed, for :attr:`DetectionSource.notes`."""
+
     polygons: int = 0
     clipped: int = 0
     unlabelled: int = 0  # images without a label file
@@ -371,11 +372,11 @@ def _read_yolo_split(entries: Sequence[_ImageEntry], names: tuple[str, ...], nam
         if orphans:
             raise DataError(
                 f"{orphans[0]}: no image for this label file in {entry.base} (looked for "
-                f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files); {len(orphans)} label files without an "
+                f"{_SUFFIX_LIST} files); {len(orphans)} label files without an "
                 f"image: add the images or remove the label files"
             )
     if not split.images:
-        raise DataError(f"{where}: no images ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files)")
+        raise DataError(f"{where}: no images ({_SUFFIX_LIST} files)")
     return split
 
 
@@ -423,7 +424,8 @@ def read_yolo_yaml(yaml_file: Path) -> DetectionSource:
     names = _yolo_names(data, source)
     root = yaml_file.parent / str(data.get("path") or ".")
     if not root.is_dir():
-        raise DataError(f"{yaml_file}: 'path' {data.get('path')!r}: folder {root} not found")
+        raise DataError(f"{yaml_file}: 'path' {data.get('path')!r}: folder {root} not found (a relative "
+                        f"'path' is resolved against the YAML file's folder)")
     counts, splits = _YoloCounts(), {}
     for key in YOLO_SPLIT_KEYS:
         value = data.get(key)
@@ -580,7 +582,7 @@ def _voc_image(record: VocRecord, image_dir: Path) -> SourceImage:
     if path is None:
         named = f"{record.filename} or " if record.filename else ""
         raise DataError(f"{record.xml}: image not found in {image_dir} (looked for {named}{record.xml.stem}"
-                        f".{'/'.join(s[1:] for s in IMAGE_SUFFIXES)})")
+                        f".{_SUFFIX_LIST})")
     header = read_image_header(path)
     size = header.oriented
     if record.size is not None:
@@ -589,6 +591,23 @@ def _voc_image(record: VocRecord, image_dir: Path) -> SourceImage:
                             f"{size[0]}x{size[1]} pixels (w x h)")
         size = record.size
     return SourceImage(path, _relative_name(path, image_dir, str(record.xml)), *size)
+
+
+def _voc_boxes(record: VocRecord, image_dir: Path, categories: Sequence[str],
+               difficult: str) -> tuple[SourceImage, list[SourceBox], int]:
+    """The image of one annotation file, its boxes (``image`` 0, set by the split) and how many of them
+    were clipped. VOC's 1-based inclusive ``xmin..xmax`` becomes ``x = xmin - 1``, ``w = xmax - xmin + 1``."""
+    image = _voc_image(record, image_dir)
+    boxes, clipped = [], 0
+    for number, obj in enumerate(record.objects, start=1):
+        if obj.difficult and difficult == "skip":
+            continue
+        xmin, ymin, xmax, ymax = obj.box
+        bbox, was_clipped = clip_box(xmin - 1, ymin - 1, xmax, ymax, image.width, image.height,
+                                     f"{record.xml}, object {number} ({obj.name!r})")
+        clipped += was_clipped
+        boxes.append(SourceBox(0, categories.index(obj.name), bbox, obj.difficult and difficult == "crowd"))
+    return image, boxes, clipped
 
 
 def _voc_ids(list_file: Path) -> list[str]:
@@ -640,25 +659,18 @@ def read_voc(src: str | os.PathLike, split: str | None = None, classes: Sequence
             if image_id not in records:
                 records[image_id] = parse_voc_xml(ann_dir / f"{image_id}.xml")
     categories = _voc_categories(records.values(), classes, src)
-    splits, clipped, difficult_count = {}, 0, 0
+    converted = {image_id: _voc_boxes(record, image_dir, categories, difficult)
+                 for image_id, record in records.items()}  # each image once, whatever its splits
+    splits = {}
     for name, members in ids.items():
         data, seen = SplitData(), {}
         for image_id in members:
-            record = records[image_id]
-            image = _voc_image(record, image_dir)
+            image, boxes, _ = converted[image_id]
             pos = _add_image(data, image, seen, str(split_files.get(name, ann_dir)))
-            for number, obj in enumerate(record.objects, start=1):
-                difficult_count += obj.difficult
-                if obj.difficult and difficult == "skip":
-                    continue
-                xmin, ymin, xmax, ymax = obj.box  # 1-based inclusive -> 0-based, right/bottom edges
-                bbox, was_clipped = clip_box(xmin - 1, ymin - 1, xmax, ymax, image.width, image.height,
-                                             f"{record.xml}, object {number} ({obj.name!r})")
-                clipped += was_clipped
-                crowd = obj.difficult and difficult == "crowd"
-                data.boxes.append(SourceBox(pos, categories.index(obj.name), bbox, crowd))
+            data.boxes += [replace(box, image=pos) for box in boxes]
         splits[name] = data
-    notes = _clip_note(clipped)
+    notes = _clip_note(sum(clipped for _, _, clipped in converted.values()))
+    difficult_count = sum(obj.difficult for record in records.values() for obj in record.objects)
     if difficult_count:
         action = {"crowd": "written as crowd regions (iscrowd 1, ignored by the evaluation)",
                   "keep": "kept as ordinary boxes", "skip": "left out"}[difficult]

@@ -65,11 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     formats.set_defaults(func=run_convert)
 
 
-SOURCE_FORMATS = ("yolo", "voc")
-VOC_DIFFICULT_MODES = ("crowd", "keep", "skip")  # asag.data.formats.VOC_DIFFICULT_MODES (no import here)
-VOC_ONLY_OPTIONS = (("classes", "--classes"), ("voc_difficult", "--voc-difficult"))
-
-
 def name_list(text: str) -> list[str]:
     """``"a, b,c"`` -> ``["a", "b", "c"]`` (the names are checked by the command)."""
     return [name.strip() for name in text.split(",")]
@@ -118,6 +113,12 @@ def run_convert_crowdhuman(args: argparse.Namespace) -> int:
         f"{summary.ignore_regions} ignore regions"
     )
     return 0
+
+
+SOURCE_FORMATS = ("yolo", "voc")
+# = asag.data.formats.VOC_DIFFICULT_MODES (a test checks); importing it here would load torch at start-up
+VOC_DIFFICULT_MODES = ("crowd", "keep", "skip")
+VOC_ONLY_OPTIONS = (("classes", "--classes"), ("voc_difficult", "--voc-difficult"))
 
 
 def run_convert(args: argparse.Namespace) -> int:

@@ -340,15 +340,17 @@ def one_line_error(capsys, command):
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "predict", "visualize", "convert", "data synth",
-                                     "data convert-crowdhuman", "benchmark", "demo"])
+                                     "data convert-crowdhuman", "data convert", "benchmark", "demo"])
 def test_an_output_path_under_a_file_is_refused_before_the_work(command, tiny_checkpoint, tmp_path,
                                                                   monkeypatch, capsys):
     import asag.commands.benchmark
     import asag.commands.data
+    import asag.data.formats
     import asag.engine.evaluator
 
     for module, name in ((asag.engine.evaluator, "evaluate"), (asag.commands.data, "time"),
-                         (asag.commands.benchmark, "benchmark")):  # the work itself must not start
+                         (asag.commands.benchmark, "benchmark"),
+                         (asag.data.formats, "read_voc")):  # the work itself must not start
         monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the work started"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -365,6 +367,7 @@ def test_an_output_path_under_a_file_is_refused_before_the_work(command, tiny_ch
         "data synth": ["data", "synth", "--out", out, "--images", "1"],
         "data convert-crowdhuman": ["data", "convert-crowdhuman", "--odgt", "x.odgt", "--images", ".",
                                     "--out", f"{out}/x.json"],
+        "data convert": ["data", "convert", "--from", "voc", ".", "--out", out],
         "benchmark": ["benchmark", "tiny_cpu", "--json", f"{out}/x.json"],
         "demo": ["demo", "--output-dir", out],
     }[command]

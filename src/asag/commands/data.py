@@ -1,12 +1,16 @@
-"""``asag data synth | stats | convert-crowdhuman``: data set generation, statistics and conversion."""
+"""``asag data synth | stats | convert | convert-crowdhuman``: data set generation, statistics and
+conversion."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
+from pathlib import Path
 
 from asag.config import field_option
-from asag.outputs import check_output_dir, check_output_file
+from asag.errors import ConfigError
+from asag.outputs import check_output_dir, check_output_file, removed_if_unused
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +41,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--images", required=True, help="folder holding <ID>.jpg")
     convert.add_argument("--out", required=True, help="COCO JSON to write")
     convert.set_defaults(func=run_convert_crowdhuman)
+
+    formats = sub.add_parser("convert", help="convert a YOLO or Pascal VOC data set to COCO format")
+    formats.add_argument("--from", dest="source_format", required=True, choices=SOURCE_FORMATS,
+                         help="source format")
+    formats.add_argument("src", help="yolo: a data.yaml, a folder holding one, or a folder with images/, "
+                                     "labels/ and classes.txt (or obj.names); voc: the folder with "
+                                     "Annotations/, JPEGImages/ and optionally ImageSets/Main/")
+    formats.add_argument("--out", required=True,
+                         help="output folder (annotations/{split}.json, images/{split}/)")
+    formats.add_argument("--split", default=None,
+                         help="name of the one split of a source without splits (default: train)")
+    formats.add_argument("--classes", type=name_list, default=None, metavar="NAME,NAME,...",
+                         help="voc: the class names in category-id order (default: the names in the XML "
+                              "files, sorted)")
+    formats.add_argument("--voc-difficult", choices=VOC_DIFFICULT_MODES, default=None,
+                         help="voc: difficult objects as crowd regions that the evaluation ignores "
+                              "(iscrowd 1), as ordinary boxes, or left out (default: crowd)")
+    formats.add_argument("--copy-images", action="store_true",
+                         help="copy the images (default: symbolic links to the source images)")
+    formats.add_argument("--overwrite", action="store_true",
+                         help="replace the files of these splits in --out")
+    formats.set_defaults(func=run_convert)
 
 
 def name_list(text: str) -> list[str]:
@@ -86,4 +112,44 @@ def run_convert_crowdhuman(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {summary.images} images, {summary.boxes} person boxes, "
         f"{summary.ignore_regions} ignore regions"
     )
+    return 0
+
+
+SOURCE_FORMATS = ("yolo", "voc")
+# = asag.data.formats.VOC_DIFFICULT_MODES (a test checks); importing it here would load torch at start-up
+VOC_DIFFICULT_MODES = ("crowd", "keep", "skip")
+VOC_ONLY_OPTIONS = (("classes", "--classes"), ("voc_difficult", "--voc-difficult"))
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """``asag data convert``: read the source, write the COCO data set, print its statistics and the
+    ``asag train`` overrides that use it. The output folder is checked first; one this run created is
+    removed again when the source turns out unusable."""
+    from asag.data.formats import check_split_name, read_voc, read_yolo, train_overrides, write_coco_dataset
+    from asag.data.stats import compute_stats, format_stats
+
+    split = None if args.split is None else check_split_name(args.split, "--split")
+    given = [option for attr, option in VOC_ONLY_OPTIONS if getattr(args, attr) is not None]
+    if args.source_format == "yolo" and given:
+        raise ConfigError(f"{', '.join(given)}: only for --from voc (YOLO class names come from the "
+                          f"data.yaml or the names file)")
+    created = not Path(args.out).exists()
+    out = check_output_dir(args.out, "--out")
+    with removed_if_unused(out, created):
+        if args.source_format == "voc":
+            source = read_voc(args.src, split, args.classes, args.voc_difficult or "crowd")
+        else:
+            source = read_yolo(args.src, split)
+        paths = write_coco_dataset(source, out, copy_images=args.copy_images, overwrite=args.overwrite)
+    how = "copies" if args.copy_images else "symbolic links"
+    counts = ", ".join(f"{name} ({len(data.images)} images)" for name, data in source.splits.items())
+    print(f"read {args.src} ({args.source_format}): {len(source.categories)} classes; splits {counts}")
+    for note in source.notes:
+        print(f"  {note}")
+    splits = ",".join(paths.splits) if len(paths.splits) == 1 else "{" + ",".join(paths.splits) + "}"
+    print(f"wrote {out / 'annotations' / splits}.json and {out / 'images' / splits} ({how})")
+    for ann_file, _ in paths.splits.values():
+        print(format_stats(compute_stats(ann_file)))
+    overrides = " ".join(shlex.quote(o) for o in train_overrides(paths, len(source.categories)))
+    print(f"train on it (PRESET: see `asag config list`):\n  asag train PRESET {overrides}")
     return 0

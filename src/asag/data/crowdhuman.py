@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import PIL.Image
-
+from asag.data.formats import write_coco_json
+from asag.data.image import read_image_header
 from asag.errors import DataError
 
 PERSON_CATEGORY = {"id": 1, "name": "person", "supercategory": "person"}
@@ -54,15 +54,6 @@ def _image_file(image_dir: Path, image_name: str, where: str) -> Path:
     raise DataError(f"{where}: image {image_name!r} not found in {image_dir} (tried {tried})")
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image header (no decoding)."""
-    try:
-        with PIL.Image.open(path) as image:
-            return image.size
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot read image ({err})") from None
-
-
 def _coco_box(box: Mapping[str, Any], where: str) -> dict[str, Any] | None:
     """One ``gtboxes`` entry as a COCO annotation (without ids), or ``None`` for unknown tags."""
     tag = box.get("tag")
@@ -94,7 +85,7 @@ def odgt_to_coco(odgt_path: str | os.PathLike, image_dir: str | os.PathLike) -> 
     for lineno, record in read_odgt(odgt_path):
         where = f"{odgt_path}, line {lineno}"
         path = _image_file(image_dir, record["ID"], where)
-        width, height = _image_size(path)
+        width, height = read_image_header(path).stored
         image_id = len(images) + 1
         entry = {"id": image_id, "file_name": path.name, "width": width, "height": height}
         images.append({**entry, "odgt_id": record["ID"]})
@@ -121,8 +112,6 @@ def convert_crowdhuman(
 ) -> ConversionSummary:
     """Write the COCO JSON of :func:`odgt_to_coco` to ``out_json``."""
     data = odgt_to_coco(odgt_path, image_dir)
-    out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    write_coco_json(data, out_json)
     crowd = sum(ann["iscrowd"] for ann in data["annotations"])
     return ConversionSummary(len(data["images"]), len(data["annotations"]) - crowd, crowd)

@@ -14,10 +14,12 @@ Any file Pillow decodes becomes an 8-bit RGB image with its EXIF orientation app
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import PIL.PngImagePlugin
 
 from asag.errors import DataError
 
@@ -25,6 +27,9 @@ from asag.errors import DataError
 UINT16_MAX = 65535
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("P", "PA", "LA", "RGBA")
+# EXIF orientation tag and its values that swap width and height (rotations by 90 degrees, transposes).
+EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -59,3 +64,36 @@ def open_image(path: str | os.PathLike, *, exif: bool = True) -> tuple[PIL.Image
         raise DataError(f"{path}: is a folder, not an image file") from None
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot read image ({err})") from None
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """Sizes of an image file, ``(width, height)`` in pixels: ``stored`` as the pixels are stored,
+    ``oriented`` after the EXIF orientation (as :func:`open_image` returns the image by default)."""
+
+    stored: tuple[int, int]
+    oriented: tuple[int, int]
+
+
+def _orientation(image: PIL.Image.Image) -> int:
+    """The EXIF orientation (1: none) known from the file's header, without decoding the pixels (a PNG's
+    ``eXIf`` chunk after the pixel data would need decoding them, and is ignored)."""
+    if isinstance(image, PIL.PngImagePlugin.PngImageFile) and "exif" not in image.info:
+        return 1
+    return int(image.getexif().get(EXIF_ORIENTATION, 1))
+
+
+def read_image_header(path: str | os.PathLike) -> ImageHeader:
+    """The sizes of image ``path`` read from its header only (no pixel decoding). Missing or unreadable
+    files raise :class:`asag.errors.DataError` naming the file."""
+    try:
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+            transposed = _orientation(image) in _TRANSPOSING_ORIENTATIONS
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not an image file") from None
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot read image ({err})") from None
+    return ImageHeader((width, height), (height, width) if transposed else (width, height))

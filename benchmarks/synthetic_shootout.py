@@ -148,15 +148,24 @@ def batches(loader) -> Iterator[tuple[int, Batch]]:
         epoch += 1
 
 
-def train_for(contestant, loader, budget_s: float, clip: float) -> int:
-    """Train until ``budget_s`` seconds have passed; returns the number of iterations."""
+def train_for(contestant, loader, budget_s: float, clip: float, *, parts: int = 1,
+              on_part: Callable[[float], None] | None = None) -> int:
+    """Train until ``budget_s`` seconds have passed; returns the number of iterations. With ``on_part``,
+    ``on_part(trained_seconds)`` is called after each of ``parts`` equal shares of the budget (e.g. to
+    evaluate), with the clock stopped while it runs."""
     model = contestant.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
-    start, iteration, last_print = time.perf_counter(), 0, 0.0
+    start, iteration, last_print, done_parts = time.perf_counter(), 0, 0.0, 0
     for epoch, batch in batches(loader):
         elapsed = time.perf_counter() - start
+        if on_part is not None and elapsed >= budget_s * (done_parts + 1) / parts:
+            paused = time.perf_counter()
+            on_part(elapsed)
+            model.train()
+            done_parts += 1
+            start += time.perf_counter() - paused
         if elapsed >= budget_s:
             break
         for group in optimizer.param_groups:

@@ -365,12 +365,17 @@ def test_forged_metadata_that_passes_its_checksum_is_still_checked(exported, met
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
-def test_a_file_without_checksum_loads_with_a_warning(exported, metadata, fmt):
+def test_a_file_without_checksum_loads_with_a_warning(exported, metadata, fmt, tmp_path, capsys):
     path = exported(fmt)
     set_metadata(path, json.dumps(metadata))  # what asag export wrote before the checksum
     with pytest.warns(ExportWarning, match=re.escape(f"{path}: no checksum")):
         model = ExportedModel(path)
     assert model.size == SIZE and CHECKSUM_KEY not in model.metadata
+    image = write_image(tmp_path / "img.png", 320, 320)
+    assert main(["predict", str(path), str(image), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"asag predict: warning: {path}: no checksum (exported before asag stored one), so damage cannot be "
+        "detected; re-export it"]
 
 
 def test_the_checksum_covers_the_metadata(exported, metadata):

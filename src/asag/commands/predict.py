@@ -15,6 +15,7 @@ import argparse
 import glob
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from tqdm import tqdm
@@ -84,7 +85,8 @@ def expand_images(specs: list[str]) -> list[Path]:
 
 
 def load_detector(args: argparse.Namespace) -> Detector:
-    """A checkpoint's detector, or an exported model's (``.onnx`` / ``.pt2`` of ``asag export``)."""
+    """A checkpoint's detector, or an exported model's (``.onnx`` / ``.pt2`` of ``asag export``; warnings
+    while it loads, e.g. that it has no checksum, are one line each on stderr)."""
     if Path(args.checkpoint).suffix.lower() not in EXPORTED_SUFFIXES:
         return Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
                                         inference_level=args.inference_level, fast=args.fast,
@@ -97,7 +99,12 @@ def load_detector(args: argparse.Namespace) -> Detector:
     if given:
         raise ConfigError(f"{args.checkpoint}: {', '.join(given)} cannot change an exported model "
                           "(choose them at `asag export`)")
-    return Detector.from_exported(args.checkpoint, device=args.device)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. asag.export.ExportWarning (no checksum)
+        warnings.simplefilter("always")
+        detector = Detector.from_exported(args.checkpoint, device=args.device)
+    for warning in caught:
+        print(f"asag predict: warning: {warning.message}", file=sys.stderr)
+    return detector
 
 
 def drawing_file(name: str) -> str:

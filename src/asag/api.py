@@ -142,6 +142,12 @@ def _stored_label_map(ckpt: dict, path: str | Path) -> LabelMap | None:
     data = ckpt.get("label_map")
     if not data:
         return None
+    return parse_label_map(data, path)
+
+
+def parse_label_map(data: object, path: str | Path) -> LabelMap:
+    """A stored label map (the plain data of :meth:`LabelMap.to_dict`); CheckpointError naming ``path``
+    when it is malformed."""
     try:
         return LabelMap.from_dict(data)
     except KeyError as err:
@@ -200,16 +206,17 @@ class Detector:
     def from_exported(cls, path: str | Path, device: str = "auto") -> Detector:
         """A detector running a file of ``asag export`` (``.onnx`` with ONNX Runtime, ``.pt2`` with
         ``torch.export.load``): the same preprocessing and :class:`Detection` output as the checkpoint;
-        images are padded to the exported size (docs/inference.md, "Deployment")."""
+        images are padded to the exported size (docs/inference.md, "Deployment"). The file is checked
+        before anything runs (checksum, metadata, and for ``.pt2`` that it holds nothing that could run
+        code); see :class:`asag.export.ExportedModel`."""
         from asag.export import ExportedModel
 
         resolved = resolve_device(device)
         exported = ExportedModel(path, resolved)
-        cfg = config_from_dict(exported.metadata["config"])
         detector = cls.__new__(cls)
-        detector.model, detector.cfg, detector.device = exported, cfg, resolved
-        detector.label_map = LabelMap.from_dict(exported.metadata["label_map"])
-        detector.transforms = build_transforms(cfg.data, train=False)
+        detector.model, detector.cfg, detector.device = exported, exported.cfg, resolved
+        detector.label_map = exported.label_map
+        detector.transforms = build_transforms(exported.cfg.data, train=False)
         return detector
 
     @staticmethod

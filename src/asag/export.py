@@ -18,33 +18,95 @@ Outputs: ``boxes [B, K, 4]`` float32 xyxy in original pixels, ``scores [B, K]`` 
 ``labels [B, K]`` int64 contiguous class indices, ``valid [B, K]`` bool (a prefix of each row); see
 :class:`asag.structures.DetectionBatch`. The file also stores the model's configuration and label map
 (ONNX metadata / ``.pt2`` extra file ``asag.json``), so :class:`ExportedModel` needs nothing else.
+
+Safety. The metadata holds ``sha256``, a checksum of the whole file but the metadata's own record
+(:func:`file_checksum`), which :class:`ExportedModel` verifies before anything runs: a damaged file is
+refused as corrupted (a checksum detects damage; it is no signature). A ``.pt2`` archive is inspected
+before ``torch.export.load`` reads it (:meth:`ExportedModel._check_pt2_archive`): it may hold only the
+records ``asag export`` writes, none of them pickled, and a graph of ATen operators without the guard
+code and symbolic expressions that torch would run as Python. Files are written atomically
+(:func:`asag.engine.checkpoint.atomic_write`), from bytes built in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import itertools
 import json
+import logging
+import re
+import warnings
+import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from asag.config import Config
+from asag.api import check_label_map, parse_label_map
+from asag.config import Config, config_from_dict
 from asag.data import LabelMap
+from asag.engine.checkpoint import EXPORTED_SUFFIXES, atomic_write, one_line
 from asag.errors import CheckpointError, ConfigError, DataError
 from asag.modeling.detector import ASAG
 from asag.modeling.roi_gather import GatherRoIPooling
 from asag.structures import DetectionBatch, Detections
 
-EXPORT_FORMATS = ("onnx", "pt2")
+EXPORT_FORMATS = tuple(suffix.lstrip(".") for suffix in EXPORTED_SUFFIXES)  # ("onnx", "pt2")
 INPUT_NAMES = ["images", "image_sizes", "orig_sizes"]
 OUTPUT_NAMES = ["boxes", "scores", "labels", "valid"]
 METADATA_KEY = "asag"  # ONNX metadata_props key / .pt2 extra file "asag.json"
+METADATA_FILE = f"{METADATA_KEY}.json"
+# Entries of the metadata (JSON object) and their types; "sha256" (CHECKSUM_KEY) is absent from files
+# exported before the checksum existed.
+METADATA_TYPES = {"config": dict, "label_map": dict, "size": list, "batch_size": int}
+CHECKSUM_KEY = "sha256"
+CHECKSUM_PATTERN = re.compile(r"[0-9a-f]{64}")
+ONNX_RECORD = "model.onnx"  # name of the ONNX model's record in its checksum (file_checksum)
 EXTRA_HINT = 'pip install "asag[export]"'
 # Sides of the padded input must be multiples of this (the batch padding of the data pipeline, and the
 # coarsest FPN stride).
 SIZE_DIVISIBILITY = 32
+# Largest padded input ``B x 3 x H x W`` (float32) an export accepts: 1 GiB, e.g. one image up to about
+# 9400 x 9400 px or eight of 3328 x 3328; larger sizes are typos that would exhaust the memory.
+MAX_INPUT_BYTES = 2**30
+FLOAT32_BYTES = 4
 # ONNX opset of the exported graph (the dynamo exporter's default in torch 2.14).
 ONNX_OPSET = 18
+
+# A .pt2 archive of `asag export` (torch.export.save, archive version 0): its records below the root
+# folder. Anything else (legacy pickled weights or constants, torchbind or opaque objects, AOTInductor
+# libraries, other extra files) is refused before torch reads the archive.
+PT2_ENTRY = re.compile("|".join([
+    r"archive_format", r"archive_version", r"byteorder", r"\.data/version", r"\.data/serialization_id",
+    r"models/model\.json", r"data/sample_inputs/model\.pt",
+    r"data/weights/model_weights_config\.json", r"data/weights/weight_\d+",
+    r"data/constants/model_constants_config\.json", r"data/constants/tensor_\d+",
+    rf"extra/{re.escape(METADATA_FILE)}",
+]))
+PT2_MODEL = "models/model.json"
+PT2_SAMPLE_INPUTS = "data/sample_inputs/model.pt"
+PT2_METADATA = f"extra/{METADATA_FILE}"
+# Payload configurations: (config record, folder of its payloads, name pattern of a payload).
+PT2_PAYLOADS = (("data/weights/model_weights_config.json", "data/weights/", re.compile(r"weight_\d+")),
+                ("data/constants/model_constants_config.json", "data/constants/", re.compile(r"tensor_\d+")))
+PT2_REQUIRED = ("archive_version", PT2_MODEL, *(config for config, _, _ in PT2_PAYLOADS))
+# Records outside the checksum: the metadata that holds it, and the random id of each write.
+PT2_UNHASHED = (PT2_METADATA, ".data/serialization_id")
+# Operators a graph of `asag export` calls: ATen operators, and getitem on their tuple results. torch
+# resolves any other name under ``torch`` too (e.g. torch.ops.load_library) and calls it.
+PT2_TARGET = re.compile(r"torch\.ops\.aten\.\w+\.\w+|_operator\.getitem")
+# Parts of a serialised program that torch runs as Python when loading it: guard code (exec) and
+# symbolic expressions (sympy, i.e. eval); a static export has neither.
+PT2_CODE_KEYS = {"guards_code": "guard code", "range_constraints": "symbolic shape constraints",
+                 "expr_str": "symbolic expressions", "as_operator": "operator arguments"}
+
+
+class ExportWarning(UserWarning):
+    """An exported file that loads but cannot be fully checked (exported before the checksum existed)."""
 
 
 def require(module: str, purpose: str):
@@ -66,12 +128,19 @@ def format_of(path: str | Path) -> str:
 
 
 def check_export_size(size: tuple[int, int], batch_size: int) -> None:
+    """Positive sides that are multiples of :data:`SIZE_DIVISIBILITY`, a batch of at least one, and a
+    padded input ``[B, 3, H, W]`` float32 of at most :data:`MAX_INPUT_BYTES`; ConfigError otherwise."""
     h, w = size
     if h <= 0 or w <= 0 or h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
         raise ConfigError(f"--size {h}x{w}: both sides must be positive multiples of {SIZE_DIVISIBILITY} "
                           "(an export has one fixed input size; dynamic sizes are not supported)")
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    nbytes = batch_size * 3 * h * w * FLOAT32_BYTES
+    if nbytes > MAX_INPUT_BYTES:
+        raise ConfigError(f"--size {h}x{w} --batch-size {batch_size}: the padded input [B, 3, H, W] would "
+                          f"take {nbytes / 2**30:.1f} GiB; an export allows at most "
+                          f"{MAX_INPUT_BYTES / 2**30:.0f} GiB (choose a smaller --size or --batch-size)")
 
 
 class DeployedDetector(nn.Module):
@@ -96,6 +165,13 @@ def example_inputs(batch_size: int, size: tuple[int, int], device: torch.device 
     h, w = size
     sizes = torch.tensor([[h, w]] * batch_size, dtype=torch.int64, device=device)
     return torch.zeros(batch_size, 3, h, w, device=device), sizes, sizes.clone()
+
+
+def export_metadata(cfg: Config, label_map: LabelMap, size: tuple[int, int], batch_size: int) -> dict:
+    """The metadata an exported file stores (without its checksum): configuration, label map, the fixed
+    size ``[H, W]`` and batch size, and the input / output names."""
+    return {"config": cfg.to_dict(), "label_map": label_map.to_dict(), "size": list(size),
+            "batch_size": batch_size, "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES}
 
 
 def _sort_stable_onnx(self, *, stable=None, dim: int = -1, descending: bool = False):
@@ -129,7 +205,8 @@ def export_model(model: ASAG, cfg: Config, label_map: LabelMap, out: str | Path,
     """Export the static ``model`` for ``batch_size`` images padded to ``size`` ``(H, W)`` to ``out``.
 
     ``fmt`` (default: from the suffix of ``out``) is ``"onnx"`` (``torch.onnx.export(dynamo=True)``,
-    checked with ``onnx.checker``) or ``"pt2"`` (``torch.export.export`` + ``torch.export.save``).
+    checked with ``onnx.checker``) or ``"pt2"`` (``torch.export.export`` + ``torch.export.save``). An
+    existing ``out`` is replaced (atomically); see :func:`write_exported`.
     """
     fmt = fmt or format_of(out)
     if fmt not in EXPORT_FORMATS:
@@ -138,29 +215,64 @@ def export_model(model: ASAG, cfg: Config, label_map: LabelMap, out: str | Path,
     deployed = DeployedDetector(model).eval()
     device = next(model.parameters()).device
     inputs = example_inputs(batch_size, size, device)
-    metadata = json.dumps({"config": cfg.to_dict(), "label_map": label_map.to_dict(),
-                           "size": list(size), "batch_size": batch_size,
-                           "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES})
+    return write_exported(deployed, inputs, out, export_metadata(cfg, label_map, size, batch_size), fmt)
+
+
+def write_exported(module: nn.Module, inputs: tuple[Tensor, ...], out: str | Path, metadata: dict,
+                   fmt: str) -> Path:
+    """Trace ``module`` on ``inputs`` and write it to ``out`` as ``fmt`` with ``metadata`` plus its checksum.
+
+    The file is built in memory and written by :func:`asag.engine.checkpoint.atomic_write`: ``out`` is
+    never left half-written (a full disk or Ctrl-C leaves the earlier file, or none). Running out of
+    memory while tracing is a one-line ConfigError.
+    """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        if fmt == "pt2":
-            program = torch.export.export(deployed, inputs, strict=False)
-            torch.export.save(program, out, extra_files={f"{METADATA_KEY}.json": metadata})
-        else:
-            _export_onnx(deployed, inputs, out, metadata)
-    return out
+    try:
+        with torch.no_grad():
+            serialise = _pt2_bytes if fmt == "pt2" else _onnx_bytes
+            data = serialise(module, inputs, metadata)
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        raise ConfigError(f"{out}: out of memory while exporting ({one_line(err)}); choose a smaller --size "
+                          "or --batch-size") from None
+    return atomic_write(out, lambda handle: handle.write(data))
 
 
-def _export_onnx(deployed: DeployedDetector, inputs: tuple[Tensor, ...], out: Path, metadata: str) -> None:
+def _out_of_memory(err: BaseException) -> bool:
+    """An allocation failure: MemoryError, CUDA out of memory, or the CPU allocator's RuntimeError."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
+
+
+def _pt2_bytes(module: nn.Module, inputs: tuple[Tensor, ...], metadata: dict) -> bytes:
+    """A ``.pt2`` archive of ``module`` with ``extra/asag.json`` = ``metadata`` plus its checksum.
+
+    The archive holds no pickle: the example inputs are dropped (``torch.export.save`` would pickle them
+    into ``data/sample_inputs/model.pt``), and weights and constants are plain tensors, which torch
+    stores as raw bytes.
+    """
+    program = torch.export.export(module, inputs, strict=False)
+    program.example_inputs = None
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    with zipfile.ZipFile(buffer, "a") as archive:  # appended records keep the others' offsets (alignment)
+        root = _pt2_root(archive)
+        checksum = file_checksum(metadata, _pt2_records(archive, root))
+        archive.writestr(f"{root}/{PT2_METADATA}", json.dumps({**metadata, CHECKSUM_KEY: checksum}))
+    return buffer.getvalue()
+
+
+def _onnx_bytes(module: nn.Module, inputs: tuple[Tensor, ...], metadata: dict) -> bytes:
+    """An ONNX model of ``module`` (weights inside the file, never external data) with the metadata
+    property ``asag`` = ``metadata`` plus its checksum, checked with ``onnx.checker``."""
     onnx = require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
-    poolers = [m for m in deployed.modules() if isinstance(m, GatherRoIPooling)]
+    poolers = [m for m in module.modules() if isinstance(m, GatherRoIPooling)]
     for pooler in poolers:  # ONNX has no weighted embedding_bag: one gather per sample tap
         pooler.weighted_sum = "index"
     try:
         program = torch.onnx.export(
-            deployed, inputs, dynamo=True, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            module, inputs, dynamo=True, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
             opset_version=ONNX_OPSET, verbose=False,
             custom_translation_table={torch.ops.aten.sort.stable: _sort_stable_onnx,
                                       torch.ops.aten.where.self: _where_onnx},
@@ -168,11 +280,85 @@ def _export_onnx(deployed: DeployedDetector, inputs: tuple[Tensor, ...], out: Pa
     finally:
         for pooler in poolers:
             pooler.weighted_sum = "embedding_bag"
-    program.save(str(out))
-    proto = onnx.load(str(out))
-    onnx.helper.set_model_props(proto, {METADATA_KEY: metadata})
+    proto = program.model_proto
+    del proto.metadata_props[:]
+    try:
+        checksum = file_checksum(metadata, [(ONNX_RECORD, proto.SerializeToString())])
+    except ValueError as err:  # protobuf refuses messages over 2 GB
+        raise ConfigError(f"the model is too large for one ONNX file ({one_line(err)}); export it as .pt2"
+                          ) from None
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps({**metadata, CHECKSUM_KEY: checksum})})
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(out))
+    return proto.SerializeToString()
+
+
+# -------------------------------------------------------------------------------------------- checksum
+
+
+def file_checksum(metadata: dict, records: Iterable[tuple[str, bytes]]) -> str:
+    """The checksum stored as ``metadata["sha256"]``: SHA-256 (hex) of the metadata without that entry and
+    of the file's ``records``.
+
+    Fed in order: the metadata as record ``asag.json`` (canonical JSON: keys sorted, separators ``,`` and
+    ``:``, UTF-8), then each ``(name, data)`` of ``records``; a record is its name (UTF-8), a NUL byte,
+    its length (8 bytes, little-endian) and its data. The records of an ONNX file: one, ``model.onnx`` =
+    the serialised ``ModelProto`` without the ``asag`` metadata property. Of a ``.pt2`` archive: every
+    record but ``extra/asag.json`` and ``.data/serialization_id``, named relative to the archive's root
+    folder, sorted by name (:func:`_pt2_records`).
+    """
+    digest = hashlib.sha256()
+    plain = {key: value for key, value in metadata.items() if key != CHECKSUM_KEY}
+    canonical = json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()
+    for name, data in itertools.chain([(METADATA_FILE, canonical)], records):
+        digest.update(name.encode() + b"\0" + len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _pt2_root(archive: zipfile.ZipFile) -> str:
+    """The root folder of a ``.pt2`` archive (torch names it after the file or ``archive``)."""
+    names = archive.namelist()
+    return names[0].split("/", 1)[0] if names else ""
+
+
+def _pt2_records(archive: zipfile.ZipFile, root: str) -> Iterator[tuple[str, bytes]]:
+    """``(name below the root, data)`` of the records in the checksum, sorted by name, read one by one."""
+    names = sorted(info.filename[len(root) + 1:] for info in archive.infolist())
+    for name in names:
+        if name not in PT2_UNHASHED:
+            yield name, archive.read(f"{root}/{name}")
+
+
+def metadata_problem(meta: object) -> str | None:
+    """What is wrong with a loaded metadata object (a phrase: "has no 'size' entry"), or None."""
+    if not isinstance(meta, dict):
+        return "is not a JSON object"
+    for key, kind in METADATA_TYPES.items():
+        if key not in meta:
+            return f"has no {key!r} entry"
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            return f"entry {key!r} is not a {kind.__name__}"
+    size = meta["size"]
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        return f"entry 'size' is not [height, width] in pixels: {str(size)[:40]}"
+    if meta["batch_size"] < 1:
+        return f"entry 'batch_size' is not positive: {meta['batch_size']}"
+    checksum = meta.get(CHECKSUM_KEY)
+    if checksum is not None and not (isinstance(checksum, str) and CHECKSUM_PATTERN.fullmatch(checksum)):
+        return f"entry {CHECKSUM_KEY!r} is not a SHA-256 hex digest"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Logger ``name`` silent (above CRITICAL) inside the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------- exported models
@@ -184,6 +370,14 @@ class ExportedModel:
     ``predict(images, image_sizes, orig_sizes)`` takes a padded batch as the checkpoint model does
     (``[n, 3, h, w]`` with ``h <= H``, ``w <= W``, any ``n``), pads it to the exported ``B x 3 x H x W``,
     runs it in chunks of ``B`` and returns one :class:`Detections` per image.
+
+    Loading checks, in this order, each failure one CheckpointError naming the file: (``.pt2``) the
+    archive holds only what ``asag export`` writes and nothing that could run code
+    (:meth:`_check_pt2_archive`); the metadata is a JSON object with the entries of
+    :data:`METADATA_TYPES`; the checksum matches (``FILE: corrupted (checksum mismatch) — re-export it``;
+    a file without one, exported before it existed, loads with an :class:`ExportWarning`); the stored
+    configuration and label map are valid; the graph's inputs and outputs match the metadata. The file
+    is read once: the checked bytes are the ones that run.
     """
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
@@ -192,13 +386,28 @@ class ExportedModel:
             raise CheckpointError(f"{self.path}: exported model not found")
         self.format = format_of(self.path)
         self.device = torch.device(device)
-        meta = self._load_onnx() if self.format == "onnx" else self._load_pt2()
+        data = self.path.read_bytes()
+        meta = self._load_onnx(data) if self.format == "onnx" else self._load_pt2(data)
         self.metadata = meta
-        self.size = tuple(meta["size"])
-        self.batch_size = int(meta["batch_size"])
 
-    def _load_onnx(self) -> dict:
+    # ------------------------------------------------------------------------------------ loading
+
+    def _load_onnx(self, data: bytes) -> dict:
+        onnx = require("onnx", "checking an ONNX model")
         ort = require("onnxruntime", "running an ONNX model")
+        try:
+            proto = onnx.ModelProto.FromString(data)
+        except Exception as err:  # google.protobuf.message.DecodeError, RuntimeWarning ...
+            raise self._corrupted(f"not a readable ONNX model: {one_line(err)}") from None
+        entries = [entry for entry in proto.metadata_props if entry.key == METADATA_KEY]
+        if len(entries) > 1:
+            raise self._corrupted(f"{len(entries)} '{METADATA_KEY}' metadata entries")
+        meta = self._read_metadata(entries[0].value if entries else None)
+        for entry in entries:
+            proto.metadata_props.remove(entry)
+        self._verify(meta, [(ONNX_RECORD, proto.SerializeToString())])
+        del proto
+        self._configure(meta)
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -207,28 +416,171 @@ class ExportedModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+            self.session = ort.InferenceSession(data, options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types
-            raise CheckpointError(f"{self.path}: ONNX Runtime cannot load it ({err})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        return self._parse_metadata(meta)
-
-    def _load_pt2(self) -> dict:
-        extra = {f"{METADATA_KEY}.json": ""}
-        try:
-            program = torch.export.load(self.path, extra_files=extra)
-        except Exception as err:  # a damaged archive raises several exception types
-            raise CheckpointError(f"{self.path}: torch.export.load cannot read it ({err})") from None
-        self.module = program.module().to(self.device)
-        return self._parse_metadata(extra[f"{METADATA_KEY}.json"])
-
-    def _parse_metadata(self, text: str | None) -> dict:
-        try:
-            meta = json.loads(text or "")
-            meta["size"], meta["batch_size"], meta["config"], meta["label_map"]  # noqa: B018
-        except (ValueError, KeyError, TypeError):
-            raise CheckpointError(f"{self.path}: not exported by `asag export` (no asag metadata)") from None
+            raise CheckpointError(f"{self.path}: ONNX Runtime cannot load it ({one_line(err)})") from None
+        inputs = {node.name: tuple(node.shape) for node in self.session.get_inputs()}
+        self._check_signature(inputs, [node.name for node in self.session.get_outputs()])
         return meta
+
+    def _load_pt2(self, data: bytes) -> dict:
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(data))
+        except zipfile.BadZipFile as err:
+            raise self._corrupted(f"not a .pt2 archive: {one_line(err)}") from None
+        with archive:
+            root = self._check_pt2_archive(archive)
+            names = set(archive.namelist())
+            text = archive.read(f"{root}/{PT2_METADATA}") if f"{root}/{PT2_METADATA}" in names else None
+            meta = self._read_metadata(text)
+            self._verify(meta, _pt2_records(archive, root))
+        self._configure(meta)
+        extra = {METADATA_FILE: ""}
+        try:
+            with _quiet_logger("torch.export"):  # it logs a traceback before its legacy-format fallback
+                program = torch.export.load(io.BytesIO(data), extra_files=extra)
+        except Exception as err:  # a damaged archive raises several exception types
+            reason = one_line(err)
+            raise CheckpointError(f"{self.path}: torch.export.load cannot read it ({reason})") from None
+        placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+        inputs = {name: tuple(placeholders[name].meta["val"].shape)
+                  for name in program.graph_signature.user_inputs if name in placeholders}
+        self._check_signature(inputs, OUTPUT_NAMES[:len(program.graph_signature.user_outputs)])
+        self.module = program.module().to(self.device)
+        return meta
+
+    def _corrupted(self, reason: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: corrupted ({reason}) — re-export it")
+
+    def _refused(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: refused: the archive holds {what}, which can run code when "
+                               "loaded and which asag export never writes")
+
+    def _check_pt2_archive(self, archive: zipfile.ZipFile) -> str:
+        """Refuse, before anything is unpickled, an archive that is not what ``asag export`` writes: records
+        outside :data:`PT2_ENTRY` (one root folder, each name once, stored uncompressed), pickled weights or
+        constants, sample inputs that are not plain tensors (``torch.load(weights_only=True)``; torch
+        would retry them with ``weights_only=False``), operators outside :data:`PT2_TARGET`, and the parts
+        of :data:`PT2_CODE_KEYS`. Returns the root folder."""
+        root = _pt2_root(archive)
+        infos = archive.infolist()
+        if len({info.filename for info in infos}) != len(infos):
+            raise self._refused("records with the same name")
+        for info in infos:
+            name = info.filename[len(root) + 1:] if info.filename.startswith(f"{root}/") else info.filename
+            if not info.filename.startswith(f"{root}/") or not PT2_ENTRY.fullmatch(name):
+                raise self._refused(f"an unexpected record {info.filename!r}")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise self._refused(f"a compressed record {info.filename!r}")
+        present = {info.filename[len(root) + 1:] for info in infos}
+        missing = [name for name in PT2_REQUIRED if name not in present]
+        if missing:
+            raise self._corrupted(f"no {missing[0]} record")
+        for config_name, folder, pattern in PT2_PAYLOADS:
+            config = self._archive_json(archive, f"{root}/{config_name}")
+            entries = config.get("config") if isinstance(config, dict) else None
+            if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+                raise self._corrupted(f"{config_name} is not a payload configuration")
+            for fqn, entry in entries.items():
+                if entry.get("use_pickle", False) is not False:
+                    raise self._refused(f"a pickled payload ({fqn!r} in {config_name})")
+                name = entry.get("path_name")
+                if not isinstance(name, str) or not pattern.fullmatch(name) or folder + name not in present:
+                    raise self._corrupted(f"{config_name} names a payload {name!r} it does not hold")
+        if PT2_SAMPLE_INPUTS in present:
+            self._check_sample_inputs(archive.read(f"{root}/{PT2_SAMPLE_INPUTS}"))
+        self._check_program(self._archive_json(archive, f"{root}/{PT2_MODEL}"))
+        return root
+
+    def _archive_json(self, archive: zipfile.ZipFile, name: str) -> Any:
+        try:
+            return json.loads(archive.read(name))
+        except (ValueError, zipfile.BadZipFile) as err:  # invalid JSON / UTF-8, bad CRC
+            raise self._corrupted(f"{name}: {one_line(err)}") from None
+
+    def _check_sample_inputs(self, data: bytes) -> None:
+        """Empty (what ``asag export`` writes), or plain tensors that ``torch.load(weights_only=True)`` reads
+        (``.pt2`` files exported before the pickle check), else refused."""
+        if not data:
+            return
+        try:
+            with warnings.catch_warnings():  # e.g. about the pickle protocol of a crafted record
+                warnings.simplefilter("ignore")
+                inputs = torch.load(io.BytesIO(data), weights_only=True)
+        except Exception:  # pickle.UnpicklingError for anything but plain data, or a damaged record
+            inputs = None
+        if not isinstance(inputs, (tuple, dict)):
+            raise self._refused(f"pickled sample inputs ({PT2_SAMPLE_INPUTS}) that are not plain tensors")
+
+    def _check_program(self, program: Any) -> None:
+        """The serialised program: only :data:`PT2_TARGET` operators, none of :data:`PT2_CODE_KEYS`."""
+        if not isinstance(program, dict) or "graph_module" not in program:
+            raise self._corrupted(f"{PT2_MODEL} is not a serialised program")
+        stack: list[Any] = [program]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, list):
+                stack.extend(item)
+                continue
+            if not isinstance(item, dict):
+                continue
+            for key, what in PT2_CODE_KEYS.items():
+                if item.get(key):
+                    raise self._refused(f"{what} ({key!r} in {PT2_MODEL})")
+            target = item.get("target")
+            is_node = "inputs" in item and "outputs" in item and target is not None
+            if is_node and not (isinstance(target, str) and PT2_TARGET.fullmatch(target)):
+                raise self._refused(f"a call of {str(target)[:80]!r}, not an ATen operator")
+            stack.extend(value for value in item.values() if isinstance(value, (dict, list)))
+
+    def _read_metadata(self, text: str | bytes | None) -> dict:
+        """The metadata JSON object, checked against :data:`METADATA_TYPES` (and the checksum's form)."""
+        if not text:
+            raise CheckpointError(f"{self.path}: not exported by `asag export` (no asag metadata)")
+        try:
+            meta = json.loads(text)
+        except ValueError as err:  # invalid JSON or UTF-8
+            raise self._corrupted(f"its asag metadata is not valid JSON: {one_line(err)}") from None
+        problem = metadata_problem(meta)
+        if problem:
+            raise self._corrupted(f"its asag metadata {problem}")
+        return meta
+
+    def _verify(self, meta: dict, records: Iterable[tuple[str, bytes]]) -> None:
+        """Compare the stored checksum with :func:`file_checksum`; warn when there is none."""
+        expected = meta.get(CHECKSUM_KEY)
+        if expected is None:
+            warnings.warn(f"{self.path}: no checksum (exported before asag stored one), so damage cannot be "
+                          "detected; re-export it", ExportWarning, stacklevel=4)
+            return
+        try:
+            actual = file_checksum(meta, records)
+        except (zipfile.BadZipFile, EOFError, ValueError) as err:  # a record that fails its CRC ...
+            raise self._corrupted(one_line(err)) from None
+        if actual != expected:
+            raise self._corrupted("checksum mismatch")
+
+    def _configure(self, meta: dict) -> None:
+        """``cfg``, ``label_map``, ``size`` and ``batch_size`` from the checked metadata."""
+        try:
+            self.cfg = config_from_dict(meta["config"])
+        except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as err:
+            reason = one_line(err)
+            raise CheckpointError(f"{self.path}: the stored configuration is invalid: {reason}") from None
+        self.label_map = parse_label_map(meta["label_map"], self.path)
+        check_label_map(self.label_map, self.cfg.model.num_classes, self.path)
+        self.size = tuple(meta["size"])
+        self.batch_size = meta["batch_size"]
+
+    def _check_signature(self, inputs: dict[str, tuple], outputs: list[str]) -> None:
+        """The graph's input shapes and output names must be those of the metadata's size and batch size."""
+        (h, w), b = self.size, self.batch_size
+        expected = {"images": (b, 3, h, w), "image_sizes": (b, 2), "orig_sizes": (b, 2)}
+        if inputs != expected or outputs != OUTPUT_NAMES:
+            raise CheckpointError(f"{self.path}: its graph (inputs {inputs}, outputs {outputs}) does not "
+                                  f"match its asag metadata (batch {b}, size {h}x{w}) — re-export it")
+
+    # ------------------------------------------------------------------------------------ running
 
     def run(self, images: Tensor, image_sizes: Tensor, orig_sizes: Tensor) -> DetectionBatch:
         """One call of the exported graph on exactly ``[B, 3, H, W]`` inputs."""

@@ -46,11 +46,17 @@ def check_output_dir(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
-def check_output_file(path: str | os.PathLike, option: str) -> Path:
-    """Check that file ``path`` can be written (its folder is created); OutputError naming ``option``."""
+def check_output_file(path: str | os.PathLike, option: str, *, overwrite: bool = True) -> Path:
+    """Check that file ``path`` can be written (its folder is created); OutputError naming ``option``.
+
+    ``overwrite=False`` also refuses an existing file (the command's ``--overwrite`` replaces it).
+    """
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{option} {path}: is a folder; give a file name")
+    if not overwrite and path.exists():
+        raise OutputError(f"{option} {path} already exists; pass --overwrite to replace it or choose "
+                          f"another {option}")
     check_output_dir(path.parent, option)
     return path
 

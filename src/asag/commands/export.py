@@ -1,5 +1,11 @@
-"""``asag export CHECKPOINT --format onnx|pt2 --size HxW [--batch-size B] --out FILE``: the static model with
-post-processing, for ONNX Runtime or ``torch.export.load`` (input / output contract: docs/inference.md)."""
+"""``asag export CHECKPOINT --format onnx|pt2 --size HxW [--batch-size B] --out FILE [--overwrite]``: the
+static model with post-processing, for ONNX Runtime or ``torch.export.load`` (input / output contract:
+docs/inference.md).
+
+The options and ``--out`` are checked before the model loads: an existing ``--out`` is refused unless
+``--overwrite``, as are a folder, an unwritable place and a size over the limit
+(:func:`asag.export.check_export_size`). The file is written atomically: a failure or Ctrl-C leaves the
+earlier file (or none), never a truncated one."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from asag.api import load_model
 from asag.commands.benchmark import parse_size
 from asag.errors import ConfigError
 from asag.export import EXPORT_FORMATS, check_export_size, export_model, format_of
+from asag.outputs import check_output_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="fixed padded input HEIGHTxWIDTH, multiples of 32 (e.g. 800x1216 or 1344x1344)")
     parser.add_argument("--batch-size", type=int, default=1, help="fixed batch size of the exported graph")
     parser.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file (default: refuse)")
     parser.add_argument("--fast", action="store_true", help="fold the backbone's batch norms first")
     parser.add_argument("--used-head", help="head to export: main or aux_k (default: the checkpoint's)")
     parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"],
@@ -33,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out}: the suffix does not match --format {fmt}")
     size = parse_size(args.size)
     check_export_size(size, args.batch_size)
+    check_output_file(args.out, "--out", overwrite=args.overwrite)
     model, cfg, label_map = load_model(args.checkpoint, used_head=args.used_head,
                                        inference_level=args.inference_level)
     model.set_static(True)

@@ -2,9 +2,10 @@
 
 ``predictions.json`` holds one record per readable image: ``file`` (the input path), ``detections``
 and, with ``--draw``, ``drawing`` (the file name of its drawing in ``--out``; names are unique even for
-equal stems in different folders). Unreadable images are skipped, listed on stderr, and the exit
-status is 1. Earlier results are never replaced without ``--overwrite``: the default ``--out`` is a new
-folder (``predictions``, else ``predictions_2``, ...), and a given ``--out`` that already holds
+equal stems in different folders). Unreadable images, and images that an exported model cannot take
+(larger than its fixed input size), are skipped, listed on stderr, and the exit status is 1. Earlier
+results are never replaced without ``--overwrite``: the default ``--out`` is a new folder
+(``predictions``, else ``predictions_2``, ...), and a given ``--out`` that already holds
 ``predictions.json`` (or a drawing this run would write) is refused.
 """
 
@@ -14,12 +15,14 @@ import argparse
 import glob
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from tqdm import tqdm
 
 from asag.api import Detector
 from asag.config import FRACTION, field_option, option_type
+from asag.engine.checkpoint import EXPORTED_SUFFIXES
 from asag.errors import ConfigError, DataError
 from asag.modeling.fast import add_inference_arguments
 from asag.outputs import removed_if_unused, results_dir, unique_stems
@@ -82,8 +85,9 @@ def expand_images(specs: list[str]) -> list[Path]:
 
 
 def load_detector(args: argparse.Namespace) -> Detector:
-    """A checkpoint's detector, or an exported model's (``.onnx`` / ``.pt2`` of ``asag export``)."""
-    if Path(args.checkpoint).suffix.lower() not in (".onnx", ".pt2"):
+    """A checkpoint's detector, or an exported model's (``.onnx`` / ``.pt2`` of ``asag export``; warnings
+    while it loads, e.g. that it has no checksum, are one line each on stderr)."""
+    if Path(args.checkpoint).suffix.lower() not in EXPORTED_SUFFIXES:
         return Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
                                         inference_level=args.inference_level, fast=args.fast,
                                         compile=args.compile, dtype=args.precision, static=args.static,
@@ -95,7 +99,12 @@ def load_detector(args: argparse.Namespace) -> Detector:
     if given:
         raise ConfigError(f"{args.checkpoint}: {', '.join(given)} cannot change an exported model "
                           "(choose them at `asag export`)")
-    return Detector.from_exported(args.checkpoint, device=args.device)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. asag.export.ExportWarning (no checksum)
+        warnings.simplefilter("always")
+        detector = Detector.from_exported(args.checkpoint, device=args.device)
+    for warning in caught:
+        print(f"asag predict: warning: {warning.message}", file=sys.stderr)
+    return detector
 
 
 def drawing_file(name: str) -> str:
@@ -118,8 +127,12 @@ def run(args: argparse.Namespace) -> int:
         except DataError as err:
             failed.append(str(err))
             continue
-        dets = detector.predict(image, score_threshold=args.score_threshold, topk=args.topk,
-                                nms_iou=args.nms_iou)
+        try:
+            dets = detector.predict(image, score_threshold=args.score_threshold, topk=args.topk,
+                                    nms_iou=args.nms_iou)
+        except DataError as err:  # e.g. larger than an exported model's input size
+            failed.append(f"{path}: {err}")
+            continue
         record = {"file": str(path), "detections": [d.to_dict() for d in dets]}
         if args.draw:
             record["drawing"] = drawing_file(name)
@@ -132,10 +145,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report_unreadable(failed: list[str], total: int, command: str = "predict") -> int:
-    """Print one line per image that could not be read; exit status 1 if there was any, else 0."""
+    """Print one line per image that could not be read or processed; exit status 1 if there was any,
+    else 0."""
     for message in failed:
         print(f"asag {command}: error: {message}", file=sys.stderr)
     if failed:
-        print(f"asag {command}: error: {len(failed)} of {total} images could not be read (listed above); "
-              f"the others were processed", file=sys.stderr)
+        print(f"asag {command}: error: {len(failed)} of {total} images could not be read or processed "
+              f"(listed above); the others were processed", file=sys.stderr)
     return 1 if failed else 0

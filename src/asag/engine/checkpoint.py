@@ -18,9 +18,10 @@ import random
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from torch import nn
 
 from asag.errors import CheckpointError
 
+# Suffixes of the model files of ``asag export`` (asag.export), which load_checkpoint refuses.
+EXPORTED_SUFFIXES = (".onnx", ".pt2")
+PT2_FORMAT_RECORD = "archive_format"  # record of a torch.export archive that holds "pt2"
 CHECKPOINT_FORMAT = "asag.checkpoint"
 CHECKPOINT_VERSION = 1
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
@@ -183,25 +187,31 @@ def save_checkpoint(
         "label_map": to_plain_data(label_map, where="label_map"),
         "extra": to_plain_data(extra or {}, where="extra"),
     }
-    _atomic_torch_save(payload, path)
-    return path
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
-def _atomic_torch_save(payload: dict, path: Path) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path``.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, suffix: str = ".tmp") -> Path:
+    """Write file ``path`` through ``write(handle)`` without ever leaving it half-written; return ``path``.
 
-    Ctrl-C during the write is held back until the write has finished or failed (torch.save would
-    turn it into an opaque RuntimeError) and then raised as KeyboardInterrupt; the temporary file never
-    survives. A full disk or an unwritable folder raises OSError with ``filename`` = ``path``.
+    ``write`` fills a temporary file beside ``path`` (``.NAME.XXXXXXXX`` + ``suffix``, in the same folder,
+    which is created), which is flushed, synced and then renamed over ``path`` (``os.replace``). After any
+    failure (an error of ``write``, a full disk, KeyboardInterrupt) ``path`` holds its previous contents
+    (or does not exist) and the temporary file is removed. Ctrl-C during the write is held back until
+    the write has finished or failed (torch.save would turn it into an opaque RuntimeError) and then
+    raised as KeyboardInterrupt. A full disk or an unwritable folder raises OSError with ``filename`` =
+    ``path``. The file gets the permissions of the file it replaces, else those ``open()`` would give
+    (``0o666`` less the umask).
     """
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as err:
         raise OSError(err.errno, err.strerror or str(err), str(path)) from None
     try:
         with _interrupt_held_back(), os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            os.fchmod(handle.fileno(), _new_file_mode(path))
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
             os.replace(tmp_name, path)
@@ -211,6 +221,18 @@ def _atomic_torch_save(payload: dict, path: Path) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    return path
+
+
+def _new_file_mode(path: Path) -> int:
+    """Permission bits for a new version of ``path``: those of the existing file, else ``0o666`` less the
+    umask (what ``open(path, "w")`` gives; ``mkstemp`` would give ``0o600``)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -240,14 +262,17 @@ def read_torch_file(path: str | os.PathLike, *, map_location: str | torch.device
     container the authors' release files store); nothing else but tensors and plain data is unpickled.
 
     Raises:
-        CheckpointError: when the file is missing, empty, truncated or corrupt, or holds other Python
-            objects (it cannot be loaded safely).
+        CheckpointError: when the file is missing, empty, truncated or corrupt, holds other Python
+            objects (it cannot be loaded safely), or is a model written by ``asag export``
+            (:func:`is_exported_model`; only ``asag predict`` runs those).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
+    if is_exported_model(path):
+        raise CheckpointError(f"{path} is an exported model (ONNX/.pt2): use asag predict")
     try:
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -265,8 +290,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
 
     Raises:
-        CheckpointError: naming the file, when it is missing, truncated or corrupt, holds arbitrary
-            Python objects, or is a PyTorch file that is not an asag training checkpoint.
+        CheckpointError: naming the file, as :func:`read_torch_file`, or when it is a PyTorch file that
+            is not an asag training checkpoint.
     """
     path = Path(path)
     data = read_torch_file(path, map_location=map_location)
@@ -278,6 +303,21 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             f"{CHECKPOINT_VERSION}"
         )
     return data
+
+
+def is_exported_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a model file of ``asag export``: named ``*.onnx`` / ``*.pt2``
+    (:data:`EXPORTED_SUFFIXES`), or a ``torch.export`` archive under another name (a zip file whose
+    ``archive_format`` record says ``pt2``)."""
+    path = Path(path)
+    if path.suffix.lower() in EXPORTED_SUFFIXES:
+        return True
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [name for name in archive.namelist() if name.split("/", 1)[-1] == PT2_FORMAT_RECORD]
+            return bool(names) and archive.read(names[0]).strip() == b"pt2"
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):  # not a (readable) zip file
+        return False
 
 
 def _first_line(err: BaseException) -> str:

@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--init", metavar="CKPT",
                         help="start from the weights of a trained detector (asag train / asag convert "
                              "checkpoint, or an authors' release file) with fresh optimiser and schedule; "
-                             "classes are matched by name (finetune.init; docs/finetuning.md)")
+                             "classes are matched by name (finetune.init, docs/finetuning.md; default: "
+                             "finetune.init, random initialisation when unset)")
     parser.add_argument("--output-dir", help="where checkpoints and logs go (default: runtime.output_dir)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the checkpoints and logs of an earlier run in the output folder "

@@ -5,7 +5,7 @@ install), measures the whole command's wall-clock time, then reads the run's ``m
 every evaluation (the demo preset evaluates every 3 epochs) the epoch, the cumulative training time
 and the COCO AP, AP50, AP75, APs, APm, APl on the synthetic validation split. The last line checks the
 demo's promise (AP50 >= 0.5 within 10 minutes). Run it on an otherwise idle machine; the
-numbers in README.md come from this script.
+numbers in docs/demo.md come from this script.
 
     python benchmarks/demo_curve.py [--output-dir /tmp/demo_curve] [--threads N] [--budget-minutes M]
                                     [key=value ...]

@@ -1,5 +1,5 @@
 """Precision, recall and F1 of the boxes a drawing shows, per score threshold, with and without hiding
-same-class near-duplicates: how ``asag demo`` chose its drawing threshold (README, "The demo").
+same-class near-duplicates: how ``asag demo`` chose its drawing threshold (docs/demo.md).
 
 Every validation image of the checkpoint's data set is predicted once (all scores); then, for each
 threshold, the boxes scoring at least that much are matched greedily (best score first) to unmatched

@@ -46,7 +46,7 @@ PROBE_TIMED_ITERS, PROBE_BUDGET_SHARE, PROBE_EVAL_BATCHES = 3, 0.02, 1
 # Drawings: the demo's confident detections, without the near-duplicate boxes a model trained for minutes
 # still places (a same-class box overlapping a better one by IoU > DRAW_NMS_IOU is hidden), on images
 # scaled up so that their short side has at least DRAW_MIN_SIDE pixels. The threshold is at the best F1
-# of the drawn boxes on the validation split (benchmarks/draw_threshold.py; README, "The demo").
+# of the drawn boxes on the validation split (benchmarks/draw_threshold.py; docs/demo.md).
 DRAW_SCORE_THRESHOLD = 0.45
 DRAW_NMS_IOU = 0.5
 DRAW_MIN_SIDE = 512
@@ -145,7 +145,7 @@ def fit_to_budget(cfg: Config, budget_seconds: float) -> tuple[Config, BudgetPac
     if plan.total_iters < preset.total_iters:
         share = plan.total_iters / preset.total_iters
         print(f"note: the budget trains {share:.0%} of the preset's iterations on this machine, so "
-              f"expect a lower AP than the full schedule's (README, \"The demo\"); --budget-minutes 0 "
+              f"expect a lower AP than the full schedule's (docs/demo.md); --budget-minutes 0 "
               f"runs it in full (about {minutes[preset]:.1f} min here)")
     if plan.seconds(iter_seconds, eval_seconds) > left:
         print(f"note: {budget_seconds / 60:.1f} min is too short on this machine for even this schedule; "

@@ -2,7 +2,9 @@
 
 Every command that writes files calls :func:`check_output_dir` first, so a path under a file or an
 unwritable folder is reported in one line before minutes of training or evaluation, and
-:func:`unique_stems` gives every input image its own output name.
+:func:`unique_stems` gives every input image its own output name. Single result files are checked with
+:func:`check_new_file` and written with :func:`atomic_write_text` (or the checkpoint writer), through a
+temporary file beside them (:func:`temporary_file`), so an interrupted write never leaves half a file.
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ from asag.errors import OutputError
 # What ``asag train`` writes into its run folder (engine.trainer, engine.logger, commands.train).
 RUN_FILE_PATTERNS = ("last.pth", "best.pth", "checkpoint_[0-9]*.pth", "metrics.jsonl", "val_results.json",
                      "tensorboard")
+# Atomic writes go to ``.<name>.<random>.tmp`` beside the file (see :func:`temporary_file`).
+TEMPORARY_SUFFIX = ".tmp"
 
 
 def describe_os_error(err: OSError) -> str:
     """``"path: reason"`` for a file-system error (``"reason"`` when it names no file)."""
     reason = err.strerror or str(err) or type(err).__name__
     return f"{err.filename}: {reason}" if err.filename else reason
+
+
+def naming(err: OSError, path: str | os.PathLike) -> OSError:
+    """``err`` (errno and reason kept) naming ``path``, for a file-system error raised without a file name
+    (a failed ``write``) or naming a temporary file instead of the one the user knows."""
+    return OSError(err.errno, err.strerror or str(err), str(path))
 
 
 def check_output_dir(path: str | os.PathLike, option: str) -> Path:
@@ -52,6 +62,47 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
     if path.is_dir():
         raise OutputError(f"{option} {path}: is a folder; give a file name")
     check_output_dir(path.parent, option)
+    return path
+
+
+def check_new_file(path: str | os.PathLike, option: str, *, overwrite: bool) -> Path:
+    """:func:`check_output_file`, and refuse an existing file unless ``overwrite`` (OutputError naming
+    ``option``), before the work starts."""
+    path = check_output_file(path, option)
+    if path.exists() and not overwrite:
+        raise OutputError(f"{option} {path} already exists; pass --overwrite to replace it or choose another "
+                          f"{option}")
+    return path
+
+
+def temporary_file(path: Path) -> tuple[int, str]:
+    """``(fd, name)`` of a new temporary file ``.<name>.<random>.tmp`` beside ``path`` (same file system, so
+    that ``os.replace`` onto ``path`` is atomic); :func:`stale_temporaries` finds the ones a killed
+    process left behind."""
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a synced temporary file renamed over it: ``path`` holds
+    either its old content or all of ``text``, and the temporary file never survives an error (an
+    OSError then names ``path``)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temporary_file(path)
+    except OSError as err:
+        raise naming(err, path) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise naming(err, path) from None
+        raise
     return path
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import PIL.Image
 
 from asag.errors import DataError
+from asag.outputs import atomic_write_text
 
 PERSON_CATEGORY = {"id": 1, "name": "person", "supercategory": "person"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -119,10 +120,8 @@ class ConversionSummary:
 def convert_crowdhuman(
     odgt_path: str | os.PathLike, image_dir: str | os.PathLike, out_json: str | os.PathLike
 ) -> ConversionSummary:
-    """Write the COCO JSON of :func:`odgt_to_coco` to ``out_json``."""
+    """Write the COCO JSON of :func:`odgt_to_coco` to ``out_json`` (atomically: all of it or nothing)."""
     data = odgt_to_coco(odgt_path, image_dir)
-    out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    atomic_write_text(out_json, json.dumps(data) + "\n")
     crowd = sum(ann["iscrowd"] for ann in data["annotations"])
     return ConversionSummary(len(data["images"]), len(data["annotations"]) - crowd, crowd)

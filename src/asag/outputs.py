@@ -13,16 +13,19 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from asag.errors import OutputError
 
-# What ``asag train`` writes into its run folder (engine.trainer, engine.logger, commands.train).
-RUN_FILE_PATTERNS = ("last.pth", "best.pth", "checkpoint_[0-9]*.pth", "metrics.jsonl", "val_results.json",
-                     "tensorboard")
+# What ``asag train`` writes into its run folder (engine.trainer, engine.logger, commands.train): checkpoints
+# (a run that can be resumed) and logs.
+LAST_FILE, BEST_FILE, NUMBERED_FILES = "last.pth", "best.pth", "checkpoint_[0-9]*.pth"
+CHECKPOINT_PATTERNS = (LAST_FILE, BEST_FILE, NUMBERED_FILES)
+RUN_FILE_PATTERNS = (*CHECKPOINT_PATTERNS, "metrics.jsonl", "val_results.json", "tensorboard")
 # Atomic writes go to ``.<name>.<random>.tmp`` beside the file (see :func:`temporary_file`).
 TEMPORARY_SUFFIX = ".tmp"
+MEGABYTE = 1e6
 
 
 def describe_os_error(err: OSError) -> str:
@@ -106,6 +109,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def stale_temporaries(folder: Path, patterns: Sequence[str] = RUN_FILE_PATTERNS) -> list[Path]:
+    """Temporary files of interrupted atomic writes of ``patterns`` in ``folder`` (a process killed while
+    writing ``last.pth`` leaves ``.last.pth.<random>.tmp``), sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted({p for pattern in patterns for p in folder.glob(f".{pattern}.*{TEMPORARY_SUFFIX}")
+                   if p.is_file()})
+
+
+def remove_stale_temporaries(folder: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Remove :func:`stale_temporaries` of ``folder`` and say so in one line; returns the removed files."""
+    stale = stale_temporaries(folder)
+    if stale:
+        megabytes = sum(p.stat().st_size for p in stale) / MEGABYTE
+        for path in stale:
+            path.unlink(missing_ok=True)
+        log(f"removed the unfinished writes of an interrupted run in {folder} ({megabytes:.1f} MB): "
+            f"{', '.join(p.name for p in stale)}")
+    return stale
+
+
 def previous_run_files(folder: Path) -> list[Path]:
     """The files of an earlier ``asag train`` run in ``folder`` (checkpoints, logs), sorted."""
     if not folder.is_dir():
@@ -113,28 +137,62 @@ def previous_run_files(folder: Path) -> list[Path]:
     return sorted({p for pattern in RUN_FILE_PATTERNS for p in folder.glob(pattern)})
 
 
-def prepare_run_dir(folder: str | os.PathLike, *, resume: bool, overwrite: bool,
-                    remove: bool = True) -> Path:
+def resumable_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint that continues the run in ``folder``: ``last.pth``, else the latest
+    ``checkpoint_EEEE.pth``, else ``best.pth``; None when it holds none."""
+    numbered = sorted(folder.glob(NUMBERED_FILES), reverse=True)
+    return next((p for p in (folder / LAST_FILE, *numbered, folder / BEST_FILE) if p.is_file()), None)
+
+
+def prepare_run_dir(folder: str | os.PathLike, *, resume: str | os.PathLike | None, overwrite: bool,
+                    remove: bool = True, log: Callable[[str], None] = print) -> Path:
     """Check the run folder of ``asag train``; with ``overwrite`` remove the earlier run's files.
 
-    A folder holding checkpoints or logs of an earlier run is refused unless the run continues
-    (``resume``) or ``overwrite`` asks to replace it; other files (e.g. a data set) are left alone.
-    ``remove=False`` only checks (the other ranks of a distributed run).
+    The run continues in ``folder`` when ``resume`` is a checkpoint in it. Otherwise a folder holding
+    checkpoints or logs of a run is refused (one line: what it holds and the choices) unless
+    ``overwrite`` asks to replace them; other files (e.g. a data set) are left alone. In an accepted
+    folder, temporary files of a checkpoint write that was killed are removed (one line through
+    ``log``). ``remove=False`` only checks (the other ranks of a distributed run).
     """
     folder = check_output_dir(folder, "output folder")
-    found = previous_run_files(folder)
-    if not found or resume:
-        return folder
-    if not overwrite:
-        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
-        raise OutputError(
-            f"output folder {folder} already holds a run ({names}); pass --resume {folder / 'last.pth'} "
-            f"to continue it, --overwrite to replace it, or another --output-dir"
-        )
-    if remove:
+    own_folder = resume is not None and Path(resume).resolve().parent == folder.resolve()
+    found = [] if own_folder else previous_run_files(folder)
+    if found and not overwrite:
+        raise OutputError(_holds_a_run(folder, found, resume))
+    if remove:  # only once the folder is this run's (a refused second start touches nothing)
         for path in found:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        remove_stale_temporaries(folder, log)
     return folder
+
+
+def _holds_a_run(folder: Path, found: Sequence[Path], resume: str | os.PathLike | None) -> str:
+    """Why ``asag train`` refuses ``folder`` (holding ``found``), and the user's choices."""
+    names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+    checkpoint = resumable_checkpoint(folder)
+    if resume is not None:
+        return (f"output folder {folder} already holds another run ({names}) than the one --resume {resume} "
+                f"continues; pass --output-dir {Path(resume).parent} to continue it in its own folder, "
+                f"--overwrite to replace the run in {folder}, or another --output-dir")
+    if checkpoint is None:
+        return (f"output folder {folder} holds the logs of a run that stopped before its first checkpoint "
+                f"({names}; nothing to resume); pass --overwrite to replace them or another --output-dir")
+    return (f"output folder {folder} already holds a run ({names}); pass --resume {checkpoint} to continue "
+            f"it, --overwrite to replace it, or another --output-dir")
+
+
+def remove_unfinished_run(folder: Path, created: bool) -> list[Path]:
+    """After a failed ``asag train`` start: when ``folder`` holds no checkpoint, remove the run's logs
+    (nothing can resume them, and a retry would be refused as a run), and ``folder`` itself when this
+    run ``created`` it and it is empty now. Returns the removed logs."""
+    if not folder.is_dir() or resumable_checkpoint(folder) is not None:
+        return []
+    found = previous_run_files(folder)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if created and not any(folder.iterdir()):
+        folder.rmdir()
+    return found
 
 
 def check_new_files(folder: Path, names: Sequence[str], *, overwrite: bool, option: str) -> None:

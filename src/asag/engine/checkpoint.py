@@ -12,11 +12,11 @@ strings, lists, tuples and dicts only. Keys:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import random
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +27,13 @@ import torch
 from torch import nn
 
 from asag.errors import CheckpointError
+from asag.outputs import naming, temporary_file
 
 CHECKPOINT_FORMAT = "asag.checkpoint"
 CHECKPOINT_VERSION = 1
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
+# How torch.save words a write that did not reach the file (PyTorchStreamWriter).
+TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -188,29 +191,50 @@ def save_checkpoint(
 
 
 def _atomic_torch_save(payload: dict, path: Path) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path``.
+    """Write to a temporary file beside ``path`` (:func:`~asag.outputs.temporary_file`), then rename it
+    over ``path``.
 
     Ctrl-C during the write is held back until the write has finished or failed (torch.save would
     turn it into an opaque RuntimeError) and then raised as KeyboardInterrupt; the temporary file never
-    survives. A full disk or an unwritable folder raises OSError with ``filename`` = ``path``.
+    survives. A full disk or an unwritable folder raises OSError with ``filename`` = ``path`` (torch's
+    ``RuntimeError: ... unexpected pos ...`` for a failed write included).
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = temporary_file(path)
     except OSError as err:
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise naming(err, path) from None
     try:
         with _interrupt_held_back(), os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            try:
+                torch.save(payload, handle)
+            except RuntimeError as err:
+                raise _write_error(err) from None
             handle.flush()
             os.fsync(handle.fileno())
             os.replace(tmp_name, path)
-    except OSError as err:
+    except BaseException as err:
         Path(tmp_name).unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise naming(err, path) from None
         raise
+
+
+def _write_error(err: RuntimeError) -> BaseException:
+    """What a RuntimeError of ``torch.save`` means: torch reports a failed write (a full disk) as
+    ``RuntimeError("[enforce fail at inline_container.cc] . unexpected pos ...")`` raised while handling
+    the OSError of the write; that OSError, or an EIO error quoting torch when the write failed out of
+    sight (:data:`TORCH_WRITE_FAILURES`); any other RuntimeError is returned unchanged."""
+    seen: set[int] = set()
+    cause = err.__cause__ or err.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if any(marker in str(err) for marker in TORCH_WRITE_FAILURES):
+        return OSError(errno.EIO, f"writing failed ({_first_line(err)})")
+    return err
 
 
 @contextlib.contextmanager
@@ -232,8 +256,10 @@ def _interrupt_held_back() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True`` (``mmap``: tensors
+    memory-mapped, read from disk only when used).
 
     Raises:
         CheckpointError: naming the file, when it is missing, truncated or corrupt, holds arbitrary
@@ -245,7 +271,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if path.stat().st_size == 0:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path} is not an asag training checkpoint: it holds Python objects other than tensors and "

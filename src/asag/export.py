@@ -25,7 +25,7 @@ refused as corrupted (a checksum detects damage; it is no signature). A ``.pt2``
 before ``torch.export.load`` reads it (:meth:`ExportedModel._check_pt2_archive`): it may hold only the
 records ``asag export`` writes, none of them pickled, and a graph of ATen operators without the guard
 code and symbolic expressions that torch would run as Python. Files are written atomically
-(:func:`asag.engine.checkpoint.atomic_write`), from bytes built in memory.
+(:func:`asag.outputs.atomic_write`), from bytes built in memory.
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ from torch import Tensor, nn
 from asag.api import check_label_map, parse_label_map
 from asag.config import Config, config_from_dict
 from asag.data import LabelMap
-from asag.engine.checkpoint import EXPORTED_SUFFIXES, atomic_write, one_line
+from asag.engine.checkpoint import EXPORTED_SUFFIXES, one_line
 from asag.errors import CheckpointError, ConfigError, DataError
 from asag.modeling.detector import ASAG
 from asag.modeling.roi_gather import GatherRoIPooling
+from asag.outputs import atomic_write
 from asag.structures import DetectionBatch, Detections
 
 EXPORT_FORMATS = tuple(suffix.lstrip(".") for suffix in EXPORTED_SUFFIXES)  # ("onnx", "pt2")
@@ -222,7 +223,7 @@ def write_exported(module: nn.Module, inputs: tuple[Tensor, ...], out: str | Pat
                    fmt: str) -> Path:
     """Trace ``module`` on ``inputs`` and write it to ``out`` as ``fmt`` with ``metadata`` plus its checksum.
 
-    The file is built in memory and written by :func:`asag.engine.checkpoint.atomic_write`: ``out`` is
+    The file is built in memory and written by :func:`asag.outputs.atomic_write`: ``out`` is
     never left half-written (a full disk or Ctrl-C leaves the earlier file, or none). Running out of
     memory while tracing is a one-line ConfigError.
     """

@@ -2,7 +2,9 @@
 
 Every command that writes files calls :func:`check_output_dir` first, so a path under a file or an
 unwritable folder is reported in one line before minutes of training or evaluation, and
-:func:`unique_stems` gives every input image its own output name.
+:func:`unique_stems` gives every input image its own output name. Single result files are checked with
+:func:`check_output_file` and written with :func:`atomic_write_text` (or the checkpoint writer), through a
+temporary file beside them (:func:`temporary_file`), so an interrupted write never leaves half a file.
 """
 
 from __future__ import annotations
@@ -10,21 +12,36 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from asag.errors import OutputError
 
-# What ``asag train`` writes into its run folder (engine.trainer, engine.logger, commands.train).
-RUN_FILE_PATTERNS = ("last.pth", "best.pth", "checkpoint_[0-9]*.pth", "metrics.jsonl", "val_results.json",
-                     "tensorboard", "init_report.txt")
+# What ``asag train`` writes into its run folder (engine.trainer, engine.logger, commands.train): checkpoints
+# (a run that can be resumed) and logs.
+LAST_FILE, BEST_FILE, NUMBERED_FILES = "last.pth", "best.pth", "checkpoint_[0-9]*.pth"
+CHECKPOINT_PATTERNS = (LAST_FILE, BEST_FILE, NUMBERED_FILES)
+RUN_FILE_PATTERNS = (*CHECKPOINT_PATTERNS, "metrics.jsonl", "val_results.json", "tensorboard",
+                     "init_report.txt")
+# Atomic writes go to ``.<name>.<random>.tmp`` beside the file (see :func:`temporary_file`).
+TEMPORARY_SUFFIX = ".tmp"
+MEGABYTE = 1e6
 
 
 def describe_os_error(err: OSError) -> str:
     """``"path: reason"`` for a file-system error (``"reason"`` when it names no file)."""
     reason = err.strerror or str(err) or type(err).__name__
     return f"{err.filename}: {reason}" if err.filename else reason
+
+
+def naming(err: OSError, path: str | os.PathLike) -> OSError:
+    """``err`` (errno and reason kept) naming ``path``, for a file-system error raised without a file name
+    (a failed ``write``) or naming a temporary file instead of the one the user knows."""
+    return OSError(err.errno, err.strerror or str(err), str(path))
 
 
 def check_output_dir(path: str | os.PathLike, option: str) -> Path:
@@ -61,6 +78,101 @@ def check_output_file(path: str | os.PathLike, option: str, *, overwrite: bool =
     return path
 
 
+def temporary_file(path: Path) -> tuple[int, str]:
+    """``(fd, name)`` of a new temporary file ``.<name>.<random>.tmp`` beside ``path`` (same file system, so
+    that ``os.replace`` onto ``path`` is atomic); :func:`stale_temporaries` finds the ones a killed
+    process left behind."""
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Write file ``path`` through ``write(handle)`` without ever leaving it half-written; return ``path``.
+
+    ``write`` fills a temporary file beside ``path`` (:func:`temporary_file`, in the same folder, which is
+    created), which is flushed, synced and then renamed over ``path`` (``os.replace``). After any failure
+    (an error of ``write``, a full disk, KeyboardInterrupt) ``path`` holds its previous contents (or does
+    not exist) and the temporary file is removed. Ctrl-C during the write is held back until the write
+    has finished or failed and then raised as KeyboardInterrupt. A full disk or an unwritable folder
+    raises OSError with ``filename`` = ``path``. The file gets the permissions of the file it replaces,
+    else those ``open()`` would give (``0o666`` less the umask).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = temporary_file(path)
+    except OSError as err:
+        raise naming(err, path) from None
+    try:
+        with interrupt_held_back(), os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _new_file_mode(path))
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+            os.replace(tmp_name, path)
+    except BaseException as err:
+        Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise naming(err, path) from None
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of ``text`` as UTF-8."""
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def _new_file_mode(path: Path) -> int:
+    """Permission bits for a new version of ``path``: those of the existing file, else ``0o666`` less the
+    umask (what ``open(path, "w")`` gives; ``mkstemp`` would give ``0o600``)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def interrupt_held_back() -> Iterator[None]:
+    """SIGINT (Ctrl-C) inside the block is raised as KeyboardInterrupt when the block ends (main thread
+    only; elsewhere a no-op). An error inside the block takes precedence and is raised instead. A process
+    that ignores SIGINT (e.g. started in the background by a non-interactive shell) goes on ignoring it."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def stale_temporaries(folder: Path, patterns: Sequence[str] = RUN_FILE_PATTERNS) -> list[Path]:
+    """Temporary files of interrupted atomic writes of ``patterns`` in ``folder`` (a process killed while
+    writing ``last.pth`` leaves ``.last.pth.<random>.tmp``), sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted({p for pattern in patterns for p in folder.glob(f".{pattern}.*{TEMPORARY_SUFFIX}")
+                   if p.is_file()})
+
+
+def remove_stale_temporaries(folder: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Remove :func:`stale_temporaries` of ``folder`` and say so in one line; returns the removed files."""
+    stale = stale_temporaries(folder)
+    if stale:
+        megabytes = sum(p.stat().st_size for p in stale) / MEGABYTE
+        for path in stale:
+            path.unlink(missing_ok=True)
+        log(f"removed the unfinished writes of an interrupted run in {folder} ({megabytes:.1f} MB): "
+            f"{', '.join(p.name for p in stale)}")
+    return stale
+
+
 def previous_run_files(folder: Path) -> list[Path]:
     """The files of an earlier ``asag train`` run in ``folder`` (checkpoints, logs), sorted."""
     if not folder.is_dir():
@@ -68,28 +180,62 @@ def previous_run_files(folder: Path) -> list[Path]:
     return sorted({p for pattern in RUN_FILE_PATTERNS for p in folder.glob(pattern)})
 
 
-def prepare_run_dir(folder: str | os.PathLike, *, resume: bool, overwrite: bool,
-                    remove: bool = True) -> Path:
+def resumable_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint that continues the run in ``folder``: ``last.pth``, else the latest
+    ``checkpoint_EEEE.pth``, else ``best.pth``; None when it holds none."""
+    numbered = sorted(folder.glob(NUMBERED_FILES), reverse=True)
+    return next((p for p in (folder / LAST_FILE, *numbered, folder / BEST_FILE) if p.is_file()), None)
+
+
+def prepare_run_dir(folder: str | os.PathLike, *, resume: str | os.PathLike | None, overwrite: bool,
+                    remove: bool = True, log: Callable[[str], None] = print) -> Path:
     """Check the run folder of ``asag train``; with ``overwrite`` remove the earlier run's files.
 
-    A folder holding checkpoints or logs of an earlier run is refused unless the run continues
-    (``resume``) or ``overwrite`` asks to replace it; other files (e.g. a data set) are left alone.
-    ``remove=False`` only checks (the other ranks of a distributed run).
+    The run continues in ``folder`` when ``resume`` is a checkpoint in it. Otherwise a folder holding
+    checkpoints or logs of a run is refused (one line: what it holds and the choices) unless
+    ``overwrite`` asks to replace them; other files (e.g. a data set) are left alone. In an accepted
+    folder, temporary files of a checkpoint write that was killed are removed (one line through
+    ``log``). ``remove=False`` only checks (the other ranks of a distributed run).
     """
     folder = check_output_dir(folder, "output folder")
-    found = previous_run_files(folder)
-    if not found or resume:
-        return folder
-    if not overwrite:
-        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
-        raise OutputError(
-            f"output folder {folder} already holds a run ({names}); pass --resume {folder / 'last.pth'} "
-            f"to continue it, --overwrite to replace it, or another --output-dir"
-        )
-    if remove:
+    own_folder = resume is not None and Path(resume).resolve().parent == folder.resolve()
+    found = [] if own_folder else previous_run_files(folder)
+    if found and not overwrite:
+        raise OutputError(_holds_a_run(folder, found, resume))
+    if remove:  # only once the folder is this run's (a refused second start touches nothing)
         for path in found:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        remove_stale_temporaries(folder, log)
     return folder
+
+
+def _holds_a_run(folder: Path, found: Sequence[Path], resume: str | os.PathLike | None) -> str:
+    """Why ``asag train`` refuses ``folder`` (holding ``found``), and the user's choices."""
+    names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+    checkpoint = resumable_checkpoint(folder)
+    if resume is not None:
+        return (f"output folder {folder} already holds another run ({names}) than the one --resume {resume} "
+                f"continues; pass --output-dir {Path(resume).parent} to continue it in its own folder, "
+                f"--overwrite to replace the run in {folder}, or another --output-dir")
+    if checkpoint is None:
+        return (f"output folder {folder} holds the logs of a run that stopped before its first checkpoint "
+                f"({names}; nothing to resume); pass --overwrite to replace them or another --output-dir")
+    return (f"output folder {folder} already holds a run ({names}); pass --resume {checkpoint} to continue "
+            f"it, --overwrite to replace it, or another --output-dir")
+
+
+def remove_unfinished_run(folder: Path, created: bool) -> list[Path]:
+    """After a failed ``asag train`` start: when ``folder`` holds no checkpoint, remove the run's logs
+    (nothing can resume them, and a retry would be refused as a run), and ``folder`` itself when this
+    run ``created`` it and it is empty now. Returns the removed logs."""
+    if not folder.is_dir() or resumable_checkpoint(folder) is not None:
+        return []
+    found = previous_run_files(folder)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if created and not any(folder.iterdir()):
+        folder.rmdir()
+    return found
 
 
 def check_new_files(folder: Path, names: Sequence[str], *, overwrite: bool, option: str) -> None:

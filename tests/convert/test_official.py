@@ -96,8 +96,11 @@ def test_convert_command_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert len(labels) == 80 and labels.category_ids[-1] == 90 and labels.names[0] == "person"
     assert torch.equal(model.state_dict()["proposal.fc_cls.weight"], sd["rpn.fc_cls.weight"])
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    assert main(["convert", str(tmp_path / "junk.pth"), "--out", str(out)]) == 2
+    assert main(["convert", str(tmp_path / "junk.pth"), "--out", str(out)]) == 2  # out exists: refused
+    assert f"--out {out} already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "junk.pth"), "--out", str(out), "--overwrite"]) == 2
     assert "junk.pth" in capsys.readouterr().err
+    assert load_model(out)[1].model.decoder.num_heads == 1  # a failed conversion replaces nothing
 
 
 def test_convert_command_picks_the_main_head_of_a_single_head_checkpoint(tmp_path):

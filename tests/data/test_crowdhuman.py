@@ -105,5 +105,6 @@ def test_cli_convert(tmp_path, capsys):
     assert "2 images, 2 person boxes, 2 ignore regions" in capsys.readouterr().out
     assert json.loads(out.read_text())["categories"][0]["name"] == "person"
     assert main(["data", "convert-crowdhuman", "--odgt", str(tmp_path / "x.odgt"), "--images", str(image_dir),
-                 "--out", str(out)]) == 2
+                 "--out", str(out), "--overwrite"]) == 2
     assert "annotation file not found" in capsys.readouterr().err
+    assert json.loads(out.read_text())["categories"][0]["name"] == "person"  # a failed run replaces nothing

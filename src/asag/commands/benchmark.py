@@ -25,7 +25,7 @@ from asag.engine.trainer import autocast_context, check_amp
 from asag.errors import ConfigError
 from asag.modeling.detector import ASAG
 from asag.modeling.fast import add_inference_arguments, optimize_for_inference
-from asag.outputs import check_output_file
+from asag.outputs import atomic_write_text, check_output_file
 
 PRESET_SUFFIXES = (".yaml", ".yml")
 
@@ -61,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_inference_arguments(parser)
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON (default: print only)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --json file (default: refuse)")
     parser.add_argument("--data", metavar="ROOT", help="data set root (data.root) to scan (default: no scan; "
                                                        "with --static: also how often a budget bound)")
     parser.add_argument("--max-images", type=option_type(int, POSITIVE), metavar="N",
@@ -109,7 +111,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     if args.json:
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", overwrite=args.overwrite)
     size = parse_size(args.size)
     device = resolve_device(args.device)
     check_amp(args.amp, device)
@@ -144,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
     if result.dataset is not None and result.dataset.recall is not None:
         print(format_recall(result.dataset.recall))
     if args.json:
-        out = Path(args.json)
-        out.write_text(json.dumps(result.to_dict(), indent=2))
+        out = atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
         print(f"results: {out}")
     return 0

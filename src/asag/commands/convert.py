@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert", help="convert a checkpoint of the authors' release into an asag checkpoint")
     parser.add_argument("checkpoint", help="the authors' .pth file (state dict under 'model')")
     parser.add_argument("--out", required=True, help="where to write the converted checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (default: refuse)")
     parser.add_argument("--keep-head", metavar="HEAD",
                         help="keep one head of a multi-head checkpoint (main or aux_k), e.g. for speed tests "
                              "(default: keep all heads)")
@@ -71,7 +73,7 @@ def default_preset(state: dict[str, torch.Tensor]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", overwrite=args.overwrite)
     state = read_official(path)
     overrides = official_overrides(state)
     base = load_config(args.preset or default_preset(state))
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{path}: converted weights do not fit ({len(missing)} missing, e.g. "
                               f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
     labels = default_label_map(cfg.model.num_classes)
+    # save_checkpoint writes atomically: --out is complete or untouched
     save_checkpoint(args.out, model=model, optimizer=None, scheduler=None, scaler=None, epoch=-1,
                     iteration=0, config=cfg.to_dict(), label_map=labels.to_dict() if labels else {},
                     extra={"converted_from": str(path)})

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from asag.config import field_option
-from asag.errors import ConfigError
+from asag.errors import ConfigError, OutputError
 from asag.outputs import check_output_dir, check_output_file, removed_if_unused
 
 
@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "cross,ring; the catalogue: --list-classes)")
     synth.add_argument("--list-classes", action=ListClassesAction,
                        help="print the catalogue of shape classes and exit")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace a data set already in --out (its JSON files and images are removed "
+                            "first; default: refuse)")
     synth.set_defaults(func=run_synth)
 
     stats = sub.add_parser("stats", help="print statistics of a COCO JSON or of every JSON in a folder")
@@ -40,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--odgt", required=True, help="annotation_{train,val}.odgt")
     convert.add_argument("--images", required=True, help="folder holding <ID>.jpg")
     convert.add_argument("--out", required=True, help="COCO JSON to write")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace an existing --out (default: refuse)")
     convert.set_defaults(func=run_convert_crowdhuman)
 
     formats = sub.add_parser("convert", help="convert a YOLO or Pascal VOC data set to COCO format")
@@ -87,12 +92,49 @@ def run_synth(args: argparse.Namespace) -> int:
     from asag.data.synthetic import check_classes, generate_synthetic
 
     classes = check_classes(args.classes, "--classes")
-    check_output_dir(args.out, "--out")
+    out, created = check_no_data_set(Path(args.out), overwrite=args.overwrite)
     start = time.perf_counter()
-    paths = generate_synthetic(args.out, args.images, args.seed, args.val_images, classes=classes)
+    try:
+        paths = generate_synthetic(out, args.images, args.seed, args.val_images, classes=classes)
+    except BaseException:  # interrupted or failed: no partial data set is left behind
+        remove_data_set(out, created)
+        raise
     elapsed = time.perf_counter() - start
     print(f"wrote {paths.train_json}, {paths.val_json} and {paths.root / 'images'} in {elapsed:.1f} s")
     return run_stats(argparse.Namespace(path=str(paths.root)))
+
+
+def check_no_data_set(out: Path, *, overwrite: bool) -> tuple[Path, bool]:
+    """Check the folder of ``asag data synth`` before anything is generated: one that already holds files
+    of a synthetic data set is refused unless ``overwrite``, which removes them first (other files stay).
+    Returns ``(folder, created)``, ``created`` telling whether this run made the folder."""
+    from asag.data.synthetic import synthetic_files
+
+    found = synthetic_files(out)
+    if found and not overwrite:
+        images = sum(p.suffix == ".png" for p in found)
+        names = [p.name for p in found if p.suffix != ".png"] + ([f"{images} images"] if images else [])
+        raise OutputError(f"--out {out} already holds a data set ({', '.join(names)}); pass --overwrite to "
+                          f"replace it or choose another --out")
+    created = not out.exists()
+    check_output_dir(out, "--out")
+    if found:
+        remove_data_set(out, created=False)
+    return out, created
+
+
+def remove_data_set(out: Path, created: bool) -> None:
+    """Remove the synthetic data set files under ``out`` and the image folders they leave empty (``out``
+    itself too when ``created`` and empty)."""
+    from asag.data.synthetic import synthetic_files, synthetic_paths
+
+    for path in synthetic_files(out):
+        path.unlink(missing_ok=True)
+    paths = synthetic_paths(out)
+    folders = (paths.train_images, paths.val_images, paths.train_images.parent, *([out] if created else []))
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def run_stats(args: argparse.Namespace) -> int:
@@ -106,7 +148,7 @@ def run_stats(args: argparse.Namespace) -> int:
 def run_convert_crowdhuman(args: argparse.Namespace) -> int:
     from asag.data.crowdhuman import convert_crowdhuman
 
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", overwrite=args.overwrite)
     summary = convert_crowdhuman(args.odgt, args.images, args.out)
     print(
         f"wrote {args.out}: {summary.images} images, {summary.boxes} person boxes, "

@@ -33,7 +33,7 @@ from asag.config import Config, Range, apply_overrides, config_from_dict, load_c
 from asag.engine.budget import BUDGET_SAFETY, BudgetPacer, SchedulePlan, plan_schedule
 from asag.engine.checkpoint import seed_everything
 from asag.engine.trainer import make_grad_scaler, train_one_epoch, use_channels_last
-from asag.outputs import check_output_dir, previous_run_files
+from asag.outputs import atomic_write_text, check_output_dir, previous_run_files
 from asag.viz.draw import draw_detections
 
 DEMO_PRESET = "demo"
@@ -169,7 +169,7 @@ def draw_predictions(checkpoint: Path, cfg: Config, out: Path) -> tuple[Path, in
         image = draw_detections(detector.load_image(path), dets, min_side=DRAW_MIN_SIDE)
         image.save(drawn / drawing_file(path.stem))
         records.append({"file": str(path), "detections": [d.to_dict() for d in dets]})
-    (drawn / "predictions.json").write_text(json.dumps(records, indent=2))
+    atomic_write_text(drawn / "predictions.json", json.dumps(records, indent=2))
     return drawn, len(records)
 
 

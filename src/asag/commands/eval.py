@@ -19,7 +19,7 @@ from asag.config import field_option
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process
 from asag.engine.evaluator import CrowdHumanEvalResult
 from asag.modeling.fast import add_inference_arguments
-from asag.outputs import check_new_files, check_output_dir, fresh_dir
+from asag.outputs import atomic_write_text, check_new_files, check_output_dir, fresh_dir
 
 RESULT_FILES = ("results.json", "metrics.json")
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if is_main_process():
         print(result.summary)
         print(format_result(result))
-        (out / "metrics.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(dataclasses.asdict(result), indent=2))
         print(f"detections: {out / 'results.json'}; metrics: {out / 'metrics.json'}")
     return 0
 

@@ -25,7 +25,7 @@ from asag.config import FRACTION, field_option, option_type
 from asag.engine.checkpoint import EXPORTED_SUFFIXES
 from asag.errors import ConfigError, DataError
 from asag.modeling.fast import add_inference_arguments
-from asag.outputs import removed_if_unused, results_dir, unique_stems
+from asag.outputs import atomic_write_text, removed_if_unused, results_dir, unique_stems
 from asag.viz.draw import draw_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             record["drawing"] = drawing_file(name)
             draw_detections(image, dets).save(out / record["drawing"])
         records.append(record)
-    (out / "predictions.json").write_text(json.dumps(records, indent=2))
+    atomic_write_text(out / "predictions.json", json.dumps(records, indent=2))
     print(f"{len(records)} images, {sum(len(r['detections']) for r in records)} detections -> "
           f"{out / 'predictions.json'}" + (f"; drawings in {out}" if args.draw else ""))
     return report_unreadable(failed, len(paths))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from asag.build import (
     init_model,
 )
 from asag.config import Config, field_option, load_config
-from asag.engine.checkpoint import configure_determinism, seed_everything
+from asag.engine.checkpoint import configure_determinism, load_checkpoint, seed_everything
 from asag.engine.crowdhuman_eval import check_single_category
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process, wrap_ddp
 from asag.engine.evaluator import evaluate, evaluate_crowdhuman
@@ -32,7 +33,7 @@ from asag.engine.trainer import FitResult, fit, make_grad_scaler, use_channels_l
 from asag.errors import ConfigError
 from asag.modeling.detector import STATIC_TRAINING_ERROR
 from asag.modeling.fast import cpu_supports_bf16
-from asag.outputs import prepare_run_dir
+from asag.outputs import prepare_run_dir, remove_unfinished_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,8 +86,10 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
           ) -> TrainingRun:
     """Train ``cfg`` end to end: data, model, objective, schedule, evaluation and checkpoints.
 
-    An output folder holding an earlier run is refused unless ``resume`` continues it or ``overwrite``
-    replaces it (its checkpoints and logs are removed first). ``epoch_iters``: as in
+    An output folder holding an earlier run is refused unless it is the folder of the ``resume``
+    checkpoint or ``overwrite`` replaces it (its checkpoints and logs are removed first); a ``resume``
+    checkpoint that has completed ``schedule.epochs`` is refused. A start that fails before its first
+    checkpoint removes the logs it wrote (and the folder it created). ``epoch_iters``: as in
     :func:`~asag.engine.trainer.fit` (``asag demo``'s budget).
     """
     if cfg.model.static:
@@ -94,7 +97,10 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
     rt = cfg.runtime
     device = resolve_device(rt.device)
     out = Path(output_dir or rt.output_dir)
-    prepare_run_dir(out, resume=resume is not None, overwrite=overwrite, remove=False)  # every rank
+    if resume is not None:
+        check_epochs_left(resume, cfg.schedule.epochs)
+    created = not out.exists()
+    prepare_run_dir(out, resume=resume, overwrite=overwrite, remove=False)  # every rank
     dist = init_distributed(device.type)
     device = dist.device if dist.distributed else device
     if rt.num_threads:
@@ -102,7 +108,7 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
     seed_everything(rt.seed + dist.rank)
     configure_determinism(rt.deterministic)
     if is_main_process():
-        prepare_run_dir(out, resume=resume is not None, overwrite=overwrite)
+        prepare_run_dir(out, resume=resume, overwrite=overwrite, log=log)
     logger = RunLogger(out if is_main_process() else None)
     try:
         train_set = build_dataset(cfg.data, "train")
@@ -141,10 +147,29 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
             max_iters=cfg.schedule.max_iters_per_epoch, epoch_iters=epoch_iters, log_every=rt.log_every,
             channels_last=use_channels_last(rt.memory_format, device),
         )
+    except BaseException:
+        with contextlib.suppress(OSError):  # the error that stopped the run is the one to report
+            logger.close()
+        if is_main_process():  # a start that failed before its first checkpoint leaves no run behind
+            remove_unfinished_run(out, created)
+        raise
     finally:
         logger.close()
         cleanup_distributed()
     return TrainingRun(result, out)
+
+
+def check_epochs_left(resume: str | Path, epochs: int) -> None:
+    """Refuse to resume a checkpoint that has already completed ``epochs`` (``schedule.epochs``): the run
+    would train nothing and write nothing. Reads only the checkpoint's progress (memory-mapped)."""
+    checkpoint = load_checkpoint(resume, mmap=True)
+    epoch = checkpoint.get("epoch")
+    done = epoch + 1 if isinstance(epoch, int) else 0  # a malformed entry is reported by the resume itself
+    if done >= epochs:
+        status = (f"that run is already complete ({done} of {epochs} epochs)" if done == epochs else
+                  f"the checkpoint has completed {done} epochs, more than schedule.epochs={epochs}")
+        raise ConfigError(f"--resume {resume}: {status}; nothing to train. To train longer pass "
+                          f"schedule.epochs=N with N > {done}")
 
 
 def check_iterations(train_loader, cfg: Config, source: str) -> None:

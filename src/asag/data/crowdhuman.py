@@ -110,7 +110,7 @@ class ConversionSummary:
 def convert_crowdhuman(
     odgt_path: str | os.PathLike, image_dir: str | os.PathLike, out_json: str | os.PathLike
 ) -> ConversionSummary:
-    """Write the COCO JSON of :func:`odgt_to_coco` to ``out_json``."""
+    """Write the COCO JSON of :func:`odgt_to_coco` to ``out_json`` (atomically: all of it or nothing)."""
     data = odgt_to_coco(odgt_path, image_dir)
     write_coco_json(data, out_json)
     crowd = sum(ann["iscrowd"] for ann in data["annotations"])

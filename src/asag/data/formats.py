@@ -59,7 +59,7 @@ import yaml
 
 from asag.data.image import read_image_header
 from asag.errors import ConfigError, DataError, OutputError
-from asag.outputs import check_new_files, check_output_dir
+from asag.outputs import atomic_write_text, check_new_files, check_output_dir
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _SUFFIX_LIST = "/".join(suffix[1:] for suffix in IMAGE_SUFFIXES)  # for messages: "jpg/jpeg/png/..."
@@ -702,10 +702,9 @@ def coco_dict(split: SplitData, categories: Sequence[str]) -> dict[str, Any]:
 
 
 def write_coco_json(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write a COCO dict as JSON (the folder is created). Returns the path."""
+    """Write a COCO dict as JSON, atomically (the folder is created). Returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(data) + "\n")
     return path
 
 

@@ -10,6 +10,8 @@ Layout written under ``out_dir``: ``train.json``, ``val.json``, ``images/train/*
 ``images/val/*.png``. Everything is a function of the seed: the same seed gives byte-identical files
 (fixed PNG encoder settings, no timestamps), and image ``i`` of a split does not depend on the count.
 The categories are the chosen classes in the given order, ids ``1..N``.
+The JSON files are written atomically after their split's images, ``val.json`` last: a data set with
+both JSON files is complete.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 from asag.errors import ConfigError
+from asag.outputs import atomic_write_text
 
 # The default classes (the first five of SHAPE_CATALOGUE), in category-id order.
 SHAPE_CLASSES = ("rectangle", "ellipse", "triangle", "cross", "ring")
@@ -67,6 +70,17 @@ def synthetic_paths(root: str | os.PathLike) -> SyntheticPaths:
     return SyntheticPaths(
         root, root / "train.json", root / "val.json", root / "images" / "train", root / "images" / "val"
     )
+
+
+def synthetic_files(root: str | os.PathLike) -> list[Path]:
+    """The files of a synthetic data set already under ``root`` (what :func:`generate_synthetic` writes:
+    ``train.json``, ``val.json`` and the ``<split>_NNNNNN.png`` images), sorted; other files are not
+    listed."""
+    paths = synthetic_paths(root)
+    found = [p for p in (paths.train_json, paths.val_json) if p.is_file()]
+    for split, folder in zip(SPLITS, (paths.train_images, paths.val_images)):
+        found += sorted(folder.glob(f"{split}_[0-9]*.png")) if folder.is_dir() else []
+    return found
 
 
 # -------------------------------------------------------------------------------------- drawing
@@ -432,7 +446,7 @@ def _write_split(
     info = {"description": "asag synthetic shapes", "seed": seed, "split": split}
     data = {"info": info, "images": images, "annotations": annotations, "categories": categories}
     json_path = paths.train_json if split == "train" else paths.val_json
-    json_path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(json_path, json.dumps(data, indent=1) + "\n")
 
 
 def generate_synthetic(

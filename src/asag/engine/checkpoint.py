@@ -11,15 +11,12 @@ strings, lists, tuples and dicts only. Keys:
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
 import pickle
 import random
-import signal
-import tempfile
-import threading
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,6 +25,7 @@ import torch
 from torch import nn
 
 from asag.errors import CheckpointError
+from asag.outputs import atomic_write
 
 # Suffixes of the model files of ``asag export`` (asag.export), which load_checkpoint refuses.
 EXPORTED_SUFFIXES = (".onnx", ".pt2")
@@ -35,6 +33,8 @@ PT2_FORMAT_RECORD = "archive_format"  # record of a torch.export archive that ho
 CHECKPOINT_FORMAT = "asag.checkpoint"
 CHECKPOINT_VERSION = 1
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
+# How torch.save words a write that did not reach the file (PyTorchStreamWriter).
+TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -187,76 +187,38 @@ def save_checkpoint(
         "label_map": to_plain_data(label_map, where="label_map"),
         "extra": to_plain_data(extra or {}, where="extra"),
     }
-    return atomic_write(path, lambda handle: torch.save(payload, handle))
+    return atomic_write(path, lambda handle: _torch_save(payload, handle))
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, suffix: str = ".tmp") -> Path:
-    """Write file ``path`` through ``write(handle)`` without ever leaving it half-written; return ``path``.
-
-    ``write`` fills a temporary file beside ``path`` (``.NAME.XXXXXXXX`` + ``suffix``, in the same folder,
-    which is created), which is flushed, synced and then renamed over ``path`` (``os.replace``). After any
-    failure (an error of ``write``, a full disk, KeyboardInterrupt) ``path`` holds its previous contents
-    (or does not exist) and the temporary file is removed. Ctrl-C during the write is held back until
-    the write has finished or failed (torch.save would turn it into an opaque RuntimeError) and then
-    raised as KeyboardInterrupt. A full disk or an unwritable folder raises OSError with ``filename`` =
-    ``path``. The file gets the permissions of the file it replaces, else those ``open()`` would give
-    (``0o666`` less the umask).
-    """
-    path = Path(path)
+def _torch_save(payload: dict, handle: BinaryIO) -> None:
+    """``torch.save`` with a failed write (a full disk) raised as the OSError it is (:func:`_write_error`)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    except OSError as err:
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-    try:
-        with _interrupt_held_back(), os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), _new_file_mode(path))
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-            os.replace(tmp_name, path)
-    except OSError as err:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+        torch.save(payload, handle)
+    except RuntimeError as err:
+        raise _write_error(err) from None
 
 
-def _new_file_mode(path: Path) -> int:
-    """Permission bits for a new version of ``path``: those of the existing file, else ``0o666`` less the
-    umask (what ``open(path, "w")`` gives; ``mkstemp`` would give ``0o600``)."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def _interrupt_held_back() -> Iterator[None]:
-    """SIGINT (Ctrl-C) inside the block is raised as KeyboardInterrupt when the block ends (main thread
-    only; elsewhere a no-op). An error inside the block takes precedence and is raised instead. A process
-    that ignores SIGINT (e.g. started in the background by a non-interactive shell) goes on ignoring it."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+def _write_error(err: RuntimeError) -> BaseException:
+    """What a RuntimeError of ``torch.save`` means: torch reports a failed write (a full disk) as
+    ``RuntimeError("[enforce fail at inline_container.cc] . unexpected pos ...")`` raised while handling
+    the OSError of the write; that OSError, or an EIO error quoting torch when the write failed out of
+    sight (:data:`TORCH_WRITE_FAILURES`); any other RuntimeError is returned unchanged."""
+    seen: set[int] = set()
+    cause = err.__cause__ or err.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if any(marker in str(err) for marker in TORCH_WRITE_FAILURES):
+        return OSError(errno.EIO, f"writing failed ({_first_line(err)})")
+    return err
 
 
 def read_torch_file(path: str | os.PathLike, *, map_location: str | torch.device = "cpu",
-                    allow: Sequence[type] = ()) -> Any:
-    """``torch.load(path, weights_only=True)`` with one-line errors naming the file.
+                    allow: Sequence[type] = (), mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors naming the file (``mmap``: tensors
+    memory-mapped, read from disk only when used).
 
     ``allow``: further classes the file may hold (e.g. ``argparse.Namespace``, a plain attribute
     container the authors' release files store); nothing else but tensors and plain data is unpickled.
@@ -275,7 +237,7 @@ def read_torch_file(path: str | os.PathLike, *, map_location: str | torch.device
         raise CheckpointError(f"{path} is an exported model (ONNX/.pt2): use asag predict")
     try:
         with torch.serialization.safe_globals(list(allow)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path} is not an asag training checkpoint: it holds Python objects other than tensors and "
@@ -286,15 +248,17 @@ def read_torch_file(path: str | os.PathLike, *, map_location: str | torch.device
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt ({reason})") from err
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True`` (``mmap``: tensors
+    memory-mapped, read from disk only when used).
 
     Raises:
         CheckpointError: naming the file, as :func:`read_torch_file`, or when it is a PyTorch file that
             is not an asag training checkpoint.
     """
     path = Path(path)
-    data = read_torch_file(path, map_location=map_location)
+    data = read_torch_file(path, map_location=map_location, mmap=mmap)
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an asag training checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     if data.get("format_version", 0) > CHECKPOINT_VERSION:

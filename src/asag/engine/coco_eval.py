@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from asag.outputs import atomic_write_text
 from asag.structures import Detections
 
 # Order of COCOeval.stats for bbox evaluation (pycocotools ``summarize``).
@@ -99,17 +99,7 @@ def detections_to_coco_results(
 
 def write_results_json(path: str | os.PathLike, results: Sequence[dict]) -> Path:
     """Write the result records as a JSON array (atomically: temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(list(results), handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(list(results)))
 
 
 def load_results(coco_gt: COCO, results: Sequence[dict]) -> COCO:

@@ -6,16 +6,20 @@ no-op, so callers never branch on the rank.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from asag.engine.distributed import is_main_process
+from asag.outputs import naming
 
 T = TypeVar("T")
 METRICS_FILE = "metrics.jsonl"
@@ -52,6 +56,32 @@ def flatten_scalars(record: Mapping[str, Any], prefix: str = "") -> dict[str, fl
     return out
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError inside the block (a full disk) is raised again naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        raise naming(err, path) from None
+
+
+def _append_line(handle: BinaryIO, line: str) -> None:
+    """Append ``line`` and a newline to the unbuffered ``handle``; a failed write is cut off again, so the
+    file keeps whole lines only."""
+    start = handle.seek(0, os.SEEK_END)
+    data = memoryview((line + "\n").encode("utf-8"))
+    try:
+        while data:  # a raw write may take only part of the bytes
+            written = handle.write(data)
+            if not written:
+                raise OSError(errno.EIO, "the write took no bytes")
+            data = data[written:]
+    except OSError:
+        with contextlib.suppress(OSError):
+            handle.truncate(start)
+        raise
+
+
 class RunLogger:
     """Writes one JSON object per logged step or epoch to ``<output_dir>/metrics.jsonl`` and the same
     numbers as TensorBoard scalars (tag ``<kind>/<name>``) under ``<output_dir>/tensorboard``. Every
@@ -79,31 +109,40 @@ class RunLogger:
         # Without a terminal (a file, a CI log) the loop prints plain progress lines instead of bars.
         self.plain_progress = progress and self.enabled and not sys.stderr.isatty()
         self._start = time.monotonic()
+        self._tensorboard = tensorboard
         self._jsonl = None
         self._tb = None
-        if not self.enabled or self.output_dir is None:
-            return
+
+    def _open(self) -> None:
+        """Create the log files on the first record: a run that stops before logging anything (a data
+        error, say) leaves no log behind."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (self.output_dir / METRICS_FILE).open("a", encoding="utf-8")
-        if tensorboard:
+        self._jsonl = (self.output_dir / METRICS_FILE).open("ab", buffering=0)
+        if self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import, only when used
 
             self._tb = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR))
 
     def log(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
         """Record ``values`` (nested dicts allowed) of type ``kind`` (e.g. "train", "epoch", "eval") at
-        global ``step``: one JSON line, plus one TensorBoard scalar per numeric leaf."""
-        if not self.enabled:
+        global ``step``: one JSON line, plus one TensorBoard scalar per numeric leaf.
+
+        A write that fails (a full disk) raises OSError naming the file; ``metrics.jsonl`` is cut back
+        to its last complete line."""
+        if not self.enabled or self.output_dir is None:
             return
-        if self._jsonl is not None:
-            record = {"kind": kind, "step": int(step), "time": _now(),
-                      "elapsed": round(time.monotonic() - self._start, 3), **_json_safe(dict(values))}
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
+        if self._jsonl is None:
+            with _naming(self.output_dir / METRICS_FILE):
+                self._open()
+        record = {"kind": kind, "step": int(step), "time": _now(),
+                  "elapsed": round(time.monotonic() - self._start, 3), **_json_safe(dict(values))}
+        with _naming(self.output_dir / METRICS_FILE):
+            _append_line(self._jsonl, json.dumps(record))
         if self._tb is not None:
-            for tag, value in flatten_scalars(values).items():
-                if math.isfinite(value):
-                    self._tb.add_scalar(f"{kind}/{tag}", value, global_step=int(step))
+            with _naming(self.output_dir / TENSORBOARD_DIR):
+                for tag, value in flatten_scalars(values).items():
+                    if math.isfinite(value):
+                        self._tb.add_scalar(f"{kind}/{tag}", value, global_step=int(step))
 
     def info(self, message: str) -> None:
         """A human-readable line on stderr (main process only; does not break progress bars)."""
@@ -126,8 +165,9 @@ class RunLogger:
             self._jsonl.close()
             self._jsonl = None
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            with _naming(self.output_dir / TENSORBOARD_DIR):
+                tb.close()
 
     def __enter__(self) -> RunLogger:
         return self

@@ -33,7 +33,7 @@ from asag.engine.trainer import FitResult, fit, make_grad_scaler, use_channels_l
 from asag.errors import ConfigError
 from asag.modeling.detector import STATIC_TRAINING_ERROR
 from asag.modeling.fast import cpu_supports_bf16
-from asag.outputs import prepare_run_dir, remove_unfinished_run
+from asag.outputs import atomic_write_text, prepare_run_dir, remove_unfinished_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -124,7 +124,7 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
             report = init_model(model, cfg, train_set.label_map)
             if report is not None and is_main_process():
                 log(report.table())
-                (out / INIT_REPORT).write_text(report.table() + "\n")
+                atomic_write_text(out / INIT_REPORT, report.table() + "\n")
         elif cfg.finetune.init and is_main_process():
             log(f"finetune.init={cfg.finetune.init} not loaded: the resumed checkpoint holds the weights")
         if (cfg.finetune.freeze != "none" or cfg.finetune.init) and is_main_process():

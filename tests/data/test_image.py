@@ -210,12 +210,13 @@ def test_32_bit_integer_images_are_clipped_to_the_16_bit_range(tmp_path):
     values = np.array([[0, 70000, -5], [2**31 - 1, 65535, 257]], dtype=np.int32)  # Pillow mode I
     path = save(PIL.Image.fromarray(values, mode="I"), tmp_path / "int32.tif")
     assert PIL.Image.open(path).mode == "I"
-    np.testing.assert_array_equal(np.asarray(Detector.load_image(path)), gray_rgb([[0, 255, 0], [255, 255, 1]]))
+    expected = gray_rgb([[0, 255, 0], [255, 255, 1]])  # 257 -> 1; below 0 and above 65535: clipped
+    np.testing.assert_array_equal(np.asarray(Detector.load_image(path)), expected)
 
 
 def test_float_and_integer_tensors_follow_the_float_rule():
     tensor = torch.tensor([[[0.0, 255.0]], [[0.5, 0.25]], [[1.0, 0.0]]])  # a 0-255 float tensor
     with pytest.raises(DataError, match=r"float image with pixel values in \[0, 255\]"):
         Detector.load_image(tensor)
-    with pytest.raises(DataError, match="image tensor must be uint8, or float in \\[0, 1\\], got torch.int64"):
+    with pytest.raises(DataError, match=r"image tensor must be uint8, or float in \[0, 1\], got torch.int64"):
         Detector.load_image(torch.zeros(3, 1, 2, dtype=torch.int64))

@@ -99,7 +99,8 @@ def load_model(
 def _stored_config(ckpt: dict, path: str | Path, overrides: Sequence[str], *, used_head: str | None,
                    inference_level: str | None) -> Config:
     """The checkpoint's configuration with ``overrides``; CheckpointError naming ``path`` when it is
-    missing or malformed."""
+    missing or malformed, ConfigError when an override (or ``used_head``, ``inference_level``) is wrong: an
+    unknown key, a value out of range, a data field that the data format does not read."""
     from asag.config import apply_overrides
 
     stored = ckpt.get("config")
@@ -117,7 +118,19 @@ def _stored_config(ckpt: dict, path: str | Path, overrides: Sequence[str], *, us
     try:
         return config_from_dict(data)
     except ConfigError as err:
+        changed = overrides or used_head is not None or inference_level is not None
+        if changed and _is_valid(stored):  # the caller's change is at fault, not the checkpoint
+            raise
         raise CheckpointError(f"{path}: the stored configuration is invalid: {err}") from None
+
+
+def _is_valid(data: dict) -> bool:
+    """Whether ``data`` (a stored configuration) is a valid :class:`Config`."""
+    try:
+        config_from_dict(data)
+    except ConfigError:
+        return False
+    return True
 
 
 def _load_weights(model: ASAG, state: object, path: str | Path) -> None:

@@ -203,7 +203,9 @@ def build_criterion(cfg: Config) -> nn.Module:
 
 
 def data_files(cfg: DataConfig, split: str) -> tuple[Path, Path]:
-    """``(annotation JSON, image folder)`` of ``split`` (``"train"`` or ``"val"``)."""
+    """``(annotation JSON, image folder)`` of ``split`` (``"train"`` or ``"val"``): the four file fields
+    under ``root`` for the coco format, the fixed layout of :func:`synthetic_paths` for the synthetic one
+    (which reads no file field; :func:`asag.config.check_data_fields` refuses them there)."""
     if cfg.format == "synthetic":
         paths = synthetic_paths(cfg.root)
         if split == "train":
@@ -246,7 +248,8 @@ def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
         if cfg.format == "synthetic":  # never generated behind the user's back (a mistyped root)
             hint = (f"; to generate the synthetic data set there: asag data synth --out {cfg.root} --images "
                     f"{cfg.synthetic_train_images} --val-images {cfg.synthetic_val_images} --seed "
-                    f"{cfg.synthetic_seed}")
+                    f"{cfg.synthetic_seed}; for other COCO-format files: data.format=coco with "
+                    f"data.{split}_annotations and data.{split}_images")
         raise DataError(f"{ann_file}: annotation file not found (data.root={cfg.root!r}){hint}")
     train = split == "train"
     return CocoDetection(ann_file, image_dir, build_transforms(cfg, train), training_filter=train,

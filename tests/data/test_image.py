@@ -220,3 +220,8 @@ def test_float_and_integer_tensors_follow_the_float_rule():
         Detector.load_image(tensor)
     with pytest.raises(DataError, match=r"image tensor must be uint8, or float in \[0, 1\], got torch.int64"):
         Detector.load_image(torch.zeros(3, 1, 2, dtype=torch.int64))
+
+
+def test_a_mode_pillow_cannot_convert_is_a_data_error():
+    with pytest.raises(DataError, match="image mode 'La' cannot be converted to RGB"):
+        Detector.load_image(PIL.Image.new("La", (3, 2)))

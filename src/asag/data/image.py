@@ -47,7 +47,7 @@ def float_to_uint8(values: np.ndarray) -> np.ndarray:
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """Any Pillow image -> a new 8-bit RGB image (module docstring for each mode). DataError for a float
-    image outside ``[0, 1]``."""
+    image outside ``[0, 1]`` and for a mode Pillow cannot convert."""
     if image.mode == "RGB":
         return image.copy()
     if image.mode == "F":
@@ -57,9 +57,12 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         values = np.asarray(image, dtype=np.float64).clip(0, UINT16_MAX)  # [H, W]
         scaled = (values * (255.0 / UINT16_MAX)).round().astype(np.uint8)
         return PIL.Image.fromarray(scaled, mode="L").convert("RGB")
-    if image.mode in _ALPHA_MODES:
-        image = image.convert("RGBA")  # palette transparency first, then the alpha is dropped below
-    return image.convert("RGB")
+    try:
+        if image.mode in _ALPHA_MODES:
+            image = image.convert("RGBA")  # palette transparency first, then the alpha is dropped below
+        return image.convert("RGB")
+    except ValueError as err:  # a mode Pillow cannot convert (e.g. premultiplied "La")
+        raise DataError(f"image mode {image.mode!r} cannot be converted to RGB ({err})") from None
 
 
 def open_image(path: str | os.PathLike, *, exif: bool = True) -> tuple[PIL.Image.Image, tuple[int, int]]:

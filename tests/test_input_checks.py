@@ -164,6 +164,17 @@ def test_malformed_presets_are_one_line_naming_the_file(tmp_path, capsys, text, 
     assert f"bad.yaml: {message}" in err or (message.startswith("unknown preset") and message in err)
 
 
+def test_a_missing_preset_file_or_base_file_is_named(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert f"{missing}: preset file not found" in config_show_error(missing, capsys)
+    (tmp_path / "folder.yaml").mkdir()
+    assert f"{tmp_path / 'folder.yaml'}: not a file" in config_show_error(tmp_path / "folder.yaml", capsys)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "top.yaml").write_text("_base_: base.yml\n")
+    err = config_show_error(tmp_path / "sub" / "top.yaml", capsys)
+    assert f"top.yaml: _base_ file {tmp_path / 'sub' / 'base.yml'} not found" in err
+
+
 def test_a_base_file_with_a_bad_key_is_named(tmp_path):
     (tmp_path / "base.yaml").write_text("schedule: {epoks: 3}\n")
     (tmp_path / "top.yaml").write_text("_base_: base.yaml\n")

@@ -26,6 +26,7 @@ from asag.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESET_DIR = REPO_ROOT / "configs"
+PRESET_SUFFIXES = (".yaml", ".yml")  # a preset argument ending in these is a file path
 
 BackboneName = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"]
 DecoderType = Literal["adamixer", "sparse_rcnn", "deformable"]
@@ -476,9 +477,13 @@ def available_presets() -> list[str]:
 
 
 def preset_path(name: str) -> Path:
+    """The file of a preset: ``name`` itself when it ends in .yaml / .yml (ConfigError when that is not a
+    file), else ``configs/NAME.yaml`` (ConfigError listing the presets when there is none)."""
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
+    if path.suffix in PRESET_SUFFIXES:
+        if path.is_file():
+            return path
+        raise ConfigError(f"{name}: {'not a file' if path.exists() else 'preset file not found'}")
     candidate = PRESET_DIR / f"{name}.yaml"
     if candidate.is_file():
         return candidate
@@ -526,7 +531,12 @@ def preset_layers(path: Path) -> list[tuple[Path, dict]]:
         if not isinstance(base, str) or not base.strip():
             raise ConfigError(f"{path}: _base_ must name a preset or a YAML file, got {base!r}")
         local = path.parent / base
-        path = local if local.is_file() else preset_path(base)
+        if local.is_file():
+            path = local
+        elif Path(base).suffix in PRESET_SUFFIXES and not Path(base).exists():
+            raise ConfigError(f"{path}: _base_ file {local} not found")
+        else:
+            path = preset_path(base)  # a preset name, or a path as on the command line
 
 
 def load_config(preset: str, overrides: list[str] | None = None) -> Config:

@@ -21,7 +21,7 @@ from asag.build import build_model, build_transforms
 from asag.config import FIELD_RANGES, FRACTION, Config, check_number, config_from_dict
 from asag.convert.official import head_index
 from asag.data import LabelMap, collate
-from asag.data.image import open_image, to_rgb
+from asag.data.image import float_to_uint8, open_image, to_rgb
 from asag.engine.checkpoint import load_checkpoint, one_line
 from asag.errors import CheckpointError, ConfigError, DataError
 from asag.modeling.detector import ASAG
@@ -99,7 +99,8 @@ def load_model(
 def _stored_config(ckpt: dict, path: str | Path, overrides: Sequence[str], *, used_head: str | None,
                    inference_level: str | None) -> Config:
     """The checkpoint's configuration with ``overrides``; CheckpointError naming ``path`` when it is
-    missing or malformed."""
+    missing or malformed, ConfigError when an override (or ``used_head``, ``inference_level``) is wrong: an
+    unknown key, a value out of range, a data field that the data format does not read."""
     from asag.config import apply_overrides
 
     stored = ckpt.get("config")
@@ -117,7 +118,19 @@ def _stored_config(ckpt: dict, path: str | Path, overrides: Sequence[str], *, us
     try:
         return config_from_dict(data)
     except ConfigError as err:
+        changed = overrides or used_head is not None or inference_level is not None
+        if changed and _is_valid(stored):  # the caller's change is at fault, not the checkpoint
+            raise
         raise CheckpointError(f"{path}: the stored configuration is invalid: {err}") from None
+
+
+def _is_valid(data: dict) -> bool:
+    """Whether ``data`` (a stored configuration) is a valid :class:`Config`."""
+    try:
+        config_from_dict(data)
+    except ConfigError:
+        return False
+    return True
 
 
 def _load_weights(model: ASAG, state: object, path: str | Path) -> None:
@@ -222,16 +235,20 @@ class Detector:
     @staticmethod
     def load_image(image: PIL.Image.Image | Tensor | str | Path) -> PIL.Image.Image:
         """An 8-bit RGB PIL image from a PIL image (any mode), a ``[3, H, W]`` tensor (uint8, or float in
-        [0, 1]) or a path (EXIF orientation applied). Files and PIL images go through
-        :func:`asag.data.image.to_rgb`, the converter of the training and evaluation reader."""
+        [0, 1]: ``round(v * 255)``, DataError outside [0, 1]) or a path (EXIF orientation applied). Files
+        and PIL images go through :func:`asag.data.image.to_rgb`, the converter of the training and
+        evaluation reader; float tensors follow its rule for float images."""
         if isinstance(image, str | Path):
             return open_image(image)[0]
         if isinstance(image, Tensor):
             if image.ndim != 3 or image.shape[0] != 3:
                 raise DataError(f"image tensor must be [3, H, W], got {tuple(image.shape)}")
-            if image.dtype != torch.uint8:
-                image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
-            return PIL.Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+            pixels = image.permute(1, 2, 0).cpu()  # [H, W, 3]
+            if image.dtype == torch.uint8:
+                return PIL.Image.fromarray(pixels.numpy())
+            if not image.dtype.is_floating_point:
+                raise DataError(f"image tensor must be uint8, or float in [0, 1], got {image.dtype}")
+            return PIL.Image.fromarray(float_to_uint8(pixels.float().numpy()))  # the rule of float files
         if not isinstance(image, PIL.Image.Image):
             raise DataError(f"unsupported image type {type(image).__name__}")
         return to_rgb(image)

@@ -231,7 +231,9 @@ def build_criterion(cfg: Config) -> nn.Module:
 
 
 def data_files(cfg: DataConfig, split: str) -> tuple[Path, Path]:
-    """``(annotation JSON, image folder)`` of ``split`` (``"train"`` or ``"val"``)."""
+    """``(annotation JSON, image folder)`` of ``split`` (``"train"`` or ``"val"``): the four file fields
+    under ``root`` for the coco format, the fixed layout of :func:`synthetic_paths` for the synthetic one
+    (which reads no file field; :func:`asag.config.check_data_fields` refuses them there)."""
     if cfg.format == "synthetic":
         paths = synthetic_paths(cfg.root)
         if split == "train":
@@ -288,7 +290,9 @@ def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
     if not ann_file.is_file():
         hint = ""
         if cfg.format == "synthetic":  # never generated behind the user's back (a mistyped root)
-            hint = f"; to generate the synthetic data set there: {synth_command(cfg)}"
+            hint = (f"; to generate the synthetic data set there: {synth_command(cfg)}; for other "
+                    f"COCO-format files: data.format=coco with data.{split}_annotations and "
+                    f"data.{split}_images")
         raise DataError(f"{ann_file}: annotation file not found (data.root={cfg.root!r}){hint}")
     train = split == "train"
     return CocoDetection(ann_file, image_dir, build_transforms(cfg, train), training_filter=train,

@@ -49,9 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_override(token: str) -> bool:
+    """Whether a command-line token is a ``key=value`` config override (not an option)."""
+    return "=" in token and not token.startswith("-")
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that the ``key=value`` overrides of a command that takes them
+    (an ``overrides`` positional) may also come after its options, e.g. ``asag train tiny_cpu
+    --output-dir runs/x data.root=D``: argparse stops filling a positional once an option follows it, so
+    those tokens are appended to ``overrides`` in command-line order. Any other leftover token is refused
+    as by argparse (``unrecognized arguments``, exit 2)."""
+    args, extras = parser.parse_known_args(argv)
+    takes_overrides = isinstance(getattr(args, "overrides", None), list)
+    routed = [token for token in extras if is_override(token)] if takes_overrides else []
+    unknown = [token for token in extras if token not in routed]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if routed:
+        args.overrides = [*args.overrides, *routed]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     try:
         return int(args.func(args) or 0)
     except AsagError as err:

@@ -9,7 +9,9 @@ Only :mod:`asag.build` reads these objects; modules receive plain, typed argumen
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -24,10 +26,12 @@ from asag.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESET_DIR = REPO_ROOT / "configs"
+PRESET_SUFFIXES = (".yaml", ".yml")  # a preset argument ending in these is a file path
 
 BackboneName = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"]
 DecoderType = Literal["adamixer", "sparse_rcnn", "deformable"]
 InferenceLevel = Literal["P3P6", "P4P6", "P5P6"]
+DataFormat = Literal["coco", "synthetic"]
 
 
 @dataclass
@@ -170,7 +174,9 @@ class DenoisingConfig:
 
 @dataclass
 class DataConfig:
-    format: Literal["coco", "synthetic"] = "coco"
+    # coco: the four file fields below name the files; synthetic: the fixed layout of asag.data.synthetic
+    # under root. Setting a field the chosen format does not read is an error (DATA_FORMAT_FIELDS).
+    format: DataFormat = "coco"
     root: str = "data/coco"
     train_images: str = "train2017"
     train_annotations: str = "annotations/instances_train2017.json"
@@ -337,10 +343,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    """``cls`` from the fields in ``data`` (checked and converted; missing ones take their defaults)."""
+    hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys may be numbers or null
     if unknown:
         raise ConfigError(
             f"unknown key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}"
@@ -369,6 +381,14 @@ def config_from_dict(data: dict) -> Config:
 # -------------------------------------------------------------------------------------- overrides
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: ``line L, column C: problem`` where the parser knows the place."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(err).split())
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"model.decoder.num_heads=1"`` -> (["model", "decoder", "num_heads"], 1) (values parsed as YAML)."""
     if "=" not in text:
@@ -379,12 +399,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({yaml_problem(err)})") from None
     return key.strip().split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = _merge({}, data)
+    """``data`` (a configuration as plain data) with ``overrides`` applied in order, as a new dict.
+
+    A mapping value is merged into the section it names (``data={root: x}`` keeps the other data fields).
+    Unknown keys, and data fields that the resulting ``data.format`` does not read
+    (:func:`check_data_fields`), raise :class:`ConfigError`. ``data`` itself is left unchanged."""
+    data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
         node = data
@@ -395,8 +420,73 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = child
         if path[-1] not in node:
             raise ConfigError(f"unknown key {'.'.join(path)} in override {text!r}")
-        node[path[-1]] = value
+        old = node[path[-1]]
+        node[path[-1]] = _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    check_data_fields([("", override_keys(overrides))], _data_format(data))
     return data
+
+
+def override_keys(overrides: list[str]) -> set[str]:
+    """The dotted keys of every field that ``overrides`` set (a mapping value sets each of its keys)."""
+    keys: set[str] = set()
+    for text in overrides:
+        path, value = parse_override(text)
+        key = ".".join(path)
+        keys |= dotted_keys(value, f"{key}.") if isinstance(value, dict) and value else {key}
+    return keys
+
+
+def dotted_keys(data: dict, prefix: str = "") -> set[str]:
+    """The dotted keys of the leaves of nested mappings: ``{"a": {"b": 1}, "c": 2}`` -> {"a.b", "c"}."""
+    keys: set[str] = set()
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        keys |= dotted_keys(value, f"{name}.") if isinstance(value, dict) and value else {name}
+    return keys
+
+
+# ------------------------------------------------------------------------------------ data formats
+
+# The data fields that only some formats read, and those formats; every other data field is read by all.
+DATA_FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    **{f"data.{name}": ("coco",)
+       for name in ("train_images", "train_annotations", "val_images", "val_annotations")},
+    **{f"data.{name}": ("synthetic",)
+       for name in ("synthetic_train_images", "synthetic_val_images", "synthetic_seed")},
+}
+# Why a format does not read the fields of the others (asag.data.synthetic has the synthetic layout).
+_FORMAT_NOTES: dict[str, str] = {
+    "synthetic": "its files are fixed: train.json, val.json, images/train and images/val under data.root",
+    "coco": "data.synthetic_* describe the synthetic data set that asag demo and asag data synth generate",
+}
+
+
+def _data_format(data: dict) -> Any:
+    section = data.get("data")
+    return section.get("format") if isinstance(section, dict) else None
+
+
+def check_data_fields(layers: list[tuple[str, set[str]]], data_format: Any) -> None:
+    """Refuse a data field that ``data_format`` does not read: it would be silently ignored (e.g.
+    ``data.val_annotations`` with the synthetic format, whose file names are fixed).
+
+    ``layers``: ``(source, dotted keys set there)`` in the order they apply: the preset files from the
+    last ``_base_`` up (``source``: the file), then the overrides (``source``: ""). Fields set before the
+    last layer that sets ``data.format`` are not checked: that layer chose the format over them (e.g. the
+    synthetic ``tiny_cpu`` preset with the override ``data.format=coco``). The error names the field, the
+    format, the file (if any) and the format that reads the field. An unknown format is left to
+    :func:`validate`."""
+    if data_format not in get_args(DataFormat):
+        return
+    start = max((i for i, (_, keys) in enumerate(layers) if "data.format" in keys), default=0)
+    for source, keys in layers[start:]:
+        for key in sorted(keys):
+            readers = DATA_FORMAT_FIELDS.get(key, (data_format,))
+            if data_format not in readers:
+                where = f"{source}: " if source else ""
+                raise ConfigError(
+                    f"{where}{key}: not read when data.format={data_format} ({_FORMAT_NOTES[data_format]}); "
+                    f"set data.format={readers[0]} to use it")
 
 
 # ---------------------------------------------------------------------------------------- presets
@@ -407,41 +497,86 @@ def available_presets() -> list[str]:
 
 
 def preset_path(name: str) -> Path:
+    """The file of a preset: ``name`` itself when it ends in .yaml / .yml (ConfigError when that is not a
+    file), else ``configs/NAME.yaml`` (ConfigError listing the presets when there is none)."""
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
+    if path.suffix in PRESET_SUFFIXES:
+        if path.is_file():
+            return path
+        raise ConfigError(f"{name}: {'not a file' if path.exists() else 'preset file not found'}")
     candidate = PRESET_DIR / f"{name}.yaml"
     if candidate.is_file():
         return candidate
     raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    """A preset file merged over its ``_base_`` chain (``chain``: the files that led here, to stop loops)."""
-    if path.resolve() in chain:
-        loop = " -> ".join(str(p) for p in (*chain, path.resolve()))
-        raise ConfigError(f"{path}: the _base_ chain loops ({loop})")
+def _read_preset_file(path: Path) -> dict:
+    """One preset file as a mapping (``_base_`` still in it); ConfigError naming the file otherwise."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8)") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read preset ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(err)})") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a preset must be a mapping")
-    base = data.pop("_base_", None)
-    if base is not None:
-        local = path.parent / str(base)
-        base_path = local if local.is_file() else preset_path(str(base))
-        data = _merge(_read_yaml(base_path, (*chain, path.resolve())), data)
+        raise ConfigError(f"{path}: a preset must be a mapping of config sections, got a "
+                          f"{type(data).__name__}")
     return data
 
 
+def preset_layers(path: Path) -> list[tuple[Path, dict]]:
+    """``path`` and the files of its ``_base_`` chain, ``(file, its settings without _base_)``, the last
+    base first (each file overrides the ones before it).
+
+    ``_base_`` names a file relative to the preset's folder, or a preset (:func:`preset_path`). The chain
+    is followed iteratively (any depth); a file that comes back is an error naming the loop."""
+    layers: list[tuple[Path, dict]] = []
+    seen: dict[Path, None] = {}  # the resolved files so far, in order
+    while True:
+        if path.resolve() in seen:
+            loop = " -> ".join(str(p) for p in (*seen, path.resolve()))
+            raise ConfigError(f"{path}: the _base_ chain loops ({loop})")
+        seen[path.resolve()] = None
+        data = _read_preset_file(path)
+        base = data.pop("_base_", None)
+        layers.append((path, data))
+        if base is None:
+            return layers[::-1]
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: _base_ must name a preset or a YAML file, got {base!r}")
+        local = path.parent / base
+        if local.is_file():
+            path = local
+        elif Path(base).suffix in PRESET_SUFFIXES and not Path(base).exists():
+            raise ConfigError(f"{path}: _base_ file {local} not found")
+        else:
+            path = preset_path(base)  # a preset name, or a path as on the command line
+
+
 def load_config(preset: str, overrides: list[str] | None = None) -> Config:
-    """Resolve a preset name (or YAML path) plus ``key=value`` overrides into a validated config."""
-    data = _read_yaml(preset_path(preset))
-    data = apply_overrides(_merge(Config().to_dict(), data), overrides or [])
-    return config_from_dict(data)
+    """Resolve a preset name (or YAML path) plus ``key=value`` overrides into a validated config.
+
+    A data field that the resulting ``data.format`` does not read, set in a preset file or an override,
+    is refused (:func:`check_data_fields`)."""
+    overrides = list(overrides or [])
+    layers = preset_layers(preset_path(preset))
+    data = Config().to_dict()
+    for path, layer in layers:
+        try:  # keys and types of each file on their own, so that the error names the file
+            _from_dict(Config, layer)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        data = _merge(data, layer)
+    cfg = config_from_dict(apply_overrides(data, overrides))
+    file_keys = [(str(path), dotted_keys(layer)) for path, layer in layers]
+    check_data_fields([*file_keys, ("", override_keys(overrides))], cfg.data.format)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------- validation

@@ -1,6 +1,8 @@
 """The one image reader: every mode decodes to the same hand-computed RGB pixels in the training/evaluation
 reader (``read_image``) and in the prediction API (``Detector.load_image``)."""
 
+import struct
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -62,8 +64,15 @@ def cmyk():
     return image, np.array(expected, dtype=np.uint8)
 
 
+def float_gray():
+    # round(v * 255): 0.5 -> 127.5 -> 128, 0.25 -> 63.75 -> 64, 0.002 -> 0.51 -> 1, 0.998 -> 254.49 -> 254
+    values = np.array([[0.0, 0.5, 1.0], [0.25, 0.002, 0.998]], dtype=np.float32)
+    return PIL.Image.fromarray(values, mode="F"), gray_rgb([[0, 128, 255], [64, 1, 254]])
+
+
 MODES = {"1": bilevel, "L": gray, "LA": gray_alpha, "P": palette, "RGBA": rgba, "I;16": sixteen_bit,
-         "CMYK": cmyk}
+         "CMYK": cmyk, "F": float_gray}
+TIFF_ONLY = ("CMYK", "F")
 
 
 def save(image: PIL.Image.Image, path, **kwargs):
@@ -75,7 +84,7 @@ def save(image: PIL.Image.Image, path, **kwargs):
 def test_every_mode_reads_to_the_same_rgb_pixels(tmp_path, mode):
     image, expected = MODES[mode]()
     assert image.mode == mode
-    suffix = ".tif" if mode == "CMYK" else ".png"  # lossless files of each mode
+    suffix = ".tif" if mode in TIFF_ONLY else ".png"  # lossless files of each mode
     path = save(image, tmp_path / f"image{suffix}")
     assert PIL.Image.open(path).mode == mode  # the file really holds that mode
     training = read_image(path, 3, 2)  # the training / evaluation reader
@@ -128,3 +137,91 @@ def test_tensor_input_and_bad_files(tmp_path):
             read(tmp_path / "broken.png")
     with pytest.raises(DataError, match="is a folder"):
         Detector.load_image(tmp_path)
+
+
+def write_tiff(path, pixels: np.ndarray):
+    """An uncompressed little-endian TIFF of ``pixels`` (``[H, W]`` or ``[H, W, 3]``, any int or float
+    dtype), written by hand: Pillow writes no float16, float64 or float RGB TIFFs."""
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    data = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()
+    per_sample = {258: pixels.dtype.itemsize * 8, 339: {"u": 1, "i": 2, "f": 3}[pixels.dtype.kind]}
+    tags = {256: width, 257: height, 259: 1, 262: 2 if channels == 3 else 1, 273: 8, 277: channels,
+            278: height, 279: len(data), 284: 1}  # tag -> value (273: the pixels follow the header)
+    ifd_offset = 8 + len(data)
+    arrays_offset = ifd_offset + 2 + 12 * (len(tags) + len(per_sample)) + 4
+    entries, arrays = [], b""
+    for tag in sorted({**tags, **per_sample}):
+        if tag in per_sample:  # SHORT per sample: inline for one, else an array after the directory
+            if channels == 1:
+                entries.append(struct.pack("<HHIHH", tag, 3, 1, per_sample[tag], 0))
+            else:
+                entries.append(struct.pack("<HHII", tag, 3, channels, arrays_offset + len(arrays)))
+                arrays += struct.pack(f"<{channels}H", *[per_sample[tag]] * channels)
+        else:
+            entries.append(struct.pack("<HHII", tag, 4, 1, tags[tag]))  # LONG
+    header = b"II*\x00" + struct.pack("<I", ifd_offset)
+    path.write_bytes(header + data + struct.pack("<H", len(entries)) + b"".join(entries)
+                     + struct.pack("<I", 0) + arrays)
+    return path
+
+
+FLOAT_VALUES = np.array([[0.0, 0.5, 1.0], [0.25, 0.002, 0.998]], dtype=np.float32)
+
+
+def test_hand_written_tiffs_decode_as_written(tmp_path):
+    """The writer below the float checks is right: Pillow reads its uint16, float32 and RGB files."""
+    sixteen = (FLOAT_VALUES * 65535).astype(np.uint16)
+    assert np.array_equal(np.asarray(PIL.Image.open(write_tiff(tmp_path / "a.tif", sixteen))), sixteen)
+    floats = np.asarray(PIL.Image.open(write_tiff(tmp_path / "b.tif", FLOAT_VALUES)))
+    assert floats.dtype == np.float32 and np.array_equal(floats, FLOAT_VALUES)
+    rgb = np.arange(18, dtype=np.uint8).reshape(2, 3, 3)
+    assert np.array_equal(np.asarray(PIL.Image.open(write_tiff(tmp_path / "c.tif", rgb))), rgb)
+    np.testing.assert_array_equal(np.asarray(Detector.load_image(tmp_path / "b.tif")), float_gray()[1])
+
+
+READERS = {"training": lambda path: read_image(path, 3, 2), "api": Detector.load_image}
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+@pytest.mark.parametrize("values, message", [
+    (FLOAT_VALUES * 255, r"pixel values in \[0, 255\]"),  # a 0-255 float image: not guessed
+    (FLOAT_VALUES - 0.5, r"pixel values in \[-0.5, 0.5\]"),
+    (np.where(FLOAT_VALUES > 0.9, np.nan, FLOAT_VALUES).astype(np.float32), "2 NaN or infinite"),
+    (np.where(FLOAT_VALUES > 0.9, np.inf, FLOAT_VALUES).astype(np.float32), "2 NaN or infinite"),
+])
+def test_float_image_outside_zero_one_is_refused_naming_the_file(tmp_path, reader, values, message):
+    path = save(PIL.Image.fromarray(values.astype(np.float32), mode="F"), tmp_path / "float.tif")
+    with pytest.raises(DataError, match=f"float.tif: float image with {message}") as err:
+        READERS[reader](path)
+    assert "intensities in [0, 1]" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("dtype, channels", [(np.float16, 1), (np.float64, 1), (np.float32, 3)])
+def test_float_tiffs_pillow_cannot_decode_are_refused(tmp_path, dtype, channels):
+    pixels = FLOAT_VALUES if channels == 1 else np.stack([FLOAT_VALUES] * channels, axis=2)
+    path = write_tiff(tmp_path / "float.tif", pixels.astype(dtype))
+    for read in READERS.values():
+        with pytest.raises(DataError, match="float.tif: cannot read image"):
+            read(path)
+
+
+def test_32_bit_integer_images_are_clipped_to_the_16_bit_range(tmp_path):
+    values = np.array([[0, 70000, -5], [2**31 - 1, 65535, 257]], dtype=np.int32)  # Pillow mode I
+    path = save(PIL.Image.fromarray(values, mode="I"), tmp_path / "int32.tif")
+    assert PIL.Image.open(path).mode == "I"
+    expected = gray_rgb([[0, 255, 0], [255, 255, 1]])  # 257 -> 1; below 0 and above 65535: clipped
+    np.testing.assert_array_equal(np.asarray(Detector.load_image(path)), expected)
+
+
+def test_float_and_integer_tensors_follow_the_float_rule():
+    tensor = torch.tensor([[[0.0, 255.0]], [[0.5, 0.25]], [[1.0, 0.0]]])  # a 0-255 float tensor
+    with pytest.raises(DataError, match=r"float image with pixel values in \[0, 255\]"):
+        Detector.load_image(tensor)
+    with pytest.raises(DataError, match=r"image tensor must be uint8, or float in \[0, 1\], got torch.int64"):
+        Detector.load_image(torch.zeros(3, 1, 2, dtype=torch.int64))
+
+
+def test_a_mode_pillow_cannot_convert_is_a_data_error():
+    with pytest.raises(DataError, match="image mode 'La' cannot be converted to RGB"):
+        Detector.load_image(PIL.Image.new("La", (3, 2)))

@@ -8,6 +8,11 @@ Any file Pillow decodes becomes an 8-bit RGB image with its EXIF orientation app
 * ``I;16*`` and ``I`` (16-bit grayscale, e.g. 16-bit PNG): scaled from ``[0, 65535]`` to ``[0, 255]``,
   ``round(v * 255 / 65535)`` (values outside the range are clipped); Pillow's own conversion would clip
   at 255 and turn almost every pixel white;
+* ``F`` (32-bit float grayscale, e.g. a float TIFF): intensities in ``[0, 1]``, scaled to ``round(v * 255)``
+  (Pillow's own conversion would truncate them to 0 and 1: a black image). A float image with any value
+  outside ``[0, 1]``, NaN or infinity is refused (:class:`~asag.errors.DataError` with the value range):
+  its scale cannot be known, so it is not guessed. Float TIFFs Pillow cannot decode (float16, float64,
+  float RGB) are refused as unreadable files;
 * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` and the rest: Pillow's conversion to RGB.
 """
 
@@ -32,25 +37,45 @@ EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
+def float_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Float intensities in ``[0, 1]`` (any shape) -> ``round(v * 255)`` as uint8; DataError (without a
+    file name) when a value is outside ``[0, 1]``, NaN or infinite."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise DataError(f"float image with {int((~finite).sum())} NaN or infinite pixel value(s); "
+                        f"a float image must hold intensities in [0, 1]")
+    if values.size and (values.min() < 0 or values.max() > 1):
+        raise DataError(f"float image with pixel values in [{values.min():g}, {values.max():g}]; a float "
+                        f"image must hold intensities in [0, 1] (save other ranges as 8- or 16-bit integers)")
+    return (values.astype(np.float64) * 255.0).round().astype(np.uint8)
+
+
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any Pillow image -> a new 8-bit RGB image (module docstring for each mode)."""
+    """Any Pillow image -> a new 8-bit RGB image (module docstring for each mode). DataError for a float
+    image outside ``[0, 1]`` and for a mode Pillow cannot convert."""
     if image.mode == "RGB":
         return image.copy()
+    if image.mode == "F":
+        gray = float_to_uint8(np.asarray(image, dtype=np.float32))  # [H, W]
+        return PIL.Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image, dtype=np.float64).clip(0, UINT16_MAX)  # [H, W]
         scaled = (values * (255.0 / UINT16_MAX)).round().astype(np.uint8)
         return PIL.Image.fromarray(scaled, mode="L").convert("RGB")
-    if image.mode in _ALPHA_MODES:
-        image = image.convert("RGBA")  # palette transparency first, then the alpha is dropped below
-    return image.convert("RGB")
+    try:
+        if image.mode in _ALPHA_MODES:
+            image = image.convert("RGBA")  # palette transparency first, then the alpha is dropped below
+        return image.convert("RGB")
+    except ValueError as err:  # a mode Pillow cannot convert (e.g. premultiplied "La")
+        raise DataError(f"image mode {image.mode!r} cannot be converted to RGB ({err})") from None
 
 
 def open_image(path: str | os.PathLike, *, exif: bool = True) -> tuple[PIL.Image.Image, tuple[int, int]]:
     """Decode ``path`` as RGB: ``(image, stored_size)``.
 
     ``image`` has its EXIF orientation applied when ``exif`` (the default); ``stored_size`` is the
-    ``(width, height)`` of the pixels as stored, before any rotation. Unreadable or missing files raise
-    :class:`asag.errors.DataError` naming the file.
+    ``(width, height)`` of the pixels as stored, before any rotation. Unreadable or missing files, and
+    pixel values :func:`to_rgb` refuses, raise :class:`asag.errors.DataError` naming the file.
     """
     try:
         with PIL.Image.open(path) as raw:
@@ -58,6 +83,8 @@ def open_image(path: str | os.PathLike, *, exif: bool = True) -> tuple[PIL.Image
             stored_size = raw.size
             oriented = PIL.ImageOps.exif_transpose(raw) if exif else raw
             return to_rgb(oriented), stored_size  # a new image, valid after the file is closed
+    except DataError as err:  # pixel values to_rgb refuses
+        raise DataError(f"{path}: {err}") from None
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except IsADirectoryError:

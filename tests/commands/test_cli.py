@@ -1,6 +1,7 @@
 """End to end through the command line on a tiny synthetic data set (CPU, about a minute)."""
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -116,6 +117,20 @@ def test_training_without_iterations_is_refused_up_front(data_root, tmp_path, ca
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not any(tmp_path.glob("*.pth"))
+
+
+def test_diverging_training_stops_with_the_non_finite_loss_line(data_root, tmp_path, capsys):
+    """schedule.lr=1e9 makes the second step's predictions NaN; it raised an IndexError in the RoI
+    pooling's level count (a device-side assert on CUDA) before the loss could be checked."""
+    args = ["train", "tiny_cpu", *common(data_root, tmp_path), "schedule.lr=1e9", "runtime.eval_every=0",
+            "data.train_scales=[64]", "data.train_max_size=96"]  # small images: a faster test
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line]  # progress lines go to stderr too
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0]
+    assert re.fullmatch(r"asag train: error: loss is not finite: .*non-finite.*; stopping", errors[0])
+    assert not any(tmp_path.glob("*.pth"))  # the diverged epoch is not saved
 
 
 @pytest.mark.parametrize("argv, message", [

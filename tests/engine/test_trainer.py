@@ -34,7 +34,8 @@ from asag.engine.trainer import (
     to_float32,
     train_one_epoch,
 )
-from asag.errors import ConfigError, DataError
+from asag.errors import AsagError, ConfigError, DataError
+from asag.training.matcher import NonFiniteCostError
 
 GT = coco_gt_dict(10)
 
@@ -133,6 +134,24 @@ def test_non_finite_loss_stops():
     model, opt, sched = setup()
     with pytest.raises(NonFiniteLossError, match="nan"):
         train_one_epoch(model, NanCriterion(), train_loader(), opt, sched, epoch=0, device="cpu", max_iters=1)
+
+
+class DivergedCriterion(FakeCriterion):
+    """Meets NaN predictions before summing the loss, like the matcher of a diverged run."""
+
+    def forward(self, output, targets, image_sizes):
+        raise NonFiniteCostError("matching cost of stage 'main' has 4 non-finite entries (NaN or inf)")
+
+
+def test_non_finite_predictions_stop_with_the_loss_message():
+    model, opt, sched = setup()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteLossError, match=r"^loss is not finite: matching cost of stage 'main' has 4 "
+                                                 r"non-finite entries \(NaN or inf\); stopping$"):
+        train_one_epoch(model, DivergedCriterion(), train_loader(), opt, sched, epoch=0, device="cpu",
+                        max_iters=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no update
+    assert issubclass(NonFiniteLossError, AsagError)  # the CLI prints one line and exits 2
 
 
 def run_fit(output_dir, *, epochs, seed=0, resume=None, log=False):

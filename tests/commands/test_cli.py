@@ -50,6 +50,30 @@ def test_resume_continues_from_the_checkpoint(trained, data_root, tmp_path):
     assert ckpt["epoch"] == 1 and ckpt["iteration"] == 4
 
 
+# Small images, one iteration per epoch, only last.pth: the bit-for-bit comparison below stays fast.
+SMALL_RUN = ["schedule.max_iters_per_epoch=1", "data.train_scales=[64]", "data.train_max_size=96",
+             "runtime.eval_every=0", "runtime.checkpoint_every=10"]
+
+
+@pytest.mark.slow  # 10 to 20 s, three runs; tests/engine/test_trainer.py checks the same on a fake model
+def test_resume_with_workers_equals_the_uninterrupted_run(data_root, tmp_path):
+    """Interrupted after epoch 0 (trained without workers) and resumed with two DataLoader workers, the
+    run ends with the weights of an uninterrupted run with two workers, bit for bit: a sample's
+    augmentation depends on the seed, epoch and its position only, and no loader or evaluation draws from
+    the RNGs that checkpoints restore. (Workers used to reseed at every start: resumed runs differed.)"""
+    def train(out, *extra):
+        return main(["train", "tiny_cpu", f"data.root={data_root}", f"runtime.output_dir={out}", *SMALL_RUN,
+                     *extra])
+
+    assert train(tmp_path / "full", "schedule.epochs=2", "data.num_workers=2") == 0
+    assert train(tmp_path / "split", "schedule.epochs=1", "data.num_workers=0") == 0
+    assert train(tmp_path / "split", "schedule.epochs=2", "data.num_workers=2",
+                 "--resume", str(tmp_path / "split" / "last.pth")) == 0
+    full, resumed = (torch.load(tmp_path / run / "last.pth", weights_only=True) for run in ("full", "split"))
+    assert resumed["epoch"] == full["epoch"] == 1
+    assert all(torch.equal(resumed["model"][key], value) for key, value in full["model"].items())
+
+
 def test_eval_reports_coco_metrics(trained, data_root, tmp_path, capsys):
     code = main(["eval", str(trained / "last.pth"), f"data.root={data_root}", "--out", str(tmp_path),
                  "--batch-size", "2", "--inference-level", "P4P6"])

@@ -571,9 +571,12 @@ def fit(
     (and ``best.pth`` when AP improved); finally one summary line through ``logger.info``.
 
     ``resume``: a checkpoint written by this function. Weights, optimizer, scheduler, scaler, RNG
-    states, iteration count and best AP are restored and training continues with the next epoch; the
-    sampler order depends only on its seed and epoch, so on a fixed seed the result equals an
-    uninterrupted run. ``config`` and ``label_map`` (plain data) are stored in every checkpoint.
+    states, iteration count and best AP are restored and training continues with the next epoch (an
+    epoch interrupted part way is trained again from its start). The loader's only state is the epoch
+    set here: with :func:`~asag.engine.distributed.build_train_loader` the samples' order and
+    augmentation depend only on its seed, the epoch and their position, so on a fixed seed the result
+    equals an uninterrupted run bit for bit, with any number of DataLoader workers. ``config`` and
+    ``label_map`` (plain data) are stored in every checkpoint.
     ``epoch_iters(epoch)``: called before each epoch, its result replaces ``max_iters`` for that epoch
     (e.g. a :class:`~asag.engine.budget.BudgetPacer`). Other arguments as in :func:`train_one_epoch`.
     """

@@ -25,7 +25,7 @@ from asag.data import (
 from asag.data.coco import load_coco_json
 from asag.data.synthetic import check_classes, generate_synthetic, synthetic_paths
 from asag.data.transforms import DetectionTransform
-from asag.engine.distributed import build_eval_sampler, build_train_batch_sampler
+from asag.engine.distributed import build_eval_sampler, build_train_loader, loader_options
 from asag.engine.finetune import (
     FREEZE_CHOICES,
     InitReport,
@@ -300,13 +300,14 @@ def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
 
 
 def build_loader(dataset: Dataset, cfg: DataConfig, train: bool, seed: int = 0) -> DataLoader:
-    """Training: shuffled, distributed-aware batches dropping the last incomplete one; evaluation:
-    this rank's share in order."""
-    common = dict(collate_fn=collate, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    """Training: shuffled, distributed-aware batches dropping the last incomplete one, each sample's
+    order and augmentation a function of ``seed``, epoch and position only, whatever ``data.num_workers``
+    (:func:`~asag.engine.distributed.build_train_loader`); evaluation: this rank's share in order."""
     if train:
-        batches = build_train_batch_sampler(dataset, batch_size=cfg.batch_size, seed=seed)
-        return DataLoader(dataset, batch_sampler=batches, **common)
-    return DataLoader(dataset, batch_size=cfg.val_batch_size, sampler=build_eval_sampler(dataset), **common)
+        return build_train_loader(dataset, batch_size=cfg.batch_size, seed=seed, num_workers=cfg.num_workers,
+                                  collate_fn=collate)
+    return DataLoader(dataset, batch_size=cfg.val_batch_size, sampler=build_eval_sampler(dataset),
+                      **loader_options(num_workers=cfg.num_workers, seed=seed, collate_fn=collate))
 
 
 def check_annotated(dataset: CocoDetection) -> None:

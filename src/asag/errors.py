@@ -20,3 +20,7 @@ class CheckpointError(AsagError):
 class OutputError(AsagError):
     """An output file or folder that cannot (or must not) be written: under a file, unwritable, or
     holding earlier results that would be replaced."""
+
+
+class NonFiniteError(AsagError, FloatingPointError):
+    """Training produced NaN or infinite values: it diverged (usually a learning rate far too high)."""

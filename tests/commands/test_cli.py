@@ -1,6 +1,7 @@
 """End to end through the command line on a tiny synthetic data set (CPU, about a minute)."""
 
 import json
+import re
 import shutil
 import sys
 
@@ -47,6 +48,30 @@ def test_resume_continues_from_the_checkpoint(trained, data_root, tmp_path):
     assert main(args) == 0
     ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["iteration"] == 4
+
+
+# Small images, one iteration per epoch, only last.pth: the bit-for-bit comparison below stays fast.
+SMALL_RUN = ["schedule.max_iters_per_epoch=1", "data.train_scales=[64]", "data.train_max_size=96",
+             "runtime.eval_every=0", "runtime.checkpoint_every=10"]
+
+
+@pytest.mark.slow  # 10 to 20 s, three runs; tests/engine/test_trainer.py checks the same on a fake model
+def test_resume_with_workers_equals_the_uninterrupted_run(data_root, tmp_path):
+    """Interrupted after epoch 0 (trained without workers) and resumed with two DataLoader workers, the
+    run ends with the weights of an uninterrupted run with two workers, bit for bit: a sample's
+    augmentation depends on the seed, epoch and its position only, and no loader or evaluation draws from
+    the RNGs that checkpoints restore. (Workers used to reseed at every start: resumed runs differed.)"""
+    def train(out, *extra):
+        return main(["train", "tiny_cpu", f"data.root={data_root}", f"runtime.output_dir={out}", *SMALL_RUN,
+                     *extra])
+
+    assert train(tmp_path / "full", "schedule.epochs=2", "data.num_workers=2") == 0
+    assert train(tmp_path / "split", "schedule.epochs=1", "data.num_workers=0") == 0
+    assert train(tmp_path / "split", "schedule.epochs=2", "data.num_workers=2",
+                 "--resume", str(tmp_path / "split" / "last.pth")) == 0
+    full, resumed = (torch.load(tmp_path / run / "last.pth", weights_only=True) for run in ("full", "split"))
+    assert resumed["epoch"] == full["epoch"] == 1
+    assert all(torch.equal(resumed["model"][key], value) for key, value in full["model"].items())
 
 
 def test_eval_reports_coco_metrics(trained, data_root, tmp_path, capsys):
@@ -116,6 +141,20 @@ def test_training_without_iterations_is_refused_up_front(data_root, tmp_path, ca
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not any(tmp_path.glob("*.pth"))
+
+
+def test_diverging_training_stops_with_the_non_finite_loss_line(data_root, tmp_path, capsys):
+    """schedule.lr=1e9 makes the second step's predictions NaN; it raised an IndexError in the RoI
+    pooling's level count (a device-side assert on CUDA) before the loss could be checked."""
+    args = ["train", "tiny_cpu", *common(data_root, tmp_path), "schedule.lr=1e9", "runtime.eval_every=0",
+            "data.train_scales=[64]", "data.train_max_size=96"]  # small images: a faster test
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line]  # progress lines go to stderr too
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0]
+    assert re.fullmatch(r"asag train: error: loss is not finite: .*non-finite.*; stopping", errors[0])
+    assert not any(tmp_path.glob("*.pth"))  # the diverged epoch is not saved
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -19,13 +19,16 @@ from engine_fakes import (
 )
 from torch.utils.data import DataLoader
 
+from asag.data.seeding import sample_seed
 from asag.engine.distributed import (
+    SeededDistributedSampler,
     all_gather_object,
     all_reduce_mean,
     barrier,
     broadcast_object,
     build_eval_sampler,
     build_train_batch_sampler,
+    build_train_loader,
     build_train_sampler,
     cleanup_distributed,
     get_rank,
@@ -79,12 +82,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         opt = build_optimizer(ddp, lr=1e-2, backbone_lr=1e-3)
         sched = WarmupMultiStepLR(opt, milestones=[1], warmup_iters=2)
         dataset = SyntheticDataset(GT, augment=True)
-        loader = DataLoader(dataset, batch_sampler=build_train_batch_sampler(dataset, batch_size=2, seed=0),
-                            collate_fn=collate)
+        loader = build_train_loader(dataset, batch_size=2, seed=0, collate_fn=collate)
         set_sampler_epoch(loader, 0)
         metrics = train_one_epoch(ddp, FakeCriterion(), loader, opt, sched, epoch=0, device=info.device)
         states = all_gather_object({k: v.detach().clone() for k, v in model.state_dict().items()})
-        shards = all_gather_object(list(loader.batch_sampler.sampler))
+        shards = all_gather_object([tuple(item) for item in loader.batch_sampler.sampler])  # (index, seed)
         result = run_eval(results_json=Path(out_dir) / "results.json")
         where = (info.rank, info.world_size, info.backend, get_rank(), get_world_size(), is_main_process())
         torch.save(
@@ -114,7 +116,9 @@ def test_two_process_gloo_training_and_evaluation(tmp_path):
     assert r0["info"] == (0, 2, "gloo", 0, 2, True) and r1["info"] == (1, 2, "gloo", 1, 2, False)
     assert r0["initial_differ"]  # DDP broadcast rank 0's weights ...
     assert r0["identical"] and r0["trained"]  # ... and the ranks stay identical while training
-    assert sorted(r0["shards"][0] + r0["shards"][1]) == list(range(12))  # disjoint halves
+    samples = r0["shards"][0] + r0["shards"][1]
+    assert sorted(index for index, _ in samples) == list(range(12))  # disjoint halves
+    assert len({seed for _, seed in samples}) == 12  # every sample of the epoch augmented differently
     assert r0["iterations"] == r1["iterations"] == 3
     assert r0["loss"] == r1["loss"]  # epoch means are averaged over ranks
     assert r0["mean"] == r1["mean"] == {"x": 0.5}
@@ -152,13 +156,24 @@ def test_missing_master_address_is_a_clear_error(monkeypatch):
         init_distributed("cpu")
 
 
+def test_augmentation_seeds_follow_the_position_in_the_epoch_whatever_the_world_size():
+    dataset = list(range(10))
+    single = SeededDistributedSampler(dataset, num_replicas=1, rank=0, seed=5)
+    ranks = [SeededDistributedSampler(dataset, num_replicas=2, rank=r, seed=5) for r in (0, 1)]
+    for sampler in (single, *ranks):
+        sampler.set_epoch(2)
+    interleaved = [item for pair in zip(*ranks) for item in pair]
+    assert interleaved == list(single)
+    assert [seed for _, seed in single] == [sample_seed(5, 2, position) for position in range(10)]
+
+
 def test_train_sampler_order_depends_on_seed_and_epoch_only():
     dataset = list(range(10))
     a, b = build_train_sampler(dataset, seed=1), build_train_sampler(dataset, seed=1)
     a.set_epoch(3)
     b.set_epoch(3)
-    assert list(a) == list(b) and sorted(a) == dataset
+    assert list(a) == list(b) and sorted(index for index, _ in a) == dataset
     b.set_epoch(4)
-    assert list(a) != list(b)
+    assert [i for i, _ in a] != [i for i, _ in b] and not {s for _, s in a} & {s for _, s in b}
     batches = list(build_train_batch_sampler(list(range(7)), batch_size=2, seed=0))
     assert len(batches) == 3 and all(len(batch) == 2 for batch in batches)  # incomplete batch dropped

@@ -18,7 +18,7 @@ from engine_fakes import (
 from torch.utils.data import DataLoader
 
 from asag.engine.checkpoint import load_checkpoint, seed_everything
-from asag.engine.distributed import build_eval_sampler, build_train_batch_sampler
+from asag.engine.distributed import build_eval_sampler, build_train_loader
 from asag.engine.evaluator import evaluate
 from asag.engine.logger import RunLogger
 from asag.engine.optim import build_optimizer
@@ -34,15 +34,15 @@ from asag.engine.trainer import (
     to_float32,
     train_one_epoch,
 )
-from asag.errors import ConfigError, DataError
+from asag.errors import AsagError, ConfigError, DataError
+from asag.training.matcher import NonFiniteCostError
 
 GT = coco_gt_dict(10)
 
 
-def train_loader(seed: int = 3, batch_size: int = 2) -> DataLoader:
-    dataset = SyntheticDataset(GT, augment=True)
-    sampler = build_train_batch_sampler(dataset, batch_size=batch_size, seed=seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+def train_loader(seed: int = 3, batch_size: int = 2, num_workers: int = 0) -> DataLoader:
+    return build_train_loader(SyntheticDataset(GT, augment=True), batch_size=batch_size, seed=seed,
+                              num_workers=num_workers, collate_fn=collate)
 
 
 def val_loader() -> DataLoader:
@@ -135,13 +135,31 @@ def test_non_finite_loss_stops():
         train_one_epoch(model, NanCriterion(), train_loader(), opt, sched, epoch=0, device="cpu", max_iters=1)
 
 
-def run_fit(output_dir, *, epochs, seed=0, resume=None, log=False):
+class DivergedCriterion(FakeCriterion):
+    """Meets NaN predictions before summing the loss, like the matcher of a diverged run."""
+
+    def forward(self, output, targets, image_sizes):
+        raise NonFiniteCostError("matching cost of stage 'main' has 4 non-finite entries (NaN or inf)")
+
+
+def test_non_finite_predictions_stop_with_the_loss_message():
+    model, opt, sched = setup()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteLossError, match=r"^loss is not finite: matching cost of stage 'main' has 4 "
+                                                 r"non-finite entries \(NaN or inf\); stopping$"):
+        train_one_epoch(model, DivergedCriterion(), train_loader(), opt, sched, epoch=0, device="cpu",
+                        max_iters=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no update
+    assert issubclass(NonFiniteLossError, AsagError)  # the CLI prints one line and exits 2
+
+
+def run_fit(output_dir, *, epochs, seed=0, resume=None, log=False, num_workers=0):
     model, opt, sched = setup(seed=seed)
     evaluate_fn = partial(evaluate, loader=val_loader(), coco_gt=make_coco(GT), label_map=FakeLabelMap(),
                           device="cpu")
     logger = RunLogger(output_dir, tensorboard=False, enabled=True) if log else None
     result = fit(
-        model, FakeCriterion(), train_loader(), opt, sched,
+        model, FakeCriterion(), train_loader(num_workers=num_workers), opt, sched,
         epochs=epochs, device="cpu", output_dir=output_dir, config={"schedule": {"epochs": epochs}},
         label_map={"category_ids": [1, 3, 7]}, evaluate_fn=evaluate_fn, checkpoint_every=2, resume=resume,
         logger=logger, log_every=2,
@@ -151,14 +169,17 @@ def run_fit(output_dir, *, epochs, seed=0, resume=None, log=False):
     return model, opt, sched, result
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_equals_uninterrupted_run(tmp_path, num_workers):
+    """Bit for bit, also with DataLoader workers (their augmentations drew from worker RNGs seeded when
+    the first epoch started, which a resumed run could not reproduce)."""
     seed_everything(0)
-    full_model, full_opt, full_sched, full = run_fit(tmp_path / "full", epochs=4)
+    full_model, full_opt, full_sched, full = run_fit(tmp_path / "full", epochs=4, num_workers=num_workers)
 
     seed_everything(0)
-    run_fit(tmp_path / "split", epochs=2)  # "interrupted" after epoch 1
+    run_fit(tmp_path / "split", epochs=2, num_workers=num_workers)  # "interrupted" after epoch 1
     seed_everything(1234)  # a new process would start from another RNG state
-    model, opt, sched, resumed = run_fit(tmp_path / "split", epochs=4, seed=99,
+    model, opt, sched, resumed = run_fit(tmp_path / "split", epochs=4, seed=99, num_workers=num_workers,
                                          resume=tmp_path / "split" / "last.pth")
 
     assert resumed.start_epoch == 2 and [m.epoch for m in resumed.epochs] == [2, 3]
@@ -169,6 +190,16 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert resumed.iteration == full.iteration == 20
     assert resumed.best_ap == full.best_ap and resumed.best_epoch == full.best_epoch
     assert [m.loss for m in resumed.epochs] == [m.loss for m in full.epochs[2:]]
+
+
+def test_training_does_not_depend_on_the_number_of_workers(tmp_path):
+    """Each sample's augmentation is seeded by (seed, epoch, position): 0 and 2 workers train alike."""
+    models = []
+    for num_workers in (0, 2):
+        seed_everything(0)
+        models.append(run_fit(tmp_path / str(num_workers), epochs=2, num_workers=num_workers)[0])
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_fit_writes_checkpoints_and_metrics(tmp_path):

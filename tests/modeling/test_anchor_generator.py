@@ -274,6 +274,27 @@ def _patches_inside(out: AnchorOutput, features: list[torch.Tensor]) -> None:
         assert (pred.crop_pos[:, 0] + P <= width).all() and (pred.crop_pos[:, 1] + P <= height).all()
 
 
+def nan_centres(ag: AnchorGenerator) -> AnchorGenerator:
+    """A diverged coarse predictor: NaN anchor centres, finite sizes and confidences (so NaN-centred
+    anchors still become refinement candidates)."""
+    last = ag.proj_all.layers[-1]
+    with torch.no_grad():
+        last.weight.view(-1, 5, last.weight.shape[-1])[:, :2] = float("nan")
+        last.bias.view(-1, 5)[:, :2] = float("nan")
+    return ag
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_nan_anchor_centres_do_not_index_out_of_range(mode):
+    """NaN centres of candidates used to become patch positions of -2**63 (IndexError on the CPU, a
+    device-side assert on CUDA) before the trainer could see the non-finite loss."""
+    ag = nan_centres(tiny_ag())
+    out = _train_forward(ag, epoch=1) if mode == "train" else _eval_forward(ag)
+    assert [p.level for p in out.patch_predictions[2:]] == ["P4", "P3"]  # candidates were probed
+    _patches_inside(out, random_features(TRAIN_SIZES)[0])
+    assert not torch.isfinite(out.patch_predictions[0].raw).all()  # the NaN still reaches the loss
+
+
 # ------------------------------------------------------------------------------ training mode
 
 

@@ -282,6 +282,21 @@ def test_gather_roi_pooling_equals_the_extractor_with_one_sync():
     assert audit.ops == {"tolist": 1, "tensor": 1}  # level counts; torchvision's level-mapper constant
 
 
+def test_gather_roi_pooling_survives_non_finite_boxes():
+    """A diverged model's NaN/inf box pools from the origin instead of indexing out of range (it raised
+    IndexError in the level count); the finite boxes' features do not change."""
+    extractor = RoIFeatureExtractor()
+    features = [torch.randn(1, 8, 256 // s, 384 // s) for s in (4, 8, 16, 32)]
+    boxes = random_boxes(6, 384.0, 256.0, seed=2).view(1, 6, 4)
+    bad = boxes.clone()
+    bad[0, 1, 0], bad[0, 3, 2:] = float("nan"), float("inf")
+    sizes = torch.tensor([[256, 384]])
+    pooling = GatherRoIPooling(extractor)
+    out, clean = pooling(features, bad, sizes), pooling(features, boxes, sizes)
+    finite = torch.tensor([True, False, True, False, True, True])
+    assert torch.equal(out[finite], clean[finite]) and torch.isfinite(out).all()
+
+
 def test_channels_last_replaces_every_roi_extractor():
     model = tiny_model()
     sparse_cfg = load_config("tiny_cpu", ["model.decoder.type=sparse_rcnn"])

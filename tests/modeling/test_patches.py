@@ -19,6 +19,7 @@ from asag.modeling.patches import (
     crop_offsets,
     crops_to_image_frame,
     extract_patch_tokens,
+    finite_or_zero,
     gt_patch_positions,
     maps_to_tokens,
     pad_to_patch,
@@ -75,6 +76,12 @@ def test_crop_position_clamps_to_zero_at_left_top_and_in_narrow_images():
     # Narrow image: ceil(200/16) = 13 < 15; (150, 200) -> (9.375, 12.5) -> (1, 5); x: 1 + (13 - 16) -> 0.
     got = anchor_patch_positions(torch.tensor([[100.0, 50.0], [150.0, 200.0]]), wh, 16, P)
     assert got.tolist() == [[0, 0], [0, 5]]
+
+
+def test_finite_or_zero_replaces_only_nan_and_infinity():
+    values = torch.tensor([[1.5, float("nan")], [float("inf"), -float("inf")], [-0.25, 3e38]])
+    out = finite_or_zero(values)
+    assert torch.equal(out, torch.tensor([[1.5, 0.0], [0.0, 0.0], [-0.25, 3e38]]))
 
 
 def test_shift_inside_moves_only_when_the_patch_ends_outside():

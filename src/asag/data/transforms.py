@@ -96,7 +96,10 @@ def _image_hw(flat_inputs: list[Any]) -> tuple[int, int]:
 
 
 def _draw(choices: Sequence[int]) -> int:
-    """One element drawn uniformly with the torch RNG (seeded per DataLoader worker)."""
+    """One element drawn uniformly with the torch RNG (seeded per training sample, see
+    :mod:`asag.data.seeding`); a single choice draws nothing, so that evaluation never moves the RNG."""
+    if len(choices) == 1:
+        return int(choices[0])
     return int(choices[int(torch.randint(len(choices), ()))])
 
 

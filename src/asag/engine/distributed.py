@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
+from asag.data.seeding import SeededDataset, SeededIndex, sample_seed
 from asag.errors import ConfigError
 
 # Environment variables set by torchrun (torch.distributed.run).
@@ -167,11 +168,24 @@ def wrap_ddp(model: nn.Module, device: torch.device, *, find_unused_parameters: 
 # ------------------------------------------------------------------------------------------ samplers
 
 
-def build_train_sampler(dataset: Sized, *, seed: int = 0, shuffle: bool = True) -> DistributedSampler:
-    """Shuffling sampler over this rank's share of ``dataset``; the order depends only on ``seed`` and
-    the epoch set with ``set_epoch`` (so a resumed run sees the same order). Works without a process
+class SeededDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` whose items are :class:`~asag.data.seeding.SeededIndex` pairs: each index
+    with the seed of its augmentation, ``sample_seed(seed, epoch, rank + i * world_size)`` for this rank's
+    ``i``-th sample, i.e. a function of its position in the epoch's whole (padded) order. Read through a
+    :class:`~asag.data.seeding.SeededDataset`."""
+
+    def __iter__(self) -> Iterator[SeededIndex]:  # type: ignore[override]
+        for i, index in enumerate(super().__iter__()):
+            position = self.rank + i * self.num_replicas
+            yield SeededIndex(index, sample_seed(self.seed, self.epoch, position))
+
+
+def build_train_sampler(dataset: Sized, *, seed: int = 0, shuffle: bool = True) -> SeededDistributedSampler:
+    """Shuffling sampler over this rank's share of ``dataset``, yielding ``SeededIndex(index, seed)``
+    (:class:`SeededDistributedSampler`); order and seeds depend only on ``seed`` and the epoch set with
+    ``set_epoch`` (so a resumed run sees the same samples, augmented alike). Works without a process
     group (one replica). Ranks get equally many samples (the release pads by repeating samples)."""
-    return DistributedSampler(
+    return SeededDistributedSampler(
         dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=shuffle, seed=seed, drop_last=False
     )
 
@@ -179,6 +193,25 @@ def build_train_sampler(dataset: Sized, *, seed: int = 0, shuffle: bool = True) 
 def build_train_batch_sampler(dataset: Sized, *, batch_size: int, seed: int = 0) -> BatchSampler:
     """Batches of :func:`build_train_sampler`, dropping the incomplete last batch (spec section 9)."""
     return BatchSampler(build_train_sampler(dataset, seed=seed), batch_size, drop_last=True)
+
+
+def loader_options(*, num_workers: int, seed: int, collate_fn: Callable[[list], Any]) -> dict[str, Any]:
+    """DataLoader keywords shared by training and evaluation loaders: ``num_workers`` persistent
+    workers, and a private generator seeded with ``seed`` for the workers' base seed, so that starting
+    an epoch never draws from the global torch RNG (which checkpoints capture for the model's draws)."""
+    return dict(collate_fn=collate_fn, num_workers=num_workers, persistent_workers=num_workers > 0,
+                generator=torch.Generator().manual_seed(seed))
+
+
+def build_train_loader(dataset: Dataset, *, batch_size: int, seed: int = 0, num_workers: int = 0,
+                       collate_fn: Callable[[list], Any]) -> DataLoader:
+    """The training loader: :func:`build_train_batch_sampler` batches of ``dataset`` read through a
+    :class:`~asag.data.seeding.SeededDataset`. Every sample's order and random augmentation are functions
+    of (``seed``, epoch set with :func:`set_sampler_epoch`, position in the epoch) only: the batches are
+    the same with any ``num_workers`` and after a resume, and reading them leaves the global RNGs alone."""
+    batches = build_train_batch_sampler(dataset, batch_size=batch_size, seed=seed)  # type: ignore[arg-type]
+    return DataLoader(SeededDataset(dataset), batch_sampler=batches,
+                      **loader_options(num_workers=num_workers, seed=seed, collate_fn=collate_fn))
 
 
 class InferenceShardSampler(Sampler[int]):

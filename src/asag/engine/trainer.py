@@ -25,7 +25,7 @@ from asag.engine.checkpoint import capture_rng_state, load_checkpoint, restore_t
 from asag.engine.distributed import all_gather_object, all_reduce_mean, barrier, get_rank, set_sampler_epoch
 from asag.engine.logger import RunLogger
 from asag.engine.schedule import WarmupMultiStepLR, evaluates
-from asag.errors import CheckpointError, ConfigError
+from asag.errors import CheckpointError, ConfigError, NonFiniteError
 from asag.structures import Batch, ImageTargets
 
 # Spec section 9: global gradient-norm clipping threshold of the release.
@@ -35,8 +35,9 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LAST_CHECKPOINT, BEST_CHECKPOINT = "last.pth", "best.pth"
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The total loss became NaN or infinite (the release stops training in this case too)."""
+class NonFiniteLossError(NonFiniteError):
+    """The total loss became NaN or infinite, or the criterion met NaN/inf predictions (the release stops
+    training in this case too). An :class:`~asag.errors.AsagError`: the CLI prints its one line, exit 2."""
 
 
 class LossLike(Protocol):
@@ -205,10 +206,15 @@ def train_step(
     convolution of the backbone and FPN follows it; the same numbers up to float rounding).
     ``wrap(name, fn)`` runs each part of :data:`STEP_PARTS` (e.g. an
     :class:`~asag.engine.benchmark.StageTimer`).
+    Raises :class:`NonFiniteLossError` (before any update) when the loss is NaN or infinite, or the
+    criterion raised an :class:`~asag.errors.NonFiniteError` on non-finite predictions.
     """
     images = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
     output = wrap("forward", lambda: _forward(model, images, batch, epoch, device, amp))
-    loss = wrap("loss", lambda: criterion(output, batch.targets, batch.image_sizes))
+    try:
+        loss = wrap("loss", lambda: criterion(output, batch.targets, batch.image_sizes))
+    except NonFiniteError as err:  # e.g. the matcher met NaN predictions before the loss was summed
+        raise NonFiniteLossError(f"loss is not finite: {err}; stopping") from None
     if not torch.isfinite(loss.total):
         value = float(loss.total.detach())
         raise NonFiniteLossError(f"loss is {value} (terms: {_floats(loss.terms)}); stopping")
@@ -565,9 +571,12 @@ def fit(
     (and ``best.pth`` when AP improved); finally one summary line through ``logger.info``.
 
     ``resume``: a checkpoint written by this function. Weights, optimizer, scheduler, scaler, RNG
-    states, iteration count and best AP are restored and training continues with the next epoch; the
-    sampler order depends only on its seed and epoch, so on a fixed seed the result equals an
-    uninterrupted run. ``config`` and ``label_map`` (plain data) are stored in every checkpoint.
+    states, iteration count and best AP are restored and training continues with the next epoch (an
+    epoch interrupted part way is trained again from its start). The loader's only state is the epoch
+    set here: with :func:`~asag.engine.distributed.build_train_loader` the samples' order and
+    augmentation depend only on its seed, the epoch and their position, so on a fixed seed the result
+    equals an uninterrupted run bit for bit, with any number of DataLoader workers. ``config`` and
+    ``label_map`` (plain data) are stored in every checkpoint.
     ``epoch_iters(epoch)``: called before each epoch, its result replaces ``max_iters`` for that epoch
     (e.g. a :class:`~asag.engine.budget.BudgetPacer`). Other arguments as in :func:`train_one_epoch`.
     """

@@ -44,6 +44,7 @@ from asag.modeling.patches import (
     crop_offsets,
     crops_to_image_frame,
     extract_patch_tokens,
+    finite_or_zero,
     gt_patch_positions,
     maps_to_tokens,
     pad_to_patch,
@@ -377,7 +378,8 @@ class AnchorGenerator(nn.Module):
         if self.patch_cap is not None:
             keep = keep[rank_in_group(image_idx[keep], len(image_wh)) < self.patch_cap]
         kept_images = image_idx[keep]
-        positions = anchor_patch_positions(anchors[keep, :2], image_wh[kept_images], stride, self.patch_size)
+        centres = finite_or_zero(anchors[keep, :2])  # a diverged model's NaN centre: no index out of range
+        positions = anchor_patch_positions(centres, image_wh[kept_images], stride, self.patch_size)
         return PatchSet(kept_images, positions, torch.zeros_like(kept_images, dtype=torch.bool))
 
     @property

@@ -151,6 +151,16 @@ def centrality_scores(centres: Tensor, group: Tensor) -> Tensor:
     return -(sq_dist * same).sum(1)
 
 
+def finite_or_zero(values: Tensor) -> Tensor:
+    """``values`` with every NaN or infinite entry replaced by 0 (finite entries unchanged).
+
+    For predicted coordinates about to become indices: a diverged model's NaN would turn into an
+    out-of-range index (an IndexError on the CPU, a device-side assert on CUDA) before its loss could be
+    checked; with the guard the step runs on, and the trainer's non-finite-loss check stops training.
+    """
+    return torch.where(torch.isfinite(values), values, 0.0)
+
+
 def count_per_group(group: Tensor, num_groups: int, weights: Tensor | None = None) -> Tensor:
     """``[G]`` int64 number of elements (or sum of bool/int ``weights``) of each group; ``bincount``
     without its host sync on CUDA."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_area
 
 from asag.modeling.blocks import RoIFeatureExtractor
-from asag.modeling.patches import count_per_group
+from asag.modeling.patches import count_per_group, finite_or_zero
 from asag.ops.constants import constant
 
 __all__ = ["DeviceRoIPooling", "GatherRoIPooling", "LevelRows", "device_roi_pooling", "gather_roi_pooling",
@@ -167,6 +167,7 @@ class GatherRoIPooling(nn.Module):
         images = torch.arange(batch, device=boxes.device).repeat_interleave(num)  # [R]
         if self.static:
             return self._pool_static(features, boxes, images)
+        boxes = finite_or_zero(boxes)  # a diverged model's NaN box must not index out of range
         levels = self.map_levels([boxes])  # [R] int64 in 0..L-1
         order = torch.argsort(levels, stable=True)
         counts = count_per_group(levels, len(self.scales)).tolist()  # one host sync

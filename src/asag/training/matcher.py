@@ -27,7 +27,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-from asag.errors import AsagError
+from asag.errors import NonFiniteError
 from asag.structures import ImageTargets
 
 # Cost weights of all three matchers (spec 8.3; --set_cost_class 2, --set_cost_bbox 5, --set_cost_giou 2).
@@ -44,7 +44,7 @@ FOCAL_LOG_EPS = 1e-8
 _PAD_CENTRE, _PAD_SIDE = 0.5, 1.0
 
 
-class NonFiniteCostError(AsagError, ValueError):
+class NonFiniteCostError(NonFiniteError, ValueError):
     """A matching cost matrix holds NaN or infinity (usually diverged predictions)."""
 
 

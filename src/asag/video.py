@@ -159,7 +159,7 @@ class VideoReader:
             raise DataError(f"{source}: cannot read it as a video ({_reason(err)})") from None
         if not self._container.streams.video:
             self._container.close()
-            raise DataError(f"{source}: holds no video stream")
+            raise DataError(f"{source}: no video stream found (not a video, or truncated?)")
         # FFmpeg's default (slice) threading: frame threading would drop decoding errors silently.
         self._stream = self._container.streams.video[0]
         rate = self._stream.average_rate or self._stream.guessed_rate

@@ -8,8 +8,8 @@ stderr, and the exit status is 1. ``--tile SIZE`` predicts each image on overlap
 them (:mod:`asag.tiling`), for images far larger than the training size.
 
 Videos: an input whose name ends in a video suffix (:data:`asag.video.VIDEO_SUFFIXES`, any case; also a
-glob pattern such as ``clips/*.mp4``) or that is a URL (``rtsp://...``) is a video, and ``--frames DIR``
-reads a folder of images as the frames of one video at ``--fps``. Each video ``NAME`` gives
+glob pattern such as ``clips/*.mp4``) or that is a URL (``rtsp://...``) is a video, and with ``--frames``
+every folder given is one video made of its images (at ``--fps``). Each video ``NAME`` gives
 ``NAME_pred.mp4`` (the detections drawn, the source's frame rate and size) and ``NAME_frames.jsonl`` (one
 line per frame); see :mod:`asag.video`. A run takes either images or videos. A video that cannot be
 opened is one error line before any work (exit status 2); one that fails part way stops the run with a
@@ -58,12 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help="detect objects in images")
     parser.add_argument("checkpoint", help="checkpoint written by asag train or asag convert, or a "
                         "model written by asag export (.onnx / .pt2)")
-    parser.add_argument("images", nargs="*", metavar="INPUT",
+    parser.add_argument("images", nargs="+", metavar="INPUT",
                         help="image files, folders of images or glob patterns; or videos: names ending in "
                              f"{' '.join(VIDEO_SUFFIXES)} (any case) and stream URLs (rtsp://...)")
-    parser.add_argument("--frames", metavar="DIR",
-                        help="read the images of folder DIR (in natural order of their names) as the frames "
-                             "of one video at --fps")
+    parser.add_argument("--frames", action="store_true",
+                        help="read each folder given as the frames of one video at --fps (its images in "
+                             "natural order of their names: frame_2 before frame_10)")
     parser.add_argument("--fps", type=option_type(float, POSITIVE_REAL), default=None,
                         help=f"frame rate of --frames (default: {DEFAULT_FPS:g})")
     parser.add_argument("--batch-size", type=option_type(int, POSITIVE), default=DEFAULT_BATCH_SIZE,
@@ -154,41 +154,48 @@ def drawing_file(name: str) -> str:
     return f"{name}_pred.png"
 
 
-def expand_videos(specs: list[str]) -> list[str]:
-    """Video files, glob patterns of videos and stream URLs -> the videos, each once, in the order given;
-    a missing file or a pattern that matches nothing is a DataError."""
+def is_video_input(spec: str, frames: bool) -> bool:
+    """Whether ``asag predict`` reads input ``spec`` as a video (module docstring): a video name or URL;
+    with ``--frames`` every input (folders of frames, videos)."""
+    return frames or is_video_spec(spec)
+
+
+def expand_videos(specs: list[str], frames: bool) -> list[str]:
+    """Video files, glob patterns of videos, stream URLs and (``frames``) folders of frames -> the
+    videos, each once, in the order given; anything else is a DataError naming it."""
+    def usable(path: str) -> bool:
+        return Path(path).suffix.lower() in VIDEO_SUFFIXES and Path(path).is_file() or \
+            (frames and Path(path).is_dir())
+
     videos: list[str] = []
     for spec in specs:
-        if is_stream_url(spec) or Path(spec).is_file():
+        if is_stream_url(spec) or usable(spec):
             found = [spec]
         elif glob.has_magic(spec):
-            found = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+            found = sorted(f for f in glob.glob(spec, recursive=True) if usable(f))
             if not found:
-                raise DataError(f"{spec}: pattern matches no videos")
-        elif Path(spec).is_dir():
-            raise DataError(f"{spec}: is a folder (give a folder of frames with --frames)")
+                raise DataError(f"{spec}: pattern matches no {'folders or ' if frames else ''}videos")
+        elif Path(spec).is_file():  # with --frames
+            raise DataError(f"{spec}: with --frames, give folders of frames (or videos)")
         else:
-            raise DataError(f"{spec}: no such file")
+            raise DataError(f"{spec}: no such {'folder or ' if frames else ''}file")
         videos += [v for v in found if v not in videos]
     return videos
 
 
 def check_options(args: argparse.Namespace) -> None:
     """Options that only make sense with others, and the choice between images and videos: one line
-    naming the option."""
-    if args.fps is not None and args.frames is None:
+    naming the option or input."""
+    if args.fps is not None and not args.frames:
         raise ConfigError("--fps is the frame rate of --frames (a video has its own)")
     if args.tile is None and (args.tile_overlap is not None or args.tile_full_image):
         option = "--tile-overlap" if args.tile_overlap is not None else "--tile-full-image"
         raise ConfigError(f"{option} goes with --tile SIZE")
-    if not args.images and args.frames is None:
-        raise ConfigError("no input: give images, videos or --frames DIR")
-    videos = [spec for spec in args.images if is_video_spec(spec)]
-    images = [spec for spec in args.images if not is_video_spec(spec)]
-    if images and (videos or args.frames is not None):
-        other = videos[0] if videos else f"--frames {args.frames}"
+    videos = [spec for spec in args.images if is_video_input(spec, args.frames)]
+    images = [spec for spec in args.images if not is_video_input(spec, args.frames)]
+    if images and videos:
         raise ConfigError(f"give either images or videos, not both in one run ({images[0]} is an image "
-                          f"input, {other} a video)")
+                          f"input, {videos[0]} a video)")
 
 
 def predict_image(detector: Detector, image, args: argparse.Namespace) -> list[Detection]:
@@ -207,7 +214,7 @@ def tile_overlap(args: argparse.Namespace) -> float:
 
 def run(args: argparse.Namespace) -> int:
     check_options(args)
-    if args.frames is not None or any(is_video_spec(spec) for spec in args.images):
+    if any(is_video_input(spec, args.frames) for spec in args.images):
         return run_videos(args)
     paths = expand_images(args.images)
     names = unique_stems(paths)
@@ -243,9 +250,8 @@ def run_videos(args: argparse.Namespace) -> int:
     """Predict every video of ``args`` (module docstring): all are opened first, so that an unreadable
     one is reported before any work; then each is written in turn, with its throughput."""
     require_av()
-    sources = [(video, None) for video in expand_videos(args.images)]
-    if args.frames is not None:
-        sources.append((args.frames, args.fps))
+    sources = [(video, args.fps if Path(video).is_dir() else None)
+               for video in expand_videos(args.images, args.frames)]
     names = unique_stems([video_name(source) for source, _ in sources])
     outputs = [video_outputs(name) for name in names]
     out, created = results_dir(args.out, "predictions", [f for pair in outputs for f in pair],

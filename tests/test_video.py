@@ -18,13 +18,16 @@ from asag.cli import main
 from asag.errors import ConfigError, DataError
 from asag.video import (
     H264,
+    FrameFolderReader,
     VideoDecodeError,
+    VideoDetections,
     VideoWriter,
     is_video_spec,
     natural_key,
     pixel_format,
     video_encoder,
     video_name,
+    write_video_predictions,
 )
 from asag.viz.draw import draw_detections
 
@@ -40,9 +43,10 @@ def frame_pixels(index: int, width: int = WIDTH, height: int = HEIGHT) -> np.nda
     return pixels
 
 
-def write_video(path: Path, frames: int = FRAMES, fps: int = FPS, codec: str = "mpeg4") -> Path:
-    """A tiny test video written with PyAV."""
-    with av.open(str(path), "w") as container:
+def write_video(path: Path, frames: int = FRAMES, fps: int = FPS, codec: str = "mpeg4",
+                options: dict | None = None) -> Path:
+    """A tiny test video written with PyAV (``options``: the muxer's)."""
+    with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         for i in range(frames):
@@ -233,6 +237,40 @@ def test_cli_decoding_error_part_way_keeps_valid_partial_outputs(checkpoint, vid
     facts, frames = read_video(out / "clip_pred.mp4")  # a valid file: the frames of the pending batch too
     assert (facts["frames"], len(frames)) == (6, 6)
     assert len((out / "clip_frames.jsonl").read_text().splitlines()) == 6
+
+
+def test_cli_video_that_ends_early_is_written_with_a_warning(checkpoint, tmp_path, capsys):
+    clip = write_video(tmp_path / "early.mp4", options={"movflags": "faststart"})  # index first
+    data = clip.read_bytes()
+    clip.write_bytes(data[: len(data) * 2 // 3])  # the index still declares 12 frames
+    out = tmp_path / "out"
+    assert main(["predict", str(checkpoint), str(clip), "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip()
+    decoded = len((out / "early_frames.jsonl").read_text().splitlines())
+    assert 0 < decoded < FRAMES and read_video(out / "early_pred.mp4")[0]["frames"] == decoded
+    assert err == (f"asag predict: warning: {clip}: declares {FRAMES} frames, only {decoded} could be "
+                   "decoded (truncated or damaged?)")
+
+
+def test_interrupted_run_leaves_valid_outputs(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(6):
+        PIL.Image.fromarray(frame_pixels(i)).save(folder / f"{i}.png")
+    calls = []
+
+    def predict(images):  # no model needed: Ctrl-C during the second batch
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [[] for _ in images]
+
+    results = VideoDetections(FrameFolderReader(folder, fps=10), predict, batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        write_video_predictions(results, tmp_path / "v.mp4", tmp_path / "v.jsonl", progress=False)
+    facts, frames = read_video(tmp_path / "v.mp4")
+    assert (facts["frames"], len(frames)) == (4, 4)
+    assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 4
 
 
 def test_missing_pyav_is_one_line_naming_the_extra(checkpoint, detector, video, tmp_path, capsys,

@@ -164,8 +164,8 @@ def expand_videos(specs: list[str], frames: bool) -> list[str]:
     """Video files, glob patterns of videos, stream URLs and (``frames``) folders of frames -> the
     videos, each once, in the order given; anything else is a DataError naming it."""
     def usable(path: str) -> bool:
-        return Path(path).suffix.lower() in VIDEO_SUFFIXES and Path(path).is_file() or \
-            (frames and Path(path).is_dir())
+        is_video_file = Path(path).suffix.lower() in VIDEO_SUFFIXES and Path(path).is_file()
+        return is_video_file or (frames and Path(path).is_dir())
 
     videos: list[str] = []
     for spec in specs:

@@ -40,3 +40,45 @@ def test_precision_accuracy_runs_on_a_checkpoint(tiny_checkpoint, capsys):
     assert len(rows) == 1
     change, diff = rows[0].split("|")[5:7]
     assert float(change) == 0.0 and float(diff) < 1e-4  # folding is exact up to float rounding
+
+
+# ------------------------------------------------------------------------------ benchmarks/tiling.py
+
+import tiling as tiling_benchmark  # noqa: E402
+
+
+def test_tiling_scene_ground_truth_and_perfect_scores():
+    scene = tiling_benchmark.make_scene(300, 30, 8, 24, seed=1, classes=["ellipse", "ring"],
+                                        category_ids=[4, 9])
+    truth = scene.coco
+    assert scene.image.size == (300, 300) and 20 <= len(truth["annotations"]) <= 30
+    assert {a["category_id"] for a in truth["annotations"]} <= {4, 9}
+    assert all(a["bbox"][0] >= 0 and a["bbox"][0] + a["bbox"][2] <= 300 for a in truth["annotations"])
+    perfect = [tiling_benchmark.Detection([x, y, x + w, y + h], 0.9, a["category_id"], "")
+               for a in truth["annotations"] for x, y, w, h in [a["bbox"]]]
+    assert tiling_benchmark.coco_scores(truth, perfect) == {"recall50": 1.0, "ap50": 1.0, "ap": 1.0}
+    assert tiling_benchmark.coco_scores(truth, perfect[: len(perfect) // 2])["recall50"] < 0.75
+    assert tiling_benchmark.coco_scores(truth, []) == {"recall50": 0.0, "ap50": 0.0, "ap": 0.0}
+
+
+def test_tiling_benchmark_runs_on_a_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    """Mechanics only (a random tiny model evaluating at 64 px): four settings, scores in range."""
+    ckpt = torch.load(tiny_checkpoint / "ckpt.pth", weights_only=True)
+    ckpt["config"]["data"].update(val_size=64, val_max_size=64)
+    torch.save(ckpt, tmp_path / "small.pth")
+    out = tmp_path / "tiling.json"
+    assert tiling_benchmark.main(["--checkpoint", str(tmp_path / "small.pth"), "--size", "128",
+                                  "--objects", "8", "--min-object", "8", "--max-object", "24",
+                                  "--tile-overlap", "0", "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["setting"] for row in rows] == ["whole image (resized)", "whole image + NMS 0.5",
+                                                "tiled 64 px, overlap 0", "tiled 64 px + full image"]
+    assert all(0 <= row["recall50"] <= 1 and 0 <= row["ap"] <= row["ap50"] <= 1 for row in rows)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(rows)
+    assert table[1].startswith(f"| whole image (resized) | {rows[0]['detections']} |")
+
+
+def test_tiling_benchmark_without_checkpoint_says_how_to_get_one(capsys):
+    assert tiling_benchmark.main([]) == 2
+    assert "asag demo" in capsys.readouterr().err

@@ -11,14 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import PIL.Image
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from asag import tiling
 from asag.build import build_model, build_transforms
-from asag.config import FIELD_RANGES, FRACTION, Config, check_number, config_from_dict
+from asag.config import FIELD_RANGES, FRACTION, POSITIVE, Config, check_number, config_from_dict
 from asag.convert.official import head_index
 from asag.data import LabelMap, collate
 from asag.data.image import float_to_uint8, open_image, to_rgb
@@ -27,6 +29,9 @@ from asag.errors import CheckpointError, ConfigError, DataError
 from asag.modeling.detector import ASAG
 from asag.modeling.fast import optimize_for_inference, resolve_precision
 from asag.structures import Detections
+
+if TYPE_CHECKING:
+    from asag.video import VideoDetections
 
 
 @dataclass
@@ -188,6 +193,16 @@ def _default_labels(cfg: Config) -> LabelMap:
                                "names": [f"class_{i}" for i in range(1, n + 1)]})
 
 
+def check_filters(score_threshold: float, topk: int | None, nms_iou: float | None) -> None:
+    """ConfigError naming the argument unless ``score_threshold`` and ``nms_iou`` (if given) are in
+    [0, 1] and ``topk`` (if given) is a valid ``model.postprocess.topk``."""
+    check_number("score_threshold", score_threshold, FRACTION)
+    if topk is not None:
+        check_number("topk", topk, FIELD_RANGES["model.postprocess.topk"])
+    if nms_iou is not None:
+        check_number("nms_iou", nms_iou, FRACTION)
+
+
 class Detector:
     """A model, its preprocessing and its label map, ready for prediction."""
 
@@ -266,13 +281,10 @@ class Detector:
         without; a briefly trained model still places near-duplicate boxes, which this hides in
         drawings. None (the default): the model's detections as they are.
         """
-        check_number("score_threshold", score_threshold, FRACTION)
-        if topk is not None:
-            check_number("topk", topk, FIELD_RANGES["model.postprocess.topk"])
+        check_filters(score_threshold, topk, nms_iou)
         keep = dets.scores >= score_threshold
         boxes, scores, labels = dets.boxes[keep], dets.scores[keep], dets.labels[keep]
         if nms_iou is not None:
-            check_number("nms_iou", nms_iou, FRACTION)
             kept = batched_nms(boxes.float(), scores.float(), labels, nms_iou)  # sorted by score
             boxes, scores, labels = boxes[kept], scores[kept], labels[kept]
         if topk is not None:
@@ -283,15 +295,71 @@ class Detector:
                 for b, s, i, n in zip(boxes.cpu().tolist(), scores.cpu().tolist(), ids, names)]
 
     @torch.inference_mode()
+    def predict_raw(self, images: Sequence) -> list[Detections]:
+        """The model's detections of several images in one batch, unfiltered and unrounded: one
+        :class:`Detections` per image (boxes in its pixels, contiguous labels), on ``self.device``."""
+        batch = collate([self.preprocess(img) for img in images]).to(self.device)
+        return self.model.predict(batch.images, batch.image_sizes, batch.orig_sizes)
+
     def predict_batch(self, images: Sequence, score_threshold: float = 0.0, topk: int | None = None,
                       nms_iou: float | None = None) -> list[list[Detection]]:
         """:meth:`predict` for several images in one batch."""
-        batch = collate([self.preprocess(img) for img in images]).to(self.device)
-        dets = self.model.predict(batch.images, batch.image_sizes, batch.orig_sizes)
-        return [self.to_detections(d, score_threshold, topk, nms_iou) for d in dets]
+        return [self.to_detections(d, score_threshold, topk, nms_iou) for d in self.predict_raw(images)]
 
     def predict(self, image, score_threshold: float = 0.0, topk: int | None = None,
                 nms_iou: float | None = None) -> list[Detection]:
         """Detections for one image (PIL image, ``[3, H, W]`` tensor or path), boxes in its pixels;
         filtering as in :meth:`to_detections`."""
         return self.predict_batch([image], score_threshold, topk, nms_iou)[0]
+
+    def predict_tiled(self, image, tile: int, overlap: float = tiling.DEFAULT_TILE_OVERLAP, *,
+                      batch_size: int = 4, full_image: bool = False, score_threshold: float = 0.0,
+                      topk: int | None = None, nms_iou: float | None = None) -> list[Detection]:
+        """Detections for one image far larger than the model's training size: predicted on overlapping
+        ``tile x tile`` crops (``overlap``: fraction of a tile), ``batch_size`` crops per batch, merged
+        (:mod:`asag.tiling`; docs/inference.md, "Large images"); ``full_image``: also the whole image,
+        resized as usual, for objects larger than a tile. ``score_threshold`` and ``topk`` apply to each
+        tile; ``nms_iou`` is the merging NMS (default :data:`asag.tiling.DEFAULT_MERGE_IOU`). Boxes in
+        the image's pixels, best first."""
+        check_filters(score_threshold, topk, nms_iou)
+        merged = tiling.predict_tiled(
+            self, self.load_image(image), tile, overlap, batch_size=batch_size, full_image=full_image,
+            score_threshold=score_threshold, topk=topk,
+            nms_iou=tiling.DEFAULT_MERGE_IOU if nms_iou is None else nms_iou)
+        return self.to_detections(merged)
+
+    def predict_video(self, source: str | Path, *, batch_size: int = 4, fps: float | None = None,
+                      score_threshold: float = 0.0, topk: int | None = None, nms_iou: float | None = None,
+                      tile: int | None = None, tile_overlap: float = tiling.DEFAULT_TILE_OVERLAP,
+                      tile_full_image: bool = False) -> VideoDetections:
+        """Detections frame by frame of a video file, a stream URL (anything FFmpeg opens, through PyAV:
+        ``pip install "asag[video]"``) or a folder of images as frames at ``fps`` (default 30):
+
+        >>> with detector.predict_video("clip.mp4", batch_size=4, score_threshold=0.3) as frames:
+        ...     for frame in frames:
+        ...         print(frame.index, frame.timestamp, len(frame.detections), frame.image.size)
+
+        The source is opened now (an unreadable one is a DataError naming it); frames are decoded and
+        predicted lazily, ``batch_size`` at a time (each frame tiled when ``tile`` is given, see
+        :meth:`predict_tiled`). Yields :class:`asag.video.FrameDetections`; the iterator also has the
+        source's ``fps`` and ``frame_count`` (None when unknown). A decoding failure part way raises
+        :class:`asag.video.VideoDecodeError` after the frames before it. See :mod:`asag.video`.
+        """
+        from functools import partial
+
+        from asag.video import VideoDetections, open_frames
+
+        check_filters(score_threshold, topk, nms_iou)
+        check_number("batch_size", batch_size, POSITIVE)
+        if tile is None:
+            predict = partial(self.predict_batch, score_threshold=score_threshold, topk=topk, nms_iou=nms_iou)
+        else:
+            tiling.check_tiling(tile, tile_overlap)
+            tiled = partial(self.predict_tiled, tile=tile, overlap=tile_overlap, batch_size=batch_size,
+                            full_image=tile_full_image, score_threshold=score_threshold, topk=topk,
+                            nms_iou=nms_iou)
+
+            def predict(images: Sequence) -> list[list[Detection]]:
+                return [tiled(image) for image in images]
+
+        return VideoDetections(open_frames(source, fps), predict, 1 if tile else batch_size)

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asag import extras
 from asag.api import check_label_map, parse_label_map
 from asag.config import Config, config_from_dict
 from asag.data import LabelMap
@@ -67,7 +68,8 @@ METADATA_TYPES = {"config": dict, "label_map": dict, "size": list, "batch_size":
 CHECKSUM_KEY = "sha256"
 CHECKSUM_PATTERN = re.compile(r"[0-9a-f]{64}")
 ONNX_RECORD = "model.onnx"  # name of the ONNX model's record in its checksum (file_checksum)
-EXTRA_HINT = 'pip install "asag[export]"'
+EXPORT_EXTRA = "export"
+EXTRA_HINT = extras.install_hint(EXPORT_EXTRA)
 # Sides of the padded input must be multiples of this (the batch padding of the data pipeline, and the
 # coarsest FPN stride).
 SIZE_DIVISIBILITY = 32
@@ -112,12 +114,7 @@ class ExportWarning(UserWarning):
 
 def require(module: str, purpose: str):
     """Import an optional dependency of the ``export`` extra, or raise a one-line error naming it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"{purpose} needs the '{module}' package: {EXTRA_HINT}") from None
+    return extras.require(module, purpose, EXPORT_EXTRA)
 
 
 def format_of(path: str | Path) -> str:

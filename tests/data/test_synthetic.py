@@ -246,7 +246,7 @@ def test_a_preset_chooses_the_classes_and_a_stale_data_set_is_not_reused(tmp_pat
     overrides = [f"data.root={tmp_path / 'data'}", "data.synthetic_classes=[star,arrow]",
                  "data.synthetic_train_images=2", "data.synthetic_val_images=1", "model.num_classes=2"]
     cfg = load_config("tiny_cpu", overrides)
-    with pytest.raises(DataError, match=r"asag data synth --out .* --seed 0 --classes star,arrow$"):
+    with pytest.raises(DataError, match=r"asag data synth --out .* --seed 0 --classes star,arrow;"):
         build_dataset(cfg.data, "train")  # the hint generates the configured classes
     logged = []
     prepare_synthetic(cfg.data, log=logged.append)

@@ -24,7 +24,7 @@ from asag.config import FIELD_RANGES, FRACTION, POSITIVE, Config, check_number, 
 from asag.convert.official import head_index
 from asag.data import LabelMap, collate
 from asag.data.image import float_to_uint8, open_image, to_rgb
-from asag.engine.checkpoint import load_checkpoint, one_line
+from asag.engine.checkpoint import load_checkpoint, one_line, weights_for_inference
 from asag.errors import CheckpointError, ConfigError, DataError
 from asag.modeling.detector import ASAG
 from asag.modeling.fast import optimize_for_inference, resolve_precision
@@ -88,7 +88,7 @@ def load_model(
     ckpt = load_checkpoint(path)
     cfg = _stored_config(ckpt, path, overrides, used_head=used_head, inference_level=inference_level)
     model = build_model(cfg)
-    _load_weights(model, ckpt.get("model"), path)
+    _load_weights(model, weights_for_inference(ckpt), path)
     model.used_head = head_index(cfg.model.decoder.used_head, cfg.model.decoder.num_heads)
     label_map = _stored_label_map(ckpt, path) or _default_labels(cfg)
     check_label_map(label_map, cfg.model.num_classes, path)

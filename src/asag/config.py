@@ -221,6 +221,14 @@ class ScheduleConfig:
     # for_loop (one parameter at a time, the release's). Same update up to float rounding.
     optimizer_kernel: Literal["fused", "foreach", "for_loop"] = "fused"
 
+    # Gradient accumulation: batches per optimiser step, the loss normalised over all of them (the
+    # matched-box count of the accumulated batch). Iterations, warm-up and max_iters_per_epoch count
+    # optimiser steps. 4 GPUs x batch 4 = 16 images in the paper; one GPU with data.batch_size=4 and
+    # accumulate_steps=4 sees the same 16 images per step (docs/training.md).
+    accumulate_steps: int = 1
+    # Exponential moving average of the weights (asag.engine.ema): 0 turns it off (the release has none);
+    # e.g. 0.999. When on, evaluation, best.pth and prediction use the average.
+    ema_decay: float = 0.0
 
 @dataclass
 class RuntimeConfig:
@@ -658,6 +666,8 @@ FIELD_RANGES: dict[str, Range] = {
     "schedule.warmup_factor": Range(0, 1, low_open=True),
     "schedule.clip_max_norm": Range(),  # <= 0: no clipping
     "schedule.max_iters_per_epoch": POSITIVE,
+    "schedule.accumulate_steps": POSITIVE,
+    "schedule.ema_decay": Range(0, 1, high_open=True),
     "runtime.seed": NON_NEGATIVE,
     "runtime.eval_every": NON_NEGATIVE,  # 0: no evaluation
     "runtime.checkpoint_every": POSITIVE,

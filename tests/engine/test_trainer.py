@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from asag.engine.checkpoint import load_checkpoint, seed_everything
 from asag.engine.distributed import build_eval_sampler, build_train_loader
+from asag.engine.ema import ModelEma
 from asag.engine.evaluator import evaluate
 from asag.engine.logger import RunLogger
 from asag.engine.optim import build_optimizer
@@ -153,8 +154,9 @@ def test_non_finite_predictions_stop_with_the_loss_message():
     assert issubclass(NonFiniteLossError, AsagError)  # the CLI prints one line and exits 2
 
 
-def run_fit(output_dir, *, epochs, seed=0, resume=None, log=False, num_workers=0):
+def run_fit(output_dir, *, epochs, seed=0, resume=None, log=False, num_workers=0, ema_decay=0.0):
     model, opt, sched = setup(seed=seed)
+    ema = ModelEma(model, ema_decay) if ema_decay else None
     evaluate_fn = partial(evaluate, loader=val_loader(), coco_gt=make_coco(GT), label_map=FakeLabelMap(),
                           device="cpu")
     logger = RunLogger(output_dir, tensorboard=False, enabled=True) if log else None
@@ -162,25 +164,34 @@ def run_fit(output_dir, *, epochs, seed=0, resume=None, log=False, num_workers=0
         model, FakeCriterion(), train_loader(num_workers=num_workers), opt, sched,
         epochs=epochs, device="cpu", output_dir=output_dir, config={"schedule": {"epochs": epochs}},
         label_map={"category_ids": [1, 3, 7]}, evaluate_fn=evaluate_fn, checkpoint_every=2, resume=resume,
-        logger=logger, log_every=2,
+        logger=logger, log_every=2, ema=ema,
     )
     if logger is not None:
         logger.close()
+    if ema is not None:
+        result.ema = ema
     return model, opt, sched, result
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_equals_uninterrupted_run(tmp_path, num_workers):
+@pytest.mark.parametrize("num_workers, ema_decay", [(0, 0.0), (2, 0.0), (0, 0.9)])
+def test_resume_equals_uninterrupted_run(tmp_path, num_workers, ema_decay):
     """Bit for bit, also with DataLoader workers (their augmentations drew from worker RNGs seeded when
-    the first epoch started, which a resumed run could not reproduce)."""
+    the first epoch started, which a resumed run could not reproduce) and with an EMA of the weights
+    (its weights and update count are restored)."""
+    kw = dict(num_workers=num_workers, ema_decay=ema_decay)
     seed_everything(0)
-    full_model, full_opt, full_sched, full = run_fit(tmp_path / "full", epochs=4, num_workers=num_workers)
+    full_model, full_opt, full_sched, full = run_fit(tmp_path / "full", epochs=4, **kw)
 
     seed_everything(0)
-    run_fit(tmp_path / "split", epochs=2, num_workers=num_workers)  # "interrupted" after epoch 1
+    run_fit(tmp_path / "split", epochs=2, **kw)  # "interrupted" after epoch 1
     seed_everything(1234)  # a new process would start from another RNG state
-    model, opt, sched, resumed = run_fit(tmp_path / "split", epochs=4, seed=99, num_workers=num_workers,
-                                         resume=tmp_path / "split" / "last.pth")
+    model, opt, sched, resumed = run_fit(tmp_path / "split", epochs=4, seed=99,
+                                         resume=tmp_path / "split" / "last.pth", **kw)
+    if ema_decay:
+        assert resumed.ema.updates == full.ema.updates == 20
+        for (name, a), b in zip(full.ema.state_dict().items(), resumed.ema.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert not torch.equal(resumed.ema.state_dict()["head.weight"], model.state_dict()["head.weight"])
 
     assert resumed.start_epoch == 2 and [m.epoch for m in resumed.epochs] == [2, 3]
     for (name, a), b in zip(full_model.state_dict().items(), model.state_dict().values()):

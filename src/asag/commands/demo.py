@@ -102,17 +102,19 @@ def measure_speed(cfg: Config, max_seconds: float) -> tuple[float, float, int]:
         amp = resolve_amp(cfg, device)
     loader = build_loader(train_set, cfg.data, train=True, seed=rt.seed)
     batches = iter(loader)
+    steps = cfg.schedule.accumulate_steps  # batches per iteration (optimiser step)
 
     def one_iteration() -> float:
-        metrics = train_one_epoch(model, criterion, itertools.islice(batches, 1), optimizer, scheduler,
+        metrics = train_one_epoch(model, criterion, itertools.islice(batches, steps), optimizer, scheduler,
                                   epoch=0, device=device, amp=amp, scaler=make_grad_scaler(amp, device),
                                   clip_max_norm=cfg.schedule.clip_max_norm, log_every=0,
-                                  channels_last=use_channels_last(rt.memory_format, device))
+                                  channels_last=use_channels_last(rt.memory_format, device),
+                                  accumulate_steps=steps)
         return metrics.seconds
 
     first = one_iteration()  # allocations and lazy initialisation make it the slowest: an upper bound
     timed: list[float] = []
-    while (first < max_seconds and len(timed) < min(PROBE_TIMED_ITERS, len(loader) - 1)
+    while (first < max_seconds and len(timed) < min(PROBE_TIMED_ITERS, len(loader) // steps - 1)
            and (not timed or sum(timed) < max_seconds)):
         timed.append(one_iteration())
     evaluate_fn = build_evaluate_fn(cfg, val_set, device=device, amp=amp, results_json=None)
@@ -122,7 +124,7 @@ def measure_speed(cfg: Config, max_seconds: float) -> tuple[float, float, int]:
         evaluate_fn(model, max_batches=PROBE_EVAL_BATCHES)
     eval_seconds = (time.perf_counter() - start) * val_batches / min(PROBE_EVAL_BATCHES, val_batches)
     iter_seconds = sum(timed) / len(timed) if timed else first  # a very slow machine: the first one
-    return iter_seconds, eval_seconds, len(loader)
+    return iter_seconds, eval_seconds, len(loader) // steps
 
 
 def fit_to_budget(cfg: Config, budget_seconds: float) -> tuple[Config, BudgetPacer]:

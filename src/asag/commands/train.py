@@ -26,6 +26,7 @@ from asag.config import Config, field_option, load_config
 from asag.engine.checkpoint import configure_determinism, load_checkpoint, seed_everything
 from asag.engine.crowdhuman_eval import check_single_category
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process, wrap_ddp
+from asag.engine.ema import ModelEma
 from asag.engine.evaluator import evaluate, evaluate_crowdhuman
 from asag.engine.finetune import INIT_REPORT, describe_trainable
 from asag.engine.logger import RunLogger
@@ -130,6 +131,7 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
         if (cfg.finetune.freeze != "none" or cfg.finetune.init) and is_main_process():
             log(describe_trainable(model, cfg.finetune.freeze))
         model = model.to(device)
+        ema = ModelEma(model, cfg.schedule.ema_decay) if cfg.schedule.ema_decay > 0 else None
         criterion = build_criterion(cfg).to(device)
         optimizer, scheduler = build_optimizer_and_schedule(model, cfg.schedule)
         amp = resolve_amp(cfg, device)
@@ -146,6 +148,7 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
             scaler=make_grad_scaler(amp, device), logger=logger, resume=resume,
             max_iters=cfg.schedule.max_iters_per_epoch, epoch_iters=epoch_iters, log_every=rt.log_every,
             channels_last=use_channels_last(rt.memory_format, device),
+            accumulate_steps=cfg.schedule.accumulate_steps, ema=ema,
         )
     except BaseException:
         with contextlib.suppress(OSError):  # the error that stopped the run is the one to report
@@ -173,11 +176,15 @@ def check_epochs_left(resume: str | Path, epochs: int) -> None:
 
 
 def check_iterations(train_loader, cfg: Config, source: str) -> None:
-    """Refuse a run whose epochs would perform no iteration (the incomplete last batch is dropped)."""
-    if len(train_loader) == 0:
+    """Refuse a run whose epochs would perform no iteration (the incomplete last batch is dropped, and so
+    is an incomplete last group of ``schedule.accumulate_steps`` batches)."""
+    steps = cfg.schedule.accumulate_steps
+    if len(train_loader) // steps == 0:
         images = len(train_loader.batch_sampler.sampler)  # this process's share of the usable images
+        needed = f"data.batch_size={cfg.data.batch_size}" + (
+            f" x schedule.accumulate_steps={steps}" if steps > 1 else "")
         raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} is larger than the {images} usable training images of "
+            f"{needed} is larger than the {images} usable training images of "
             f"{source} (per process; images without a box or smaller than data.min_image_side="
             f"{cfg.data.min_image_side} px are left out): an epoch would run no iteration"
         )

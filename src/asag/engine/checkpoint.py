@@ -6,7 +6,9 @@ strings, lists, tuples and dicts only. Keys:
 ``format``/``format_version`` (identify the file), ``model``, ``optimizer``, ``scheduler``, ``scaler``
 (state dicts, ``None`` when absent), ``epoch`` (the last *completed* epoch, 0-based), ``iteration``
 (optimizer steps done), ``rng`` (a list with one :func:`capture_rng_state` dict per rank),
-``config`` (the resolved configuration), ``label_map`` and ``extra`` (caller data, e.g. the best AP).
+``config`` (the resolved configuration), ``label_map`` and ``extra`` (caller data, e.g. the best AP);
+with an EMA of the weights also ``ema`` (its state dict: the weights to predict with,
+:func:`weights_for_inference`) and ``ema_updates``.
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ def save_checkpoint(
     label_map: dict,
     extra: dict | None = None,
     rng_states: list[dict[str, Any]] | None = None,
+    ema: Any | None = None,
 ) -> Path:
     """Write a training checkpoint atomically and return its path.
 
@@ -171,6 +174,8 @@ def save_checkpoint(
         extra: further plain data (best AP, metrics ...).
         rng_states: RNG states of every rank, in rank order (gathered by the caller in distributed
             training); default: this process's state only.
+        ema: the moving average of the weights (:class:`~asag.engine.ema.ModelEma`), stored as ``ema``
+            (its state dict: the weights prediction uses) and ``ema_updates``; None: no EMA.
     """
     path = Path(path)
     payload = {
@@ -187,6 +192,8 @@ def save_checkpoint(
         "label_map": to_plain_data(label_map, where="label_map"),
         "extra": to_plain_data(extra or {}, where="extra"),
     }
+    if ema is not None:
+        payload["ema"], payload["ema_updates"] = ema.state_dict(), int(ema.updates)
     return atomic_write(path, lambda handle: _torch_save(payload, handle))
 
 
@@ -267,6 +274,13 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             f"{CHECKPOINT_VERSION}"
         )
     return data
+
+
+def weights_for_inference(checkpoint: dict[str, Any]) -> Any:
+    """The state dict to evaluate or predict with: the EMA weights when the run kept an average, else
+    the trained weights (``model``)."""
+    ema = checkpoint.get("ema")
+    return ema if ema is not None else checkpoint.get("model")
 
 
 def is_exported_model(path: str | os.PathLike) -> bool:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from asag.convert.official import convert_state_dict, head_index, infer_architecture
 from asag.data.coco_categories import default_label_map
 from asag.data.labels import LabelMap
-from asag.engine.checkpoint import CHECKPOINT_FORMAT, read_torch_file
+from asag.engine.checkpoint import CHECKPOINT_FORMAT, read_torch_file, weights_for_inference
 from asag.errors import CheckpointError
 from asag.modeling.decoders.parallel import select_head
 
@@ -132,7 +132,7 @@ def read_init_source(path: str | Path) -> InitSource:
 
 
 def _asag_source(path: Path, ckpt: dict) -> InitSource:
-    state = ckpt.get("model")
+    state = weights_for_inference(ckpt)  # the EMA weights of a run that kept an average
     if not isinstance(state, dict) or HEAD_EMBEDDING not in state:
         raise CheckpointError(f"{path}: holds no detector weights")
     num_heads = int(state[HEAD_EMBEDDING].shape[0])

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,8 +21,16 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from asag.engine.checkpoint import capture_rng_state, load_checkpoint, restore_training_state, save_checkpoint
+from asag.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    one_line,
+    restore_training_state,
+    save_checkpoint,
+    unwrap_model,
+)
 from asag.engine.distributed import all_gather_object, all_reduce_mean, barrier, get_rank, set_sampler_epoch
+from asag.engine.ema import ModelEma
 from asag.engine.logger import RunLogger
 from asag.engine.schedule import WarmupMultiStepLR, evaluates
 from asag.errors import CheckpointError, ConfigError, NonFiniteError
@@ -188,7 +196,7 @@ class StepResult:
 def train_step(
     model: nn.Module,
     criterion: Callable[..., LossLike],
-    batch: Batch,
+    batch: Batch | Sequence[Batch],
     optimizer: torch.optim.Optimizer,
     *,
     epoch: int,
@@ -202,6 +210,11 @@ def train_step(
     """One optimisation step on ``batch`` (already on ``device``); the scheduler is not stepped.
 
     forward (autocast) -> criterion (fp32) -> backward (scaled for fp16) -> unscale -> clip -> step.
+    ``batch`` may be a sequence of micro-batches (gradient accumulation): each is forwarded and
+    backpropagated in turn, its loss normalised over all of them
+    (:class:`~asag.training.criterion.BatchShare`: the matched-box count of the whole accumulated batch),
+    and one optimiser step follows, on the summed gradients; the returned terms are the sums over the
+    micro-batches (the accumulated batch's terms), the statistics their means.
     ``channels_last``: the images enter the backbone in the channels-last memory format (every
     convolution of the backbone and FPN follows it; the same numbers up to float rounding).
     ``wrap(name, fn)`` runs each part of :data:`STEP_PARTS` (e.g. an
@@ -209,18 +222,53 @@ def train_step(
     Raises :class:`NonFiniteLossError` (before any update) when the loss is NaN or infinite, or the
     criterion raised an :class:`~asag.errors.NonFiniteError` on non-finite predictions.
     """
-    images = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
-    output = wrap("forward", lambda: _forward(model, images, batch, epoch, device, amp))
+    micro = [batch] if isinstance(batch, Batch) else list(batch)
+    share = None
+    if len(micro) > 1:
+        from asag.training.criterion import BatchShare, num_boxes_normaliser
+
+        targets = [t for b in micro for t in b.targets]
+        share = BatchShare(num_boxes_normaliser(targets, micro[0].images.device), len(micro))
+    optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for part in micro:
+        images = part.images.contiguous(memory_format=torch.channels_last) if channels_last else part.images
+        output = wrap("forward", lambda: _forward(model, images, part, epoch, device, amp))  # noqa: B023
+        loss = wrap("loss", lambda: _loss(criterion, output, part, share))  # noqa: B023
+        if not torch.isfinite(loss.total):
+            value = float(loss.total.detach())
+            raise NonFiniteLossError(f"loss is {value} (terms: {_floats(loss.terms)}); stopping")
+        wrap("backward", lambda: _backward(loss.total, scaler))  # noqa: B023
+        losses.append(loss)
+    grad_norm = wrap("optimizer", lambda: _optimizer_step(model, optimizer, scaler, clip_max_norm))
+    return StepResult(loss=losses[0] if len(losses) == 1 else _summed(losses), grad_norm=grad_norm)
+
+
+def _loss(criterion: Callable[..., LossLike], output: Any, batch: Batch, share: Any) -> LossLike:
+    """The criterion on one (micro-)batch; a NonFiniteError of the criterion ends the step."""
     try:
-        loss = wrap("loss", lambda: criterion(output, batch.targets, batch.image_sizes))
+        if share is None:
+            return criterion(output, batch.targets, batch.image_sizes)
+        return criterion(output, batch.targets, batch.image_sizes, share=share)
     except NonFiniteError as err:  # e.g. the matcher met NaN predictions before the loss was summed
         raise NonFiniteLossError(f"loss is not finite: {err}; stopping") from None
-    if not torch.isfinite(loss.total):
-        value = float(loss.total.detach())
-        raise NonFiniteLossError(f"loss is {value} (terms: {_floats(loss.terms)}); stopping")
-    wrap("backward", lambda: _backward(loss.total, optimizer, scaler))
-    grad_norm = wrap("optimizer", lambda: _optimizer_step(model, optimizer, scaler, clip_max_norm))
-    return StepResult(loss=loss, grad_norm=grad_norm)
+
+
+@dataclass
+class _AccumulatedLoss:
+    """The loss of an accumulated batch: totals and terms summed over its micro-batches, stats averaged."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+    weights: dict[str, float]
+    stats: dict[str, float]
+
+
+def _summed(losses: list[LossLike]) -> _AccumulatedLoss:
+    terms = {key: torch.stack([loss.terms[key].detach() for loss in losses]).sum() for key in losses[0].terms}
+    stats = {key: sum(loss.stats[key] for loss in losses) / len(losses) for key in losses[0].stats}
+    total = torch.stack([loss.total.detach() for loss in losses]).sum()
+    return _AccumulatedLoss(total, terms, dict(losses[0].weights), stats)
 
 
 def _forward(model: nn.Module, images: Tensor, batch: Batch, epoch: int, device: torch.device,
@@ -230,17 +278,18 @@ def _forward(model: nn.Module, images: Tensor, batch: Batch, epoch: int, device:
     return to_float32(output) if amp is not None else output
 
 
-def _backward(total: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-    optimizer.zero_grad(set_to_none=True)
+def _backward(total: Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """Backpropagate ``total``, adding to the gradients already there (scaled for fp16)."""
     if scaler is not None:
         scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
     else:
         total.backward()
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                     clip_max_norm: float) -> Tensor:
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     max_norm = clip_max_norm if clip_max_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if scaler is not None:
@@ -343,8 +392,14 @@ def train_one_epoch(
     global_step: int = 0,
     log_every: int = DEFAULT_LOG_EVERY,
     channels_last: bool = False,
+    accumulate_steps: int = 1,
+    ema: ModelEma | None = None,
 ) -> EpochMetrics:
     """Train for one pass over ``loader`` (or ``max_iters`` iterations).
+
+    An iteration is one optimiser step on ``accumulate_steps`` consecutive batches (gradient
+    accumulation, see :func:`train_step`; a last incomplete group of the pass is left out), after which
+    the scheduler steps and ``ema`` (when given) is updated.
 
     Args:
         model: ``model(images [B,3,H,W], image_sizes [B,2] (h,w), targets, epoch=epoch) -> ModelOutput``
@@ -356,8 +411,9 @@ def train_one_epoch(
         clip_max_norm: global gradient-norm clip (<= 0: no clipping; the norm is still reported).
         amp: None (fp32), "bf16" or "fp16" (CUDA, needs ``scaler``): autocast around the forward.
         logger: receives a "train" record every ``log_every`` iterations at step ``global_step + i``.
-        max_iters: stop after this many iterations.
+        max_iters: stop after this many iterations (optimiser steps).
         channels_last: images enter the backbone channels-last (see :func:`train_step`).
+        accumulate_steps: batches per optimiser step. ema: the weights' moving average to update.
     Returns:
         the epoch's mean metrics (averaged over ranks).
     """
@@ -370,20 +426,22 @@ def train_one_epoch(
     if isinstance(criterion, nn.Module):
         criterion.train()
     means, images, start = _Means(), 0, time.perf_counter()
-    length = _epoch_length(loader, max_iters)
-    bar = logger.progress(loader, total=length, desc=f"epoch {epoch}")
-    for it, batch in enumerate(bar):
+    length = _epoch_length(loader, max_iters, accumulate_steps)
+    bar = logger.progress(_groups(loader, accumulate_steps), total=length, desc=f"epoch {epoch}")
+    for it, group in enumerate(bar):
         if max_iters is not None and it >= max_iters:
             break
-        batch = batch.to(device)
+        group = [batch.to(device) for batch in group]
         step = train_step(
-            model, criterion, batch, optimizer, epoch=epoch, device=device, amp=amp, scaler=scaler,
-            clip_max_norm=clip_max_norm, channels_last=channels_last,
+            model, criterion, group[0] if accumulate_steps == 1 else group, optimizer, epoch=epoch,
+            device=device, amp=amp, scaler=scaler, clip_max_norm=clip_max_norm, channels_last=channels_last,
         )
         scheduler.step_iteration()
+        if ema is not None:
+            ema.update(model)
         values = _step_values(step)
         means.add(values)
-        images += len(batch)
+        images += sum(len(batch) for batch in group)
         if log_every > 0 and it % log_every == 0:
             scalars = _floats(values)
             logger.log("train", global_step + it, {"epoch": epoch, "lr": _lr(optimizer), **scalars})
@@ -417,9 +475,20 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f}s"
 
 
-def _epoch_length(loader: Iterable, max_iters: int | None) -> int | None:
+def _groups(loader: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """Consecutive groups of ``size`` batches (a last incomplete group is dropped)."""
+    group: list[Batch] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+def _epoch_length(loader: Iterable, max_iters: int | None, accumulate_steps: int = 1) -> int | None:
+    """Optimiser steps of one pass (at most ``max_iters``), None when the loader has no length."""
     try:
-        length = len(loader)  # type: ignore[arg-type]
+        length = len(loader) // accumulate_steps  # type: ignore[arg-type]
     except TypeError:
         return max_iters
     return length if max_iters is None else min(length, max_iters)
@@ -472,6 +541,12 @@ class _TrainingObjects:
     optimizer: torch.optim.Optimizer
     scheduler: WarmupMultiStepLR
     scaler: torch.amp.GradScaler | None
+    ema: ModelEma | None = None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model that evaluation (and ``best.pth``'s choice) uses: the EMA when on."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def _resume(path: str | Path, objects: _TrainingObjects, result: FitResult) -> None:
@@ -496,6 +571,21 @@ def _resume(path: str | Path, objects: _TrainingObjects, result: FitResult) -> N
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path}: its training progress (epoch, iteration, best AP) is malformed "
                               f"({err!r})") from None
+    if objects.ema is not None:
+        _resume_ema(path, checkpoint, objects)
+
+
+def _resume_ema(path: str | Path, checkpoint: dict, objects: _TrainingObjects) -> None:
+    """The EMA weights and update count of ``checkpoint``; a checkpoint written without EMA starts the
+    average from its trained weights (said in the log by the caller)."""
+    state = checkpoint.get("ema")
+    if state is None:
+        objects.ema.load_state_dict(unwrap_model(objects.model).state_dict(), updates=0)
+        return
+    try:
+        objects.ema.load_state_dict(state, updates=int(checkpoint.get("ema_updates", 0)))
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its EMA weights do not fit the model: {one_line(err)}") from None
 
 
 def _checkpoint_names(epoch: int, checkpoint_every: int, *, improved: bool) -> list[str]:
@@ -529,7 +619,7 @@ def _save_epoch(
                 output_dir / name,
                 model=objects.model, optimizer=objects.optimizer, scheduler=objects.scheduler,
                 scaler=objects.scaler, epoch=epoch, iteration=result.iteration,
-                config=config, label_map=label_map, extra=extra, rng_states=rng_states,
+                config=config, label_map=label_map, extra=extra, rng_states=rng_states, ema=objects.ema,
             )
     barrier()
     result.last_checkpoint = output_dir / LAST_CHECKPOINT
@@ -561,6 +651,8 @@ def fit(
     epoch_iters: Callable[[int], int | None] | None = None,
     log_every: int = DEFAULT_LOG_EVERY,
     channels_last: bool = False,
+    accumulate_steps: int = 1,
+    ema: ModelEma | None = None,
 ) -> FitResult:
     """Train epochs ``start .. epochs-1``, evaluating and checkpointing along the way.
 
@@ -578,11 +670,13 @@ def fit(
     equals an uninterrupted run bit for bit, with any number of DataLoader workers. ``config`` and
     ``label_map`` (plain data) are stored in every checkpoint.
     ``epoch_iters(epoch)``: called before each epoch, its result replaces ``max_iters`` for that epoch
-    (e.g. a :class:`~asag.engine.budget.BudgetPacer`). Other arguments as in :func:`train_one_epoch`.
+    (e.g. a :class:`~asag.engine.budget.BudgetPacer`). ``ema``: the moving average of the weights
+    (:class:`~asag.engine.ema.ModelEma`), updated after every optimiser step, evaluated instead of the
+    trained weights, and stored and restored with them. Other arguments as in :func:`train_one_epoch`.
     """
     output_dir = Path(output_dir)
     logger = logger or RunLogger(None, tensorboard=False, progress=True)
-    objects = _TrainingObjects(model, optimizer, scheduler, scaler)
+    objects = _TrainingObjects(model, optimizer, scheduler, scaler, ema)
     result = FitResult()
     if resume is not None:
         _resume(resume, objects, result)
@@ -595,7 +689,7 @@ def fit(
             model, criterion, train_loader, optimizer, scheduler,
             epoch=epoch, device=device, clip_max_norm=clip_max_norm, amp=amp, scaler=scaler,
             logger=logger, max_iters=epoch_max_iters, global_step=result.iteration, log_every=log_every,
-            channels_last=channels_last,
+            channels_last=channels_last, accumulate_steps=accumulate_steps, ema=ema,
         )
         if metrics.iterations == 0:  # an empty loader or max_iters <= 0: nothing trained, nothing to save
             raise ConfigError(f"epoch {epoch} ran no training iteration (the training loader yielded no "
@@ -611,7 +705,7 @@ def fit(
         # The epoch's weights are on disk before evaluating: a failing evaluation loses no training;
         # they are written again after it, with its result, so that a resume sees the same best AP.
         save(names=_checkpoint_names(epoch, checkpoint_every, improved=False), extra=_extra(result, metrics))
-        evaluation = _evaluate_epoch(evaluate_fn, model, result, epoch, logger) if due else None
+        evaluation = _evaluate_epoch(evaluate_fn, objects.evaluated, result, epoch, logger) if due else None
         if evaluation is not None:  # last.pth again, now with the evaluation (and best.pth)
             names = _checkpoint_names(epoch, checkpoint_every, improved=result.best_epoch == epoch)
             save(names=names, extra=_extra(result, metrics, evaluation))

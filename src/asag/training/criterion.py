@@ -239,6 +239,20 @@ def class_error(logits: Tensor, matching: Matching, labels: Tensor) -> float:
     return 100.0 - 100.0 * float((predicted == labels).float().mean())
 
 
+@dataclass(frozen=True)
+class BatchShare:
+    """A batch that is one of ``parts`` micro-batches of an accumulated batch (gradient accumulation).
+
+    ``num_boxes``: the normaliser of the whole accumulated batch (:func:`num_boxes_normaliser` of all its
+    targets), used instead of this batch's own. The terms normalised per batch (denoising: ``num_dn * B``;
+    P4/P3 patches: ``4 / n_patches``) are divided by ``parts`` as well, so that the micro-batches' terms
+    add up to the accumulated batch's (exactly when the micro-batches hold equal counts).
+    """
+
+    num_boxes: float
+    parts: int
+
+
 def num_boxes_normaliser(targets: list[ImageTargets], device: torch.device) -> float:
     """Spec 8.1: ground-truth boxes in the batch, averaged over ranks when distributed, at least 1."""
     count = torch.tensor([float(sum(len(t) for t in targets))], device=device)
@@ -360,7 +374,8 @@ class SetCriterion(nn.Module):
         kind = key.removeprefix("dn_").split("_")[1]  # loss_<kind>[_suffix]
         return (self.anchor_coefs if key.endswith("_anchor") else self.head_coefs)[kind]
 
-    def forward(self, output: ModelOutput, targets: list[ImageTargets], image_sizes: Tensor) -> LossResult:
+    def forward(self, output: ModelOutput, targets: list[ImageTargets], image_sizes: Tensor,
+                share: BatchShare | None = None) -> LossResult:
         """Compute every loss term of a batch.
 
         Args:
@@ -368,6 +383,8 @@ class SetCriterion(nn.Module):
                 denoising queries first when enabled). Not modified.
             targets: one per image; boxes ``[n, 4]`` normalised cxcywh, labels ``[n]``.
             image_sizes: ``[B, 2]`` int ``(h, w)`` of the resized, unpadded images.
+            share: this batch as a micro-batch of an accumulated one (:class:`BatchShare`); None: a
+                batch of its own.
         """
         device = output.heads[-1].logits.device
         if len(targets) != output.valid_mask.shape[0]:
@@ -375,13 +392,15 @@ class SetCriterion(nn.Module):
         classes = output.heads[-1].logits.shape[-1]
         if classes != self.num_classes:
             raise ValueError(f"logits have {classes} classes, the criterion expects {self.num_classes}")
-        num_boxes = num_boxes_normaliser(targets, device)
+        num_boxes = num_boxes_normaliser(targets, device) if share is None else share.num_boxes
+        parts = 1 if share is None else share.parts
         gt = GroupedTargets.from_images([t.to(device) for t in targets])
         terms: dict[str, Tensor] = {}
         stats: dict[str, float] = {"num_boxes": num_boxes}
-        terms.update(self.denoising_terms(output))
+        terms.update(self.denoising_terms(output, parts))
         terms.update(self.head_terms(output, gt, num_boxes, stats))
-        terms.update(self.anchor_terms(output.anchors.patch_predictions, gt, image_sizes, num_boxes, stats))
+        terms.update(self.anchor_terms(output.anchors.patch_predictions, gt, image_sizes, num_boxes, stats,
+                                       parts))
         stats["avg_anchor"] = float(output.valid_mask.sum()) / len(targets)
         weights = {key: self.loss_weight(key) for key in terms}
         total = torch.stack([weights[key] * value for key, value in terms.items()]).sum()
@@ -420,8 +439,9 @@ class SetCriterion(nn.Module):
                 stats.update(self._head_stats(matching_part.logits, gt, loss, suffix))
         return terms
 
-    def denoising_terms(self, output: ModelOutput) -> dict[str, Tensor]:
-        """``dn_loss_*_i`` (spec 8.7): identity matching on the leading ``num_dn`` queries of every stage."""
+    def denoising_terms(self, output: ModelOutput, parts: int = 1) -> dict[str, Tensor]:
+        """``dn_loss_*_i`` (spec 8.7): identity matching on the leading ``num_dn`` queries of every stage,
+        normalised by ``num_dn * B`` (times ``parts``, see :class:`BatchShare`)."""
         queries = output.queries
         if queries.num_dn == 0 or queries.dn_boxes is None or queries.dn_labels is None:
             return {}
@@ -433,7 +453,7 @@ class SetCriterion(nn.Module):
         matching = Matching.identity(dn_gt)
         slots = torch.arange(queries.num_dn, device=device)
         valid = slots[None, :] < dn_gt.counts()[:, None]  # (B, num_dn): padding DN queries are ignored
-        normaliser = float(queries.num_dn * dn_gt.num_groups)
+        normaliser = float(queries.num_dn * dn_gt.num_groups * parts)
         terms = {}
         for i, head in enumerate([output.proposals, *output.heads]):
             dn_part = HeadOutput(head.logits[:, : queries.num_dn], head.boxes[:, : queries.num_dn])
@@ -515,13 +535,16 @@ class SetCriterion(nn.Module):
         image_sizes: Tensor,
         num_boxes: float,
         stats: dict[str, float],
+        share_parts: int = 1,
     ) -> dict[str, Tensor]:
-        """``loss_{ce,bbox,giou}_anchor``: the parts summed, P4/P3 times ``4 / n_patches`` (spec 8.6.4)."""
+        """``loss_{ce,bbox,giou}_anchor``: the parts summed, P4/P3 times ``4 / n_patches`` (spec 8.6.4;
+        divided by ``share_parts`` as well, see :class:`BatchShare`)."""
         parts = self.anchor_parts(predictions, gt, image_sizes)
         losses = [self.anchor_part_loss(part) for part in parts]
+        scales = [part.scale / share_parts if part.name == "P4P3patches" else part.scale for part in parts]
         terms = {}
         for kind in ("ce", "bbox", "giou"):
-            scaled = [getattr(loss, kind) * part.scale for part, loss in zip(parts, losses)]
+            scaled = [getattr(loss, kind) * scale for scale, loss in zip(scales, losses)]
             terms[f"loss_{kind}_anchor"] = torch.stack(scaled).sum() / num_boxes
         stats.update(self._anchor_stats(predictions, parts, losses, gt.num_groups))
         return terms

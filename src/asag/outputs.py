@@ -18,7 +18,7 @@ from asag.errors import OutputError
 
 # What ``asag train`` writes into its run folder (engine.trainer, engine.logger, commands.train).
 RUN_FILE_PATTERNS = ("last.pth", "best.pth", "checkpoint_[0-9]*.pth", "metrics.jsonl", "val_results.json",
-                     "tensorboard", "init_report.txt")
+                     "tensorboard", "init_report.txt", "curves.png")
 
 
 def describe_os_error(err: OSError) -> str:

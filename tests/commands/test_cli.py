@@ -34,6 +34,7 @@ def trained(data_root, tmp_path_factory):
 def test_train_writes_checkpoints_logs_and_evaluation(trained):
     for name in ("last.pth", "best.pth", "metrics.jsonl", "val_results.json"):
         assert (trained / name).is_file(), name
+    assert (trained / "curves.png").read_bytes().startswith(b"\x89PNG")  # drawn from metrics.jsonl
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in records}
     assert "train" in kinds and any("eval" in k for k in kinds)
@@ -215,8 +216,9 @@ def test_train_overwrite_replaces_the_earlier_run_and_prints_progress(
         torch.set_num_threads(threads)
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["checkpoint_0000.pth", "last.pth", "metrics.jsonl", "notes.txt", "resnet18-weights.pth",
-                     "tensorboard"]
+    assert names == ["checkpoint_0000.pth", "curves.png", "last.pth", "metrics.jsonl", "notes.txt",
+                     "resnet18-weights.pth", "tensorboard"]
+    assert (out / "curves.png").read_bytes() != (trained / "curves.png").read_bytes()  # this run's
     stored = torch.load(out / "last.pth", weights_only=True)["config"]["runtime"]
     assert (stored["device"], stored["num_threads"]) == ("cpu", 1)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

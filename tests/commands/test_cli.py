@@ -10,6 +10,7 @@ from tests.official import FIXTURES_DIR
 
 from asag.cli import main
 from asag.data.synthetic import generate_synthetic
+from asag.viz.eval_plots import PLOT_FILES
 
 
 @pytest.fixture(scope="module")
@@ -239,19 +240,25 @@ def test_eval_writes_a_new_folder_beside_the_checkpoint_and_never_replaces_resul
     checkpoint.parent.mkdir()
     shutil.copy(trained / "last.pth", checkpoint)
     monkeypatch.chdir(tmp_path)
-    for _ in range(2):
-        assert main(["eval", str(checkpoint), f"data.root={data_root}", "--batch-size", "4"]) == 0
+    for plots in ([], ["--no-plots"]):
+        assert main(["eval", str(checkpoint), f"data.root={data_root}", "--batch-size", "4", *plots]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing in the current folder
     first, second = checkpoint.parent / "eval_last", checkpoint.parent / "eval_last_2"
-    for folder in (first, second):
-        assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "results.json"]
+    assert sorted(p.name for p in first.iterdir()) == sorted(["metrics.json", "results.json", *PLOT_FILES])
+    assert sorted(p.name for p in second.iterdir()) == ["metrics.json", "results.json"]
     before = run_files(first)
     capsys.readouterr()
     assert main(["eval", str(checkpoint), f"data.root={data_root}", "--out", str(first)]) == 2
     err = capsys.readouterr().err
-    assert f"--out {first} already holds results.json, metrics.json; pass --overwrite" in err
+    assert f"--out {first} already holds results.json, metrics.json, pr_curves.png, " in err
+    assert "; pass --overwrite" in err
     assert run_files(first) == before
-    assert main(["eval", str(checkpoint), f"data.root={data_root}", "--out", str(first), "--overwrite"]) == 0
+    assert main(["eval", str(checkpoint), f"data.root={data_root}", "--out", str(first), "--overwrite",
+                 "--no-plots"]) == 0
+    # the earlier plots showed the replaced results: they go too
+    assert sorted(p.name for p in first.iterdir()) == ["metrics.json", "results.json"]
+    removed = f"removed {len(PLOT_FILES)} plot files of an earlier evaluation from {first}"
+    assert removed in capsys.readouterr().out
 
 
 def test_predict_gives_every_input_its_own_output_and_skips_unreadable_images(

@@ -95,7 +95,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"detections: {out / 'results.json'}; metrics: {out / 'metrics.json'}")
         if plots is not None:
             print(draw_plots(result, dataset, plots, args.confusion_score))
+        if args.overwrite and not (plots == out and isinstance(result, EvalResult)):
+            removed = remove_earlier_plots(out)
+            if removed:
+                print(f"removed {len(removed)} plot files of an earlier evaluation from {out} (they showed "
+                      f"other results)")
     return 0
+
+
+def remove_earlier_plots(folder: Path) -> list[Path]:
+    """Delete the plot files in ``folder`` (``--overwrite`` replaced the results they were drawn from and
+    this run draws none there); returns them."""
+    found = [folder / name for name in PLOT_FILES if (folder / name).is_file()]
+    for path in found:
+        path.unlink()
+    return found
 
 
 def plots_folder(out: Path, args: argparse.Namespace) -> Path | None:

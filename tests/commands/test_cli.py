@@ -348,17 +348,19 @@ def one_line_error(capsys, command):
     return err
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "visualize", "convert", "data synth",
-                                     "data convert-crowdhuman", "data convert", "benchmark", "demo"])
+@pytest.mark.parametrize("command", ["train", "eval", "eval --plots", "plot", "predict", "visualize",
+                                     "convert", "data synth", "data convert-crowdhuman", "data convert",
+                                     "benchmark", "demo"])
 def test_an_output_path_under_a_file_is_refused_before_the_work(command, tiny_checkpoint, tmp_path,
                                                                   monkeypatch, capsys):
     import asag.commands.benchmark
     import asag.commands.data
     import asag.data.formats
     import asag.engine.evaluator
+    import asag.viz.curves
 
     for module, name in ((asag.engine.evaluator, "evaluate"), (asag.commands.data, "time"),
-                         (asag.commands.benchmark, "benchmark"),
+                         (asag.commands.benchmark, "benchmark"), (asag.viz.curves, "read_metrics"),
                          (asag.data.formats, "read_voc")):  # the work itself must not start
         monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the work started"))
     blocker = tmp_path / "file"
@@ -367,9 +369,13 @@ def test_an_output_path_under_a_file_is_refused_before_the_work(command, tiny_ch
     ckpt = str(tiny_checkpoint / "ckpt.pth")
     image = str(next((tiny_checkpoint / "data" / "images" / "val").iterdir()))
     data = f"data.root={tiny_checkpoint / 'data'}"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"kind": "train", "step": 0, "loss": 1.0}\n')
     argv = {
         "train": ["train", "tiny_cpu", data, "--output-dir", out],
         "eval": ["eval", ckpt, data, "--out", out],
+        "eval --plots": ["eval", ckpt, data, "--out", str(tmp_path / "results"), "--plots", out],
+        "plot": ["plot", str(tmp_path / "run"), "--out", f"{out}/curves.png"],
         "predict": ["predict", ckpt, image, "--out", out],
         "visualize": ["visualize", ckpt, image, "--out", out],
         "convert": ["convert", ckpt, "--out", f"{out}/x.pth"],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -166,7 +166,7 @@ class ErrorAnalysis:
     recall: list[float]
     overall: dict[str, list[float]]
     per_class: list[ClassCurves]
-    supercategories: bool = field(default=True)
+    supercategories: bool = True
 
     def ap(self) -> dict[str, float]:
         """Setting -> area under the overall curve."""
@@ -247,8 +247,9 @@ def error_analysis(coco_gt: COCO, results: Sequence[dict], image_ids: Sequence[i
     each class again at IoU 0.1 with the objects of the other classes of its supercategory (Sim) or of all
     other classes (Oth) turned into ignored objects of that class (the COCO API's definition). BG is 1 at
     every recall level that Oth reaches and 0 beyond: once the false positives that match no object at IoU
-    0.1 are removed as well, only true positives are left. FN is 1 everywhere. Where curves are not
-    defined (no -1 left), unreachable recall has precision 0, as in pycocotools.
+    0.1 are removed as well, only true positives are left. FN is 1 everywhere. Recall a class does not
+    reach has precision 0, as in pycocotools; a class without ground truth has no curves (None) and is
+    left out of the overall mean.
     """
     image_ids = sorted(coco_gt.getImgIds()) if image_ids is None else sorted({int(i) for i in image_ids})
     coco_dt = load_results(coco_gt, results)

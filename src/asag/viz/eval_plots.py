@@ -280,7 +280,7 @@ def _error_panel(ax: Axes, recall: Sequence[float], curves: dict[str, list[float
     below = np.zeros(len(recall))
     for setting in ERROR_SETTINGS:
         above = np.maximum(np.asarray(curves[setting]), below)
-        ax.fill_between(recall, below, above, color=ERROR_COLOURS[setting], step=None, linewidth=0,
+        ax.fill_between(recall, below, above, color=ERROR_COLOURS[setting], linewidth=0,
                         label=f"[{np.mean(curves[setting]):.3f}] {setting}")
         ax.plot(recall, curves[setting], color="black", linewidth=0.4)
         below = above

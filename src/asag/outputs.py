@@ -26,7 +26,7 @@ from asag.errors import OutputError
 LAST_FILE, BEST_FILE, NUMBERED_FILES = "last.pth", "best.pth", "checkpoint_[0-9]*.pth"
 CHECKPOINT_PATTERNS = (LAST_FILE, BEST_FILE, NUMBERED_FILES)
 RUN_FILE_PATTERNS = (*CHECKPOINT_PATTERNS, "metrics.jsonl", "val_results.json", "tensorboard",
-                     "init_report.txt")
+                     "init_report.txt", "curves.png")
 # Atomic writes go to ``.<name>.<random>.tmp`` beside the file (see :func:`temporary_file`).
 TEMPORARY_SUFFIX = ".tmp"
 MEGABYTE = 1e6

@@ -11,6 +11,7 @@ from tests.official import FIXTURES_DIR
 
 from asag.cli import main
 from asag.data.synthetic import generate_synthetic
+from asag.viz.eval_plots import PLOT_FILES
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,7 @@ def trained(data_root, tmp_path_factory):
 def test_train_writes_checkpoints_logs_and_evaluation(trained):
     for name in ("last.pth", "best.pth", "metrics.jsonl", "val_results.json"):
         assert (trained / name).is_file(), name
+    assert (trained / "curves.png").read_bytes().startswith(b"\x89PNG")  # drawn from metrics.jsonl
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in records}
     assert "train" in kinds and any("eval" in k for k in kinds)
@@ -254,8 +256,9 @@ def test_train_overwrite_replaces_the_earlier_run_and_prints_progress(
         torch.set_num_threads(threads)
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["checkpoint_0000.pth", "last.pth", "metrics.jsonl", "notes.txt", "resnet18-weights.pth",
-                     "tensorboard"]
+    assert names == ["checkpoint_0000.pth", "curves.png", "last.pth", "metrics.jsonl", "notes.txt",
+                     "resnet18-weights.pth", "tensorboard"]
+    assert (out / "curves.png").read_bytes() != (trained / "curves.png").read_bytes()  # this run's
     stored = torch.load(out / "last.pth", weights_only=True)["config"]["runtime"]
     assert (stored["device"], stored["num_threads"]) == ("cpu", 1)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -276,19 +279,25 @@ def test_eval_writes_a_new_folder_beside_the_checkpoint_and_never_replaces_resul
     checkpoint.parent.mkdir()
     shutil.copy(trained / "last.pth", checkpoint)
     monkeypatch.chdir(tmp_path)
-    for _ in range(2):
-        assert main(["eval", str(checkpoint), f"data.root={data_root}", "--batch-size", "4"]) == 0
+    for plots in ([], ["--no-plots"]):
+        assert main(["eval", str(checkpoint), f"data.root={data_root}", "--batch-size", "4", *plots]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing in the current folder
     first, second = checkpoint.parent / "eval_last", checkpoint.parent / "eval_last_2"
-    for folder in (first, second):
-        assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "results.json"]
+    assert sorted(p.name for p in first.iterdir()) == sorted(["metrics.json", "results.json", *PLOT_FILES])
+    assert sorted(p.name for p in second.iterdir()) == ["metrics.json", "results.json"]
     before = run_files(first)
     capsys.readouterr()
     assert main(["eval", str(checkpoint), f"data.root={data_root}", "--out", str(first)]) == 2
     err = capsys.readouterr().err
-    assert f"--out {first} already holds results.json, metrics.json; pass --overwrite" in err
+    assert f"--out {first} already holds results.json, metrics.json, pr_curves.png, " in err
+    assert "; pass --overwrite" in err
     assert run_files(first) == before
-    assert main(["eval", str(checkpoint), f"data.root={data_root}", "--out", str(first), "--overwrite"]) == 0
+    assert main(["eval", str(checkpoint), f"data.root={data_root}", "--out", str(first), "--overwrite",
+                 "--no-plots"]) == 0
+    # the earlier plots showed the replaced results: they go too
+    assert sorted(p.name for p in first.iterdir()) == ["metrics.json", "results.json"]
+    removed = f"removed {len(PLOT_FILES)} plot files of an earlier evaluation from {first}"
+    assert removed in capsys.readouterr().out
 
 
 def test_predict_gives_every_input_its_own_output_and_skips_unreadable_images(
@@ -380,17 +389,19 @@ def one_line_error(capsys, command):
     return err
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "visualize", "convert", "data synth",
-                                     "data convert-crowdhuman", "data convert", "benchmark", "demo"])
+@pytest.mark.parametrize("command", ["train", "eval", "eval --plots", "plot", "predict", "visualize",
+                                     "convert", "data synth", "data convert-crowdhuman", "data convert",
+                                     "benchmark", "demo"])
 def test_an_output_path_under_a_file_is_refused_before_the_work(command, tiny_checkpoint, tmp_path,
                                                                   monkeypatch, capsys):
     import asag.commands.benchmark
     import asag.commands.data
     import asag.data.formats
     import asag.engine.evaluator
+    import asag.viz.curves
 
     for module, name in ((asag.engine.evaluator, "evaluate"), (asag.commands.data, "time"),
-                         (asag.commands.benchmark, "benchmark"),
+                         (asag.commands.benchmark, "benchmark"), (asag.viz.curves, "read_metrics"),
                          (asag.data.formats, "read_voc")):  # the work itself must not start
         monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the work started"))
     blocker = tmp_path / "file"
@@ -399,9 +410,13 @@ def test_an_output_path_under_a_file_is_refused_before_the_work(command, tiny_ch
     ckpt = str(tiny_checkpoint / "ckpt.pth")
     image = str(next((tiny_checkpoint / "data" / "images" / "val").iterdir()))
     data = f"data.root={tiny_checkpoint / 'data'}"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"kind": "train", "step": 0, "loss": 1.0}\n')
     argv = {
         "train": ["train", "tiny_cpu", data, "--output-dir", out],
         "eval": ["eval", ckpt, data, "--out", out],
+        "eval --plots": ["eval", ckpt, data, "--out", str(tmp_path / "results"), "--plots", out],
+        "plot": ["plot", str(tmp_path / "run"), "--out", f"{out}/curves.png"],
         "predict": ["predict", ckpt, image, "--out", out],
         "visualize": ["visualize", ckpt, image, "--out", out],
         "convert": ["convert", ckpt, "--out", f"{out}/x.pth"],

@@ -35,6 +35,7 @@ from asag.errors import ConfigError
 from asag.modeling.detector import STATIC_TRAINING_ERROR
 from asag.modeling.fast import cpu_supports_bf16
 from asag.outputs import atomic_write_text, prepare_run_dir, remove_unfinished_run
+from asag.viz.curves import curves_after_training
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -159,6 +160,8 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
     finally:
         logger.close()
         cleanup_distributed()
+    if is_main_process():
+        curves_after_training(out, log)
     return TrainingRun(result, out)
 
 

@@ -10,7 +10,7 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from pycocotools.cocoeval import COCOeval, Params
 from torch import Tensor
 from torchvision.ops import box_convert
 
@@ -119,6 +119,33 @@ def load_results(coco_gt: COCO, results: Sequence[dict]) -> COCO:
     return empty
 
 
+def accumulated_eval(
+    coco_gt: COCO,
+    coco_dt: COCO,
+    *,
+    image_ids: Sequence[int] | None = None,
+    setup: Callable[[Params], None] | None = None,
+    evaluator_class: type[COCOeval] = COCOeval,
+) -> COCOeval:
+    """A pycocotools bbox ``COCOeval`` of ``coco_dt`` against ``coco_gt``, evaluated and accumulated
+    (its ``eval["precision"]`` is ``[T, R, K, A, M]``), with pycocotools' printing silenced.
+
+    Args:
+        image_ids: restrict the evaluation to these images (default: every image of ``coco_gt``).
+        setup: changes the parameters before the evaluation (IoU thresholds, categories, areas ...).
+        evaluator_class: ``COCOeval`` or a subclass.
+    """
+    evaluator = evaluator_class(coco_gt, coco_dt, iouType="bbox")
+    if image_ids is not None:
+        evaluator.params.imgIds = sorted({int(i) for i in image_ids})
+    if setup is not None:
+        setup(evaluator.params)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator
+
+
 def run_coco_eval(
     coco_gt: COCO,
     results: Sequence[dict],
@@ -133,14 +160,9 @@ def run_coco_eval(
             pass the ids actually run so that a partial pass is not penalised for unseen images.
         per_class: also compute AP@[.50:.95] per category.
     """
-    coco_dt = load_results(coco_gt, results)
-    evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
-    if image_ids is not None:
-        evaluator.params.imgIds = sorted({int(i) for i in image_ids})
+    evaluator = accumulated_eval(coco_gt, load_results(coco_gt, results), image_ids=image_ids)
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        evaluator.evaluate()
-        evaluator.accumulate()
         evaluator.summarize()
     stats = {name: float(value) for name, value in zip(COCO_STAT_NAMES, evaluator.stats)}
     return CocoMetrics(
@@ -163,6 +185,10 @@ def _per_class_ap(evaluator: COCOeval, coco_gt: COCO) -> dict[str, float]:
     for k, cat_id in enumerate(evaluator.params.catIds):
         values = precision[:, :, k]
         valid = values[values > -1]
-        name = coco_gt.cats[cat_id].get("name", str(cat_id))
-        out[name] = float(np.mean(valid)) if valid.size else -1.0
+        out[category_name(coco_gt, cat_id)] = float(np.mean(valid)) if valid.size else -1.0
     return out
+
+
+def category_name(coco_gt: COCO, cat_id: int) -> str:
+    """The category's ``name``, or its id as text when it has none."""
+    return str(coco_gt.cats[cat_id].get("name", cat_id))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from asag.engine.distributed import is_main_process
+from asag.errors import DataError
 from asag.outputs import naming
 
 T = TypeVar("T")
@@ -80,6 +81,57 @@ def _append_line(handle: BinaryIO, line: str) -> None:
         with contextlib.suppress(OSError):
             handle.truncate(start)
         raise
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file written by :class:`RunLogger`, in file order (blank lines
+    skipped). A line that is not a JSON object with a string ``kind`` and an integer ``step`` raises
+    :class:`DataError` naming the file and the line."""
+    path = Path(path)
+    records = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+                record = json.loads(line) if line.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
+                raise DataError(f"{path}, line {number}: not a JSON record ({reason})") from None
+            if record is None:
+                continue
+            if not _is_record(record):
+                raise DataError(f'{path}, line {number}: not a metrics record (a JSON object with a "kind" '
+                                f'and an integer "step")')
+            records.append(record)
+    return records
+
+
+def _is_record(value: Any) -> bool:
+    step = value.get("step") if isinstance(value, dict) else None
+    return (isinstance(value, dict) and isinstance(value.get("kind"), str) and isinstance(step, int)
+            and not isinstance(step, bool))
+
+
+def current_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The records of the run as it stands, when ``--resume`` appended a continuation to the log.
+
+    A resumed run starts again at the step of its checkpoint, so its first record of a kind has a step
+    that is not larger than the last one of that kind: the records it supersedes (of that kind at this
+    step or later, of other kinds after this step) are dropped. In particular, of several records of a
+    kind at one step the last one is kept. Order is otherwise kept.
+    """
+    kept: list[Mapping[str, Any]] = []
+    last: dict[str, int] = {}
+    for record in records:
+        kind, step = record["kind"], record["step"]
+        if kind in last and step <= last[kind]:
+            kept = [r for r in kept if r["step"] < step or (r["step"] == step and r["kind"] != kind)]
+            last = {}
+            for r in kept:
+                last[r["kind"]] = max(last.get(r["kind"], r["step"]), r["step"])
+        kept.append(record)
+        last[kind] = step
+    return kept
 
 
 class RunLogger:

@@ -18,7 +18,9 @@ Any file Pillow decodes becomes an 8-bit RGB image with its EXIF orientation app
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,12 +79,18 @@ def open_image(path: str | os.PathLike, *, exif: bool = True) -> tuple[PIL.Image
     ``(width, height)`` of the pixels as stored, before any rotation. Unreadable or missing files, and
     pixel values :func:`to_rgb` refuses, raise :class:`asag.errors.DataError` naming the file.
     """
+    with _reading(path), PIL.Image.open(path) as raw:
+        raw.load()
+        stored_size = raw.size
+        oriented = PIL.ImageOps.exif_transpose(raw) if exif else raw
+        return to_rgb(oriented), stored_size  # a new image, valid after the file is closed
+
+
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike) -> Iterator[None]:
+    """Errors of reading image ``path`` inside the block as one :class:`DataError` naming the file."""
     try:
-        with PIL.Image.open(path) as raw:
-            raw.load()
-            stored_size = raw.size
-            oriented = PIL.ImageOps.exif_transpose(raw) if exif else raw
-            return to_rgb(oriented), stored_size  # a new image, valid after the file is closed
+        yield
     except DataError as err:  # pixel values to_rgb refuses
         raise DataError(f"{path}: {err}") from None
     except FileNotFoundError:
@@ -113,14 +121,7 @@ def _orientation(image: PIL.Image.Image) -> int:
 def read_image_header(path: str | os.PathLike) -> ImageHeader:
     """The sizes of image ``path`` read from its header only (no pixel decoding). Missing or unreadable
     files raise :class:`asag.errors.DataError` naming the file."""
-    try:
-        with PIL.Image.open(path) as image:
-            width, height = image.size
-            transposed = _orientation(image) in _TRANSPOSING_ORIENTATIONS
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not an image file") from None
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: cannot read image ({err})") from None
+    with _reading(path), PIL.Image.open(path) as image:
+        width, height = image.size
+        transposed = _orientation(image) in _TRANSPOSING_ORIENTATIONS
     return ImageHeader((width, height), (height, width) if transposed else (width, height))

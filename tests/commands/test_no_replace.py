@@ -235,7 +235,8 @@ def test_resume_with_overwrite_replaces_the_other_run_and_keeps_the_resumed_one(
     other = tmp_path / "b"
     fake_run(other)
     assert main(train_args(data_root, other, "--resume", str(resumed), "--overwrite", epochs=2)) == 0
-    assert sorted(p.name for p in other.iterdir()) == ["last.pth", METRICS_FILE, "notes.txt", TENSORBOARD_DIR]
+    assert sorted(p.name for p in other.iterdir()) == [
+        "curves.png", "last.pth", METRICS_FILE, "notes.txt", TENSORBOARD_DIR]
     assert torch.load(other / "last.pth", weights_only=True)["epoch"] == 1
     records = [json.loads(line) for line in (other / METRICS_FILE).read_text().splitlines()]
     assert [r["kind"] for r in records] == ["train", "epoch"]  # the other run's log is gone
@@ -395,7 +396,7 @@ def test_a_start_that_fails_before_its_first_checkpoint_leaves_no_run(data_root,
 
     monkeypatch.setattr(asag.engine.trainer, "train_step", no_step)
     assert main(train_args(data_root, out)) == 0  # the retry is no second run in the folder
-    assert sorted(p.name for p in out.iterdir()) == ["last.pth", METRICS_FILE, TENSORBOARD_DIR]
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "last.pth", METRICS_FILE, TENSORBOARD_DIR]
 
 
 def test_the_refusal_of_a_folder_names_a_checkpoint_that_exists(tmp_path):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import io
 import json
 import os
@@ -49,9 +48,19 @@ FASTER_COCO_EVAL, PYCOCOTOOLS, AUTO_BACKEND = "faster_coco_eval", "pycocotools",
 BACKENDS = (FASTER_COCO_EVAL, PYCOCOTOOLS)
 
 
+@functools.cache
+def _faster_evaluator() -> type[COCOeval] | None:
+    """faster-coco-eval's ``COCOeval_faster``, or None where the package cannot be imported."""
+    try:
+        from faster_coco_eval import COCOeval_faster
+    except ImportError:
+        return None
+    return COCOeval_faster
+
+
 def faster_coco_eval_installed() -> bool:
     """Whether the ``faster_coco_eval`` package can be imported."""
-    return importlib.util.find_spec(FASTER_COCO_EVAL) is not None
+    return _faster_evaluator() is not None
 
 
 def resolve_backend(backend: str = AUTO_BACKEND) -> str:
@@ -68,8 +77,9 @@ def resolve_backend(backend: str = AUTO_BACKEND) -> str:
                           f"{', '.join((AUTO_BACKEND, *BACKENDS))}")
     if backend == FASTER_COCO_EVAL and not faster_coco_eval_installed():
         raise ConfigError(
-            "evaluation.backend=faster_coco_eval: the faster-coco-eval package is not installed "
-            "(pip install faster-coco-eval); evaluation.backend=pycocotools or auto evaluates without it")
+            "evaluation.backend=faster_coco_eval: the faster_coco_eval package cannot be imported "
+            "(pip install faster-coco-eval==1.8.0); evaluation.backend=auto or pycocotools evaluates "
+            "without it")
     return backend
 
 
@@ -78,9 +88,7 @@ def evaluator_class(backend: str = AUTO_BACKEND) -> type[COCOeval]:
     ``COCOeval`` or faster-coco-eval's ``COCOeval_faster`` (same constructor, ``params``, ``evaluate``,
     ``accumulate``, ``summarize``, ``stats`` and ``eval`` arrays)."""
     if resolve_backend(backend) == FASTER_COCO_EVAL:
-        from faster_coco_eval import COCOeval_faster
-
-        return COCOeval_faster
+        return _faster_evaluator()
     return COCOeval
 
 
@@ -98,7 +106,7 @@ class LabelMapping(Protocol):
 
 @dataclass
 class CocoMetrics:
-    """pycocotools bbox metrics, in [0, 1]; -1 where undefined (no ground truth in that range).
+    """COCOeval bbox metrics, in [0, 1]; -1 where undefined (no ground truth in that range).
 
     ap: AP@[.50:.95]; ap50 / ap75: AP at IoU 0.5 / 0.75; aps / apm / apl: AP for small / medium /
     large objects; ar1 / ar10 / ar100: AR with 1 / 10 / 100 detections per image; ars / arm / arl:
@@ -234,7 +242,8 @@ def run_coco_eval(
         backend: ``auto``, ``faster_coco_eval`` or ``pycocotools`` (:func:`resolve_backend`).
     """
     backend = resolve_backend(backend)
-    evaluator = accumulated_eval(coco_gt, load_results(coco_gt, results), image_ids=image_ids, backend=backend)
+    evaluator = accumulated_eval(coco_gt, load_results(coco_gt, results), image_ids=image_ids,
+                                 backend=backend)
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         evaluator.summarize()

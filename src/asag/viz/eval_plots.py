@@ -368,7 +368,8 @@ def write_eval_plots(coco_gt: COCO, results: Sequence[dict], out: str | os.PathL
     with its JSON into folder ``out`` (which must exist): the files of :data:`PLOT_FILES`. Returns the
     files written."""
     out = Path(out)
-    evaluator = accumulated_eval(coco_gt, load_results(coco_gt, results), image_ids=image_ids, backend=backend)
+    evaluator = accumulated_eval(coco_gt, load_results(coco_gt, results), image_ids=image_ids,
+                                 backend=backend)
     curves = curves_from_evaluator(evaluator, coco_gt)
     analysis = error_analysis(coco_gt, results, image_ids, backend=backend)
     matrix = confusion_matrix(coco_gt, results, image_ids, score_threshold=confusion_score)

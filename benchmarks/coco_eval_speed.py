@@ -17,7 +17,8 @@ The case (also used by tests/engine/test_coco_backends.py to prove the backends 
 the 32^2 / 96^2 limits, a few crowd regions, the last category without ground truth; detections: a
 jittered copy of most objects (now and then of the wrong class), random boxes, some on crowd regions,
 about ``detections`` per image but more than 100 on some (the 100-detection cut) and none on others;
-scores on a grid of ``score_levels`` values, so that many tie within and across images.
+scores on a grid of ``score_levels + 1`` values (the copies' higher), so that many tie within and across
+images.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ DETECTED_FRACTION = 0.8  # objects that get a jittered detection
 WRONG_CLASS_FRACTION = 0.1  # jittered detections of another class
 EMPTY_IMAGE_FRACTION = 0.05  # images without any detection
 SCORE_LEVELS = 50  # distinct scores: k / SCORE_LEVELS
+MAX_JITTER = 0.25  # largest standard deviation of a detection's shift, relative to the object's size
+# Score ranges (in levels) of the detections near an object and of the random ones: the first rank higher.
+COPY_SCORES, RANDOM_SCORES = (1 / 3, 1.0), (0.0, 2 / 3)
 
 
 def _boxes(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -54,9 +58,9 @@ def _boxes(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _jittered(rng: np.random.Generator, boxes: np.ndarray) -> np.ndarray:
-    """``boxes [n, 4]`` moved and resized by up to about a third of their size (IoUs over the whole
-    0.5-0.95 range and below)."""
-    scale = rng.uniform(0.0, 0.35, (len(boxes), 1))  # [n, 1]
+    """``boxes [n, 4]`` moved and resized by random amounts of up to about ``MAX_JITTER`` of their size
+    (IoUs over the whole 0.5-0.95 range and below)."""
+    scale = rng.uniform(0.0, MAX_JITTER, (len(boxes), 1))  # [n, 1]
     shift = rng.normal(0.0, 1.0, (len(boxes), 4)) * scale * np.tile(boxes[:, 2:], 2)  # [n, 4]
     out = boxes + shift
     out[:, 2:] = np.maximum(out[:, 2:], 1.0)
@@ -96,7 +100,9 @@ def random_coco_case(num_images: int, detections_per_image: int, num_categories:
                          - len(copies), 0)
         det_boxes = np.concatenate([copies, _boxes(rng, num_random)])  # [D, 4]
         det_labels = np.concatenate([copy_labels, rng.integers(1, num_categories + 1, num_random)])  # [D]
-        scores = rng.integers(0, score_levels + 1, len(det_boxes)) / score_levels  # [D], with ties
+        low, high = np.repeat(np.round(np.array([COPY_SCORES, RANDOM_SCORES]) * score_levels).astype(int),
+                              [len(copies), num_random], axis=0).T  # [D] each
+        scores = rng.integers(low, high + 1) / score_levels  # [D], with ties
         for box, label, score in zip(det_boxes.tolist(), det_labels.tolist(), scores.tolist()):
             results.append({"image_id": image_id, "category_id": label, "bbox": box, "score": score})
     return {"images": images, "annotations": annotations, "categories": categories}, results

@@ -10,6 +10,8 @@ image, the image order across images).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 from engine_fakes import make_coco
 
+from asag.cli import main
 from asag.config import load_config
 from asag.engine import coco_eval
 from asag.engine.coco_analysis import curves_from_evaluator, error_analysis
@@ -248,6 +251,31 @@ def test_plots_and_error_analysis_agree():
     assert any(c.curves["Oth"] != c.curves["Loc"] for c in fast.per_class if c.curves)
 
 
+def test_with_other_max_dets_only_the_summary_of_ap_differs():
+    """pycocotools' ``summarize`` takes ``stats[0]`` (AP) at 100 detections per image whatever
+    ``params.maxDets`` says (-1 when 100 is not among them); faster-coco-eval at ``maxDets[-1]``.
+    ``run_coco_eval`` keeps the default ``[1, 10, 100]``, where both read the same entry; the arrays
+    agree under any parameters."""
+    data, results = random_coco_case(100, 30, 3, seed=5)
+    coco = coco_index(data)
+
+    def fewer_detections(params) -> None:
+        params.maxDets = [1, 10, 20]
+
+    evaluators = evaluators_of_both(coco, results, setup=fewer_detections)
+    assert_same_arrays(evaluators[PYCOCOTOOLS], evaluators[FASTER_COCO_EVAL])
+    stats = {}
+    for backend, evaluator in evaluators.items():
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator.summarize()
+        stats[backend] = np.asarray(evaluator.stats[: len(COCO_STAT_NAMES)])
+    precision = evaluators[PYCOCOTOOLS].eval["precision"][:, :, :, 0, -1]  # [T, R, K]: area all, 20 dets
+    ap_at_20 = precision[precision > -1].mean()
+    assert stats[PYCOCOTOOLS][0] == -1.0
+    assert ap_at_20 > 0 and stats[FASTER_COCO_EVAL][0] == pytest.approx(ap_at_20, abs=1e-15)
+    np.testing.assert_allclose(stats[PYCOCOTOOLS][1:], stats[FASTER_COCO_EVAL][1:], rtol=0, atol=ONE_ULP)
+
+
 # ------------------------------------------------------------------------------- choosing a backend
 
 
@@ -271,3 +299,21 @@ def test_config_names_the_backend():
         load_config("tiny_cpu", ["evaluation.backend=detectron2"])
     with pytest.raises(ConfigError, match="evaluation.backend='detectron2'"):
         resolve_backend("detectron2")
+
+
+def test_a_missing_faster_coco_eval_stops_eval_and_train_before_the_model_runs(tiny_checkpoint, tmp_path,
+                                                                                 monkeypatch, capsys):
+    monkeypatch.setattr(coco_eval, "_faster_evaluator", lambda: None)
+    data = tiny_checkpoint / "data"
+    code = main(["eval", str(tiny_checkpoint / "ckpt.pth"), f"data.root={data}",
+                 "--out", str(tmp_path / "eval"), "evaluation.backend=faster_coco_eval"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asag eval: error: evaluation.backend=faster_coco_eval: the faster_coco_eval "
+                          "package cannot be imported") and len(err.splitlines()) == 1
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    run = tmp_path / "run"
+    assert main(["train", "tiny_cpu", f"data.root={data}", f"runtime.output_dir={run}",
+                 "evaluation.backend=faster_coco_eval"]) == 2
+    assert "evaluation.backend=faster_coco_eval" in capsys.readouterr().err
+    assert not any(run.glob("*.pth"))

@@ -7,12 +7,14 @@ Two backends run the same protocol (config ``evaluation.backend``; :func:`resolv
 ``pycocotools`` (the reference) and ``faster_coco_eval`` (``COCOeval_faster``: matching and accumulation
 in C++, several times faster). :func:`evaluator_class` is the one place that picks the ``COCOeval``
 class; the ground truth and the detections stay pycocotools ``COCO`` objects for both (``loadRes`` of
-pycocotools, the same annotation dicts in the same order). The two agree exactly except in one place:
-pycocotools divides by ``tp + fp + eps`` (``np.spacing(1)``), faster-coco-eval by ``tp + fp``, so where
-the top-ranked detection of a curve is a true positive followed by a false positive, pycocotools' precision
-at that first point is ``1 - 2**-52`` and faster-coco-eval's is ``1.0`` (for ``tp + fp >= 2`` the eps is
-below half a unit in the last place and both divisions round to the same double). AP and AR differ by at
-most ~2e-16 (docs/evaluation.md; tests/engine/test_coco_backends.py).
+pycocotools, the same annotation dicts in the same order). Their ``eval`` arrays agree exactly except in
+one place: pycocotools divides by ``tp + fp + eps`` (``np.spacing(1)``), faster-coco-eval by ``tp + fp``,
+so where the first counted detection of a ranked list is a true positive followed by a false positive (or
+by nothing), pycocotools' precision at the recall points it reaches is ``1 - 2**-52`` and
+faster-coco-eval's ``1.0`` (for ``tp + fp >= 2`` the eps is at most half a unit in the last place and both
+divisions give the same double). ``stats`` and per-class AP differ by at most ``2**-52`` under the default
+``maxDets`` ``[1, 10, 100]`` (with others, pycocotools still reads ``stats[0]`` at 100 detections). See
+docs/evaluation.md and tests/engine/test_coco_backends.py.
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ class CocoMetrics:
     ap: AP@[.50:.95]; ap50 / ap75: AP at IoU 0.5 / 0.75; aps / apm / apl: AP for small / medium /
     large objects; ar1 / ar10 / ar100: AR with 1 / 10 / 100 detections per image; ars / arm / arl:
     AR@100 by object size. per_class_ap: category name -> AP@[.50:.95] (None unless asked).
-    summary: pycocotools' printed summary.
+    summary: the backend's printed summary (the 12 lines of ``stats``).
+    backend: the backend that evaluated (``faster_coco_eval`` or ``pycocotools``).
     """
 
     ap: float

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from asag.api import Detection, Detector
 from asag.data.synthetic import SHAPE_CLASSES, SHAPES_BY_NAME, SyntheticSpec, render_scene
+from asag.engine.coco_eval import PYCOCOTOOLS, accumulated_eval, load_results
 from asag.tiling import DEFAULT_MERGE_IOU, DEFAULT_TILE_OVERLAP
 
 MAX_DETS = 10_000  # detections per image that pycocotools may count (its default, 100, caps recall)
@@ -86,20 +86,21 @@ def make_scene(size: int, objects: int, min_object: int, max_object: int, seed: 
 
 def coco_scores(truth: dict, detections: list[Detection]) -> dict[str, float]:
     """pycocotools on one image with up to :data:`MAX_DETS` detections: ``recall50`` (recall at IoU 0.5,
-    mean over classes), ``ap50`` and ``ap`` (AP@[.50:.95])."""
+    mean over classes), ``ap50`` and ``ap`` (AP@[.50:.95]). pycocotools and not ``evaluation.backend``:
+    with ``maxDets`` changed, pycocotools' ``stats[0]`` (``ap`` here) stays the AP at 100 detections per
+    image while faster-coco-eval's is at ``maxDets[-1]`` (docs/evaluation.md)."""
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt = COCO()
         gt.dataset = json.loads(json.dumps(truth))
         gt.createIndex()
-        records = [{"image_id": 1, "category_id": d.category_id, "score": d.score,
-                    "bbox": [d.box[0], d.box[1], d.box[2] - d.box[0], d.box[3] - d.box[1]]}
-                   for d in detections]
-        if not records:
-            return {"recall50": 0.0, "ap50": 0.0, "ap": 0.0}
-        evaluator = COCOeval(gt, gt.loadRes(records), iouType="bbox")
-        evaluator.params.maxDets = [1, 100, MAX_DETS]
-        evaluator.evaluate()
-        evaluator.accumulate()
+    records = [{"image_id": 1, "category_id": d.category_id, "score": d.score,
+                "bbox": [d.box[0], d.box[1], d.box[2] - d.box[0], d.box[3] - d.box[1]]}
+               for d in detections]
+    if not records:
+        return {"recall50": 0.0, "ap50": 0.0, "ap": 0.0}
+    evaluator = accumulated_eval(gt, load_results(gt, records), backend=PYCOCOTOOLS,
+                                 setup=lambda params: setattr(params, "maxDets", [1, 100, MAX_DETS]))
+    with contextlib.redirect_stdout(io.StringIO()):
         evaluator.summarize()
     recall = evaluator.eval["recall"][MATCH_IOU_INDEX, :, AREA_ALL, -1]  # [K], -1: class without ground truth
     return {"recall50": float(recall[recall > -1].mean()), "ap50": float(evaluator.stats[1]),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,3 +84,32 @@ def test_tiling_benchmark_runs_on_a_checkpoint(tiny_checkpoint, tmp_path, capsys
 def test_tiling_benchmark_without_checkpoint_says_how_to_get_one(capsys):
     assert tiling_benchmark.main([]) == 2
     assert "asag demo" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- benchmarks/coco_eval_speed.py
+
+import coco_eval_speed  # noqa: E402
+
+
+def test_coco_eval_speed_times_both_backends_on_one_case(capsys):
+    assert coco_eval_speed.main(["--images", "30", "--detections", "10", "--categories", "4",
+                                 "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("CPU: ") and "30 images" in out and "2 interleaved repeats" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| faster_coco_eval |", "| pycocotools |"))]
+    assert len(rows) == 2 and all(len(row.split("|")[3].split(",")) == 2 for row in rows)
+    stats_diff = re.search(r"largest difference: stats (\S+), per-class AP (\S+)", out)
+    assert stats_diff and max(float(stats_diff[1].rstrip(",")), float(stats_diff[2])) <= 2.0**-52
+
+
+def test_random_coco_case_is_seeded_and_varied():
+    data, results = coco_eval_speed.random_coco_case(200, 20, 5, seed=2)
+    assert (data, results) == coco_eval_speed.random_coco_case(200, 20, 5, seed=2)
+    annotations = data["annotations"]
+    areas = [a["area"] for a in annotations]
+    assert min(areas) < 32**2 < 96**2 < max(areas) and 32**2 in areas  # all sizes, and the limits
+    assert any(a["iscrowd"] for a in annotations) and {a["category_id"] for a in annotations} == {1, 2, 3, 4}
+    scores = [r["score"] for r in results]
+    assert len(set(scores)) <= coco_eval_speed.SCORE_LEVELS + 1 < len(scores)  # ties
+    per_image = np.bincount([r["image_id"] for r in results], minlength=201)[1:]
+    assert (per_image == 0).any() and per_image.max() > 20

@@ -258,6 +258,10 @@ class EvaluationConfig:
     # "caltech": the last point with FPPI <= r (Dollar's toolbox). They differ only where the FPPI
     # equals r exactly (asag.engine.crowdhuman_eval, step 5).
     miss_rate_rule: Literal["toolkit", "caltech"] = "toolkit"
+    # The COCOeval behind the COCO metric (asag.engine.coco_eval): "faster_coco_eval" (matching and
+    # accumulation in C++, several times faster) or "pycocotools" (the reference); "auto": the first when
+    # installed, else the second. The same AP/AR up to ~2e-16 (docs/evaluation.md); CrowdHuman ignores it.
+    backend: Literal["auto", "faster_coco_eval", "pycocotools"] = "auto"
 
 
 @dataclass

@@ -81,9 +81,18 @@ def test_eval_reports_coco_metrics(trained, data_root, tmp_path, capsys):
                  "--batch-size", "2", "--inference-level", "P4P6"])
     assert code == 0
     text = capsys.readouterr().out
-    assert "AP50" in text and "images/s" in text
+    assert "AP50" in text and "images/s" in text and "COCO evaluation backend: faster_coco_eval" in text
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.0 <= metrics["ap"] <= 1.0 and metrics["num_images"] == 4
+    assert metrics["backend"] == "faster_coco_eval"  # evaluation.backend=auto: the core dependency
+    reference = tmp_path / "pycocotools"
+    assert main(["eval", str(trained / "last.pth"), f"data.root={data_root}", "--out", str(reference),
+                 "--batch-size", "2", "--inference-level", "P4P6", "--no-plots",
+                 "evaluation.backend=pycocotools"]) == 0
+    assert "COCO evaluation backend: pycocotools" in capsys.readouterr().out
+    expected = json.loads((reference / "metrics.json").read_text())
+    assert expected["backend"] == "pycocotools"
+    assert metrics["stats"] == pytest.approx(expected["stats"], rel=0, abs=2.0**-52)
 
 
 def test_predict_writes_json_and_drawings(trained, data_root, tmp_path):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from pycocotools.cocoeval import COCOeval
 
 from asag.engine.coco_eval import (
+    BACKENDS,
     COCO_STAT_NAMES,
     detections_to_coco_results,
     run_coco_eval,
@@ -42,17 +43,21 @@ def test_detections_to_results_by_hand():
     assert detections_to_coco_results(dets[1:2], [5], FakeLabelMap()) == []
 
 
-def test_perfect_predictions_give_ap_one():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_perfect_predictions_give_ap_one(backend):
     gt = coco_gt_dict()
-    metrics = run_coco_eval(make_coco(gt), gt_as_results(gt), per_class=True)
+    metrics = run_coco_eval(make_coco(gt), gt_as_results(gt), per_class=True, backend=backend)
     assert metrics.ap == 1.0 and metrics.ap50 == 1.0 and metrics.ap75 == 1.0
     assert (metrics.aps, metrics.apm, metrics.apl) == (1.0, 1.0, 1.0)
     assert metrics.per_class_ap == dict.fromkeys(CATEGORY_NAMES, 1.0)
     assert metrics.num_images == 6 and metrics.num_detections == 18
+    assert metrics.backend == backend
     assert "Average Precision" in metrics.summary
+    assert len(metrics.summary.splitlines()) == len(COCO_STAT_NAMES)
 
 
-def test_shifted_boxes_match_direct_pycocotools():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shifted_boxes_match_direct_pycocotools(backend):
     gt = coco_gt_dict()
     results = gt_as_results(gt, shift=4.0)
     coco = make_coco(gt)
@@ -61,12 +66,13 @@ def test_shifted_boxes_match_direct_pycocotools():
         reference.evaluate()
         reference.accumulate()
         reference.summarize()
-    metrics = run_coco_eval(coco, results)
+    metrics = run_coco_eval(coco, results, backend=backend)
     assert metrics.stats == pytest.approx(list(reference.stats), abs=1e-12)
     assert 0.0 < metrics.ap < 1.0  # the shift matters for small boxes
 
 
-def test_single_box_iou_062_by_hand():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_box_iou_062_by_hand(backend):
     # GT 100x100 at (0, 0); detection shifted right by d: IoU = (100 - d) / (100 + d) = 0.62 for d = 23.45...
     d = 100 * (1 - 0.62) / (1 + 0.62)
     gt = {"images": [{"id": 1, "width": 200, "height": 200}],
@@ -74,7 +80,7 @@ def test_single_box_iou_062_by_hand():
                            "area": 10000.0, "iscrowd": 0}],
           "categories": [{"id": 1, "name": "a"}]}
     results = [{"image_id": 1, "category_id": 1, "bbox": [d, 0.0, 100.0, 100.0], "score": 0.8}]
-    metrics = run_coco_eval(make_coco(gt), results)
+    metrics = run_coco_eval(make_coco(gt), results, backend=backend)
     # matched at IoU thresholds 0.50, 0.55, 0.60 out of 10 -> AP = 0.3; AP50 = 1; AP75 = 0
     assert metrics.ap == pytest.approx(0.3)
     # (pycocotools divides tp by tp + fp + eps, so a single true positive gives 1 - 1e-16)
@@ -82,19 +88,21 @@ def test_single_box_iou_062_by_hand():
     assert metrics.aps == -1.0 and metrics.apl == pytest.approx(0.3)  # no small GT: undefined
 
 
-def test_empty_results_give_zero_ap():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_results_give_zero_ap(backend):
     gt = coco_gt_dict()
-    metrics = run_coco_eval(make_coco(gt), [], per_class=True)
+    metrics = run_coco_eval(make_coco(gt), [], per_class=True, backend=backend)
     assert metrics.ap == 0.0 and metrics.ap50 == 0.0 and metrics.ar100 == 0.0
     assert metrics.per_class_ap == dict.fromkeys(CATEGORY_NAMES, 0.0)
     assert metrics.num_detections == 0
 
 
-def test_image_subset():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_image_subset(backend):
     gt = coco_gt_dict()
     results = [r for r in gt_as_results(gt) if r["image_id"] <= 2]
-    assert run_coco_eval(make_coco(gt), results).ap < 1.0
-    subset = run_coco_eval(make_coco(gt), results, image_ids=[1, 2])
+    assert run_coco_eval(make_coco(gt), results, backend=backend).ap < 1.0
+    subset = run_coco_eval(make_coco(gt), results, image_ids=[1, 2], backend=backend)
     assert subset.ap == 1.0 and subset.num_images == 2
 
 

@@ -130,7 +130,7 @@ def draw_plots(result, dataset, folder: Path, confusion_score: float) -> str:
         return "plots: none for evaluation.metric=crowdhuman (they show the COCO metric)"
     detections = json.loads(Path(result.results_path).read_text(encoding="utf-8"))
     written = write_eval_plots(dataset.coco, detections, folder, image_ids=dataset.image_ids,
-                               confusion_score=confusion_score)
+                               confusion_score=confusion_score, backend=result.backend)
     return f"plots: {len(written)} files (PNG + JSON) in {folder}"
 
 
@@ -151,6 +151,8 @@ def format_result(result) -> str:
         first = (f"AP {result.ap:.4f}  AP50 {result.ap50:.4f}  AP75 {result.ap75:.4f}  "
                  f"APs {result.aps:.4f}  APm {result.apm:.4f}  APl {result.apl:.4f}")
     lines = [first, f"{result.num_images} images, {result.images_per_second:.2f} images/s"]
+    if isinstance(result, EvalResult):
+        lines.append(f"COCO evaluation backend: {result.backend}")
     if result.mean_queries is not None:
         lines.append(f"mean queries per image {result.mean_queries:.1f}")
     if result.mean_patches:

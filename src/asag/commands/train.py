@@ -24,6 +24,7 @@ from asag.build import (
 )
 from asag.config import Config, field_option, load_config
 from asag.engine.checkpoint import configure_determinism, load_checkpoint, seed_everything
+from asag.engine.coco_eval import resolve_backend
 from asag.engine.crowdhuman_eval import check_single_category
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process, wrap_ddp
 from asag.engine.ema import ModelEma
@@ -195,8 +196,9 @@ def check_iterations(train_loader, cfg: Config, source: str) -> None:
 
 def build_evaluate_fn(cfg: Config, dataset, *, device: torch.device, amp: str | None, results_json: Path,
                       label_map=None, per_class: bool | None = None):
-    """``evaluate_fn(model)`` on ``dataset`` with the backend named by ``cfg.evaluation.metric`` (COCO or
-    CrowdHuman; the best checkpoint follows its ``ap`` either way). ``label_map`` (default: the data
+    """``evaluate_fn(model)`` on ``dataset`` with the metric named by ``cfg.evaluation.metric`` (COCO, by
+    the COCOeval of ``cfg.evaluation.backend``, or CrowdHuman; the best checkpoint follows its ``ap``
+    either way). ``label_map`` (default: the data
     set's) maps predicted labels to category ids; ``per_class`` overrides ``cfg.evaluation.per_class``."""
     label_map = dataset.label_map if label_map is None else label_map
     common = dict(loader=build_loader(dataset, cfg.data, train=False), coco_gt=dataset.coco,
@@ -205,7 +207,8 @@ def build_evaluate_fn(cfg: Config, dataset, *, device: torch.device, amp: str | 
         check_single_category(dataset.coco, str(dataset.ann_file))  # fail before training, not after
         return functools.partial(evaluate_crowdhuman, **common, miss_rate_rule=cfg.evaluation.miss_rate_rule)
     per_class = cfg.evaluation.per_class if per_class is None else per_class
-    return functools.partial(evaluate, **common, per_class=per_class)
+    backend = resolve_backend(cfg.evaluation.backend)  # fail before training, not after
+    return functools.partial(evaluate, **common, per_class=per_class, backend=backend)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 confusion matrix (:mod:`asag.viz.eval_plots` draws them and saves them as JSON).
 
 Everything here computes plain numbers from a COCO ground truth and COCO result records (``image_id``,
-``category_id``, ``bbox`` ``[x, y, w, h]`` in pixels, ``score``), with pycocotools; nothing is drawn.
+``category_id``, ``bbox`` ``[x, y, w, h]`` in pixels, ``score``), with the ``COCOeval`` of the chosen
+backend (:func:`asag.engine.coco_eval.evaluator_class`: pycocotools or faster-coco-eval, the same
+numbers); nothing is drawn.
 Classes are in pycocotools' order (ascending category id). Curves hold one precision per recall point of
 pycocotools (``R = 101`` points 0, 0.01, ..., 1); the area under a curve (its mean) is the matching AP.
 
@@ -26,7 +28,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval, Params
 
-from asag.engine.coco_eval import accumulated_eval, category_name, load_results
+from asag.engine.coco_eval import AUTO_BACKEND, accumulated_eval, category_name, load_results
 from asag.errors import DataError
 
 # The IoU settings of the PR curves: one threshold, or the mean over pycocotools' ten (0.50:0.05:0.95).
@@ -46,8 +48,8 @@ AREA_ALL = "all"
 #   FN: every remaining error removed, including the objects never detected (precision 1).
 ERROR_SETTINGS = ("C75", "C50", "Loc", "Sim", "Oth", "BG", "FN")
 ANALYSIS_IOUS = (0.75, 0.5, 0.1)  # the IoU thresholds of C75, C50 and Loc (Sim, Oth and BG use the last)
-# Marks a ground-truth copy that the error analysis ignores (pycocotools' ``_prepare`` derives its own
-# ``ignore`` flag from ``iscrowd`` alone, which would also change how the IoU is computed).
+# Marks a ground-truth copy that the error analysis ignores (the ``_prepare`` of both backends derives its
+# own ``ignore`` flag from ``iscrowd`` alone, which would also change how the IoU is computed).
 CONFUSION_FLAG = "_asag_confusion"
 
 BACKGROUND = "background"  # the extra row / column of the confusion matrix
@@ -144,7 +146,7 @@ def precision_recall_curves(
 
 
 def curves_from_evaluator(evaluator: COCOeval, coco_gt: COCO) -> PrecisionRecallCurves:
-    """:func:`precision_recall_curves` of an evaluated and accumulated pycocotools ``COCOeval``."""
+    """:func:`precision_recall_curves` of an evaluated and accumulated ``COCOeval`` (either backend)."""
     p = evaluator.params
     return precision_recall_curves(
         evaluator.eval["precision"], iou_thresholds=p.iouThrs, recall=p.recThrs, area_labels=p.areaRngLbl,
@@ -173,17 +175,20 @@ class ErrorAnalysis:
         return {s: float(np.mean(c)) for s, c in self.overall.items()}
 
 
-class _ConfusionIgnoringEval(COCOeval):
-    """``COCOeval`` that also ignores the ground truth flagged :data:`CONFUSION_FLAG`: a detection matched
-    to it is neither a true nor a false positive, and it is not a missed object. Its IoU stays the regular
-    one (pycocotools' own ignore flag comes from ``iscrowd``, which would switch to the crowd IoU)."""
+class _ConfusionIgnoring:
+    """Mixin for a ``COCOeval`` of either backend that also ignores the ground truth flagged
+    :data:`CONFUSION_FLAG`: a detection matched to it is neither a true nor a false positive, and it is
+    not a missed object. Its IoU stays the regular one (the backends' own ignore flag comes from
+    ``iscrowd``, which would switch to the crowd IoU). Both backends set ``ignore`` on the annotation dicts
+    of ``cocoGt`` in ``_prepare`` and read them only afterwards, so the flag is set on those dicts."""
+
+    cocoGt: COCO
 
     def _prepare(self) -> None:
-        super()._prepare()
-        for gts in self._gts.values():
-            for gt in gts:
-                if gt.get(CONFUSION_FLAG):
-                    gt["ignore"] = 1
+        super()._prepare()  # type: ignore[misc]
+        for gt in self.cocoGt.anns.values():
+            if gt.get(CONFUSION_FLAG):
+                gt["ignore"] = 1
 
 
 def _coco_from(images: list[dict], categories: list[dict], annotations: list[dict]) -> COCO:
@@ -216,7 +221,7 @@ def _analysis_params(iou_thresholds: Sequence[float], cat_ids: Sequence[int] | N
 
 
 def _confusions_ignored(coco_gt: COCO, detections: list[dict], cat_id: int, confusable: Sequence[int],
-                        image_ids: Sequence[int]) -> np.ndarray:
+                        image_ids: Sequence[int], backend: str) -> np.ndarray:
     """PR curve ``[R]`` of class ``cat_id`` at IoU 0.1 when detections on objects of the ``confusable``
     classes are ignored: those objects are copied as ignored objects of class ``cat_id`` (only into the
     images where the class has detections: elsewhere an ignored object changes nothing)."""
@@ -235,15 +240,16 @@ def _confusions_ignored(coco_gt: COCO, detections: list[dict], cat_id: int, conf
     coco_dt = _coco_from(images, category, [dict(d) for d in detections])
     evaluator = accumulated_eval(
         _coco_from(images, category, annotations), coco_dt, image_ids=sorted(involved),
-        setup=_analysis_params(ANALYSIS_IOUS[-1:], [cat_id]), evaluator_class=_ConfusionIgnoringEval)
+        setup=_analysis_params(ANALYSIS_IOUS[-1:], [cat_id]), backend=backend, extension=_ConfusionIgnoring)
     return evaluator.eval["precision"][0, :, 0, 0, 0]
 
 
-def error_analysis(coco_gt: COCO, results: Sequence[dict], image_ids: Sequence[int] | None = None
-                   ) -> ErrorAnalysis:
-    """The COCO error analysis of ``results`` on the images ``image_ids`` (default: all of ``coco_gt``).
+def error_analysis(coco_gt: COCO, results: Sequence[dict], image_ids: Sequence[int] | None = None, *,
+                   backend: str = AUTO_BACKEND) -> ErrorAnalysis:
+    """The COCO error analysis of ``results`` on the images ``image_ids`` (default: all of ``coco_gt``),
+    evaluated by ``backend`` (``auto``, ``faster_coco_eval`` or ``pycocotools``).
 
-    C75, C50 and Loc come from one pycocotools evaluation at IoU 0.75, 0.5 and 0.1. Sim and Oth evaluate
+    C75, C50 and Loc come from one evaluation at IoU 0.75, 0.5 and 0.1. Sim and Oth evaluate
     each class again at IoU 0.1 with the objects of the other classes of its supercategory (Sim) or of all
     other classes (Oth) turned into ignored objects of that class (the COCO API's definition). BG is 1 at
     every recall level that Oth reaches and 0 beyond: once the false positives that match no object at IoU
@@ -253,7 +259,8 @@ def error_analysis(coco_gt: COCO, results: Sequence[dict], image_ids: Sequence[i
     """
     image_ids = sorted(coco_gt.getImgIds()) if image_ids is None else sorted({int(i) for i in image_ids})
     coco_dt = load_results(coco_gt, results)
-    base = accumulated_eval(coco_gt, coco_dt, image_ids=image_ids, setup=_analysis_params(ANALYSIS_IOUS))
+    base = accumulated_eval(coco_gt, coco_dt, image_ids=image_ids, setup=_analysis_params(ANALYSIS_IOUS),
+                            backend=backend)
     cat_ids = list(base.params.catIds)
     precision = base.eval["precision"][:, :, :, 0, 0]  # [3, R, K]
     has_gt = precision[0, 0] > -1  # [K]
@@ -271,8 +278,8 @@ def error_analysis(coco_gt: COCO, results: Sequence[dict], image_ids: Sequence[i
         detections = by_class.get(cat, [])
         others = [c for c in cat_ids if c != cat]
         similar = [c for c in others if groups[c] == groups[cat]]
-        curves[sim, :, k] = _confusions_ignored(coco_gt, detections, cat, similar, image_ids)
-        curves[oth, :, k] = _confusions_ignored(coco_gt, detections, cat, others, image_ids)
+        curves[sim, :, k] = _confusions_ignored(coco_gt, detections, cat, similar, image_ids, backend)
+        curves[oth, :, k] = _confusions_ignored(coco_gt, detections, cat, others, image_ids, backend)
     curves[ERROR_SETTINGS.index("BG")] = curves[oth] > 0
     curves[ERROR_SETTINGS.index("FN")] = 1.0
     per_class = [

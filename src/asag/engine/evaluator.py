@@ -3,8 +3,8 @@
 Each rank runs the model on its share of the images (see
 :func:`asag.engine.distributed.build_eval_sampler`), converts the detections to COCO result records
 and gathers them on every rank (``all_gather_object``); rank 0 writes the results JSON and scores
-them; the metrics are then broadcast so every rank returns the same result. Two backends, same call
-pattern: :func:`evaluate` (COCO AP via pycocotools, :class:`EvalResult`) and
+them; the metrics are then broadcast so every rank returns the same result. Two metrics, same call
+pattern: :func:`evaluate` (COCO AP via pycocotools or faster-coco-eval, :class:`EvalResult`) and
 :func:`evaluate_crowdhuman` (CrowdHuman AP / mMR / Recall, :class:`CrowdHumanEvalResult`).
 """
 
@@ -20,7 +20,14 @@ from pycocotools.coco import COCO
 from torch import Tensor, nn
 
 from asag.engine.checkpoint import unwrap_model
-from asag.engine.coco_eval import LabelMapping, detections_to_coco_results, run_coco_eval, write_results_json
+from asag.engine.coco_eval import (
+    AUTO_BACKEND,
+    LabelMapping,
+    detections_to_coco_results,
+    resolve_backend,
+    run_coco_eval,
+    write_results_json,
+)
 from asag.engine.crowdhuman_eval import DEFAULT_MISS_RATE_RULE, MissRateRule, evaluate_coco_results
 from asag.engine.distributed import all_gather_object, broadcast_object, is_main_process
 from asag.engine.logger import RunLogger
@@ -33,16 +40,18 @@ PROBED_LEVELS = ("P4", "P3")
 
 @dataclass
 class EvalResult:
-    """Evaluation metrics (COCO values in [0, 1]; -1 where pycocotools finds no ground truth).
+    """Evaluation metrics (COCO values in [0, 1]; -1 where the evaluated images hold no ground truth).
 
     ap, ap50, ap75, aps, apm, apl: COCO box AP@[.5:.95], @.5, @.75, small / medium / large.
-    stats: all 12 pycocotools numbers (AP ..., AR@1, AR@10, AR@100, ARs, ARm, ARl).
+    stats: all 12 COCOeval numbers (AP ..., AR@1, AR@10, AR@100, ARs, ARm, ARl).
     per_class_ap: category name -> AP (None unless requested).
     num_images / num_detections: images evaluated and detections produced (all ranks).
     images_per_second: images over the model time (forward + post-processing) of the slowest rank.
     mean_queries: mean number of real (unpadded) queries per image, when the model reports them.
     mean_patches: level -> mean number of probed patches per image, when the model reports them.
-    results_path: the COCO results JSON, if written. summary: pycocotools' summary lines.
+    results_path: the COCO results JSON, if written. summary: the COCOeval summary lines.
+    backend: the COCOeval that computed them (``faster_coco_eval`` or ``pycocotools``;
+    :mod:`asag.engine.coco_eval`).
     """
 
     ap: float
@@ -55,6 +64,7 @@ class EvalResult:
     num_images: int
     num_detections: int
     images_per_second: float
+    backend: str
     mean_queries: float | None = None
     mean_patches: dict[str, float] | None = None
     per_class_ap: dict[str, float] | None = None
@@ -190,8 +200,9 @@ def evaluate(
     per_class: bool = False,
     max_batches: int | None = None,
     logger: RunLogger | None = None,
+    backend: str = AUTO_BACKEND,
 ) -> EvalResult:
-    """Evaluate ``model`` on ``loader`` against ``coco_gt`` (pycocotools bbox metrics).
+    """Evaluate ``model`` on ``loader`` against ``coco_gt`` (COCO bbox metrics).
 
     Args:
         model: the detector (a DDP wrapper is unwrapped): ``model(images [B,3,H,W], image_sizes [B,2])``
@@ -203,14 +214,17 @@ def evaluate(
         amp: evaluation precision (None: fp32; "bf16"; "fp16" on CUDA).
         results_json: where rank 0 writes the COCO results (None: not written).
         per_class: also report AP per category. max_batches: stop early (smoke tests).
+        backend: the COCOeval to score with: ``auto``, ``faster_coco_eval`` or ``pycocotools``
+            (:func:`asag.engine.coco_eval.resolve_backend`; resolved before the model runs).
     Returns:
         the same :class:`EvalResult` on every rank. With no detections at all, AP is 0.
     """
+    backend = resolve_backend(backend)  # a missing package fails before the model runs, not after
     merged = _collect(model, loader, device=device, amp=amp, label_map=label_map, max_batches=max_batches,
                       logger=logger)
     result = None
     if is_main_process():
-        result = _score(merged, coco_gt, results_json=results_json, per_class=per_class)
+        result = _score(merged, coco_gt, results_json=results_json, per_class=per_class, backend=backend)
     return broadcast_object(result)
 
 
@@ -265,12 +279,13 @@ def _collect(model: nn.Module, loader: Iterable[Batch], *, device: torch.device 
 
 
 def _score(
-    record: _ShardRecord, coco_gt: COCO, *, results_json: str | Path | None, per_class: bool
+    record: _ShardRecord, coco_gt: COCO, *, results_json: str | Path | None, per_class: bool, backend: str
 ) -> EvalResult:
-    """Write the results JSON and run pycocotools on the merged record (rank 0)."""
+    """Write the results JSON and run the COCO evaluation of ``backend`` on the merged record (rank 0)."""
     results = [item for items in record.results_by_image.values() for item in items]
     path = write_results_json(results_json, results) if results_json is not None else None
-    metrics = run_coco_eval(coco_gt, results, image_ids=list(record.results_by_image), per_class=per_class)
+    metrics = run_coco_eval(coco_gt, results, image_ids=list(record.results_by_image), per_class=per_class,
+                            backend=backend)
     num_images = len(record.results_by_image)
     return EvalResult(
         ap=metrics.ap,
@@ -286,6 +301,7 @@ def _score(
         per_class_ap=metrics.per_class_ap,
         results_path=str(path) if path is not None else None,
         summary=metrics.summary,
+        backend=metrics.backend,
     )
 
 

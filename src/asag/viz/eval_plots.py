@@ -29,7 +29,7 @@ from asag.engine.coco_analysis import (
     curves_from_evaluator,
     error_analysis,
 )
-from asag.engine.coco_eval import accumulated_eval, load_results
+from asag.engine.coco_eval import AUTO_BACKEND, accumulated_eval, load_results
 from asag.viz.figures import (
     LABEL_SIZE,
     SMALL_SIZE,
@@ -361,14 +361,17 @@ def _save(out: Path, stem: str, record: dict, figure: Figure) -> list[Path]:
 
 def write_eval_plots(coco_gt: COCO, results: Sequence[dict], out: str | os.PathLike, *,
                      image_ids: Sequence[int] | None = None,
-                     confusion_score: float = DEFAULT_CONFUSION_SCORE) -> list[Path]:
+                     confusion_score: float = DEFAULT_CONFUSION_SCORE,
+                     backend: str = AUTO_BACKEND) -> list[Path]:
     """Evaluate ``results`` (COCO result records) against ``coco_gt`` on ``image_ids`` (default: all its
-    images) and write every plot with its JSON into folder ``out`` (which must exist): the files of
-    :data:`PLOT_FILES`. Returns the files written."""
+    images) with ``backend`` (``auto``, ``faster_coco_eval`` or ``pycocotools``) and write every plot
+    with its JSON into folder ``out`` (which must exist): the files of :data:`PLOT_FILES`. Returns the
+    files written."""
     out = Path(out)
-    evaluator = accumulated_eval(coco_gt, load_results(coco_gt, results), image_ids=image_ids)
+    evaluator = accumulated_eval(coco_gt, load_results(coco_gt, results), image_ids=image_ids,
+                                 backend=backend)
     curves = curves_from_evaluator(evaluator, coco_gt)
-    analysis = error_analysis(coco_gt, results, image_ids)
+    analysis = error_analysis(coco_gt, results, image_ids, backend=backend)
     matrix = confusion_matrix(coco_gt, results, image_ids, score_threshold=confusion_score)
     ap_record = ap_per_class_record(curves)
     written: list[Path] = []

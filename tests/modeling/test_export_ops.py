@@ -4,7 +4,7 @@ and the ONNX exporter with fixed shapes, equal to eager within float rounding.""
 
 import pytest
 import torch
-from tests.modeling.test_fast import random_boxes
+from tests.helpers import random_boxes
 from torch import Tensor, nn
 
 from asag.build import build_model

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from tests.modeling.test_official_end_to_end import COCO_IDS, fixture_model
+from tests.helpers import COCO_IDS, crafted_generator, fixture_model, probing_inputs, random_boxes
 from tests.official import CASES, LEVELS, load, load_inputs
 from torch import nn
 from torchvision.ops import roi_align
@@ -17,9 +17,7 @@ from asag.api import load_model
 from asag.build import build_model
 from asag.cli import main
 from asag.config import load_config
-from asag.engine.benchmark import craft_probing_biases
 from asag.errors import ConfigError
-from asag.modeling.anchor_generator import AnchorGenerator
 from asag.modeling.backbone import Backbone, FrozenBatchNorm2d
 from asag.modeling.blocks import RoIFeatureExtractor
 from asag.modeling.fast import (
@@ -248,14 +246,6 @@ def test_fast_path_matches_the_release(fixtures_dir, fast_fixture_models, varian
         assert torch.allclose(det.boxes.sort(0).values, boxes.sort(0).values, atol=1e-2), f"image {b} boxes"
 
 
-def random_boxes(num: int, width: float, height: float, seed: int = 0) -> torch.Tensor:
-    """``[num, 4]`` xyxy boxes of all sizes, some reaching outside the image or thinner than a cell."""
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(num, 2, generator=g) * torch.tensor([width * 1.2, height * 1.2]) - 20.0
-    wh = torch.rand(num, 2, generator=g) ** 2 * torch.tensor([width, height]) + 0.5
-    return torch.cat([xy, xy + wh], dim=1)
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_roi_align_gather_equals_torchvision(channels_last):
     feature = torch.randn(2, 16, 20, 30)
@@ -378,22 +368,6 @@ def test_sync_audit_counts_what_would_wait_for_the_device():
         x.repeat_interleave(2)  # int repeats: no sync
     assert audit.ops == {"__getitem__": 1, "tensor": 1, "item": 1, "nonzero": 1}
     assert audit.total == 4
-
-
-def crafted_generator() -> AnchorGenerator:
-    torch.manual_seed(0)
-    generator = AnchorGenerator().eval()
-    craft_probing_biases(generator)
-    return generator
-
-
-def probing_inputs(batch: int, device: str = "cpu") -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Seeded P3-P5 levels of a 256x384 image and its sizes, on which :func:`crafted_generator` probes P4
-    and P3 at any batch size."""
-    h, w = 256, 384
-    levels = [torch.randn(batch, 256, h // s, w // s, generator=torch.Generator().manual_seed(s)).to(device)
-              for s in (8, 16, 32)]
-    return levels, torch.tensor([[h, w]] * batch, device=device)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -7,7 +7,7 @@ probing inputs (every stage reached), budgets that bind against the dynamic mode
 
 import pytest
 import torch
-from tests.modeling.test_fast import crafted_generator, probing_inputs
+from tests.helpers import crafted_generator, probing_inputs
 
 from asag.errors import ConfigError
 from asag.modeling.anchor_generator import BUDGET_KEYS, AnchorGenerator

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from tests.modeling.test_official_end_to_end import fixture_model
+from tests.helpers import fixture_model
 from tests.official import CASES, LEVELS, load_inputs
 
 from asag.build import build_model

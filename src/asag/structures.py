@@ -85,6 +85,23 @@ class Batch(_Movable):
 
 
 @dataclass
+class PatchSet(_Movable):
+    """Patches chosen at one probed level (P4 or P3) of the anchor generator.
+
+    batch_idx: ``[N]`` int64 image of each patch.
+    crop_pos: ``[N, 2]`` int64 ``(x, y)`` top-left in feature cells.
+    loss_only: ``[N]`` bool, True for GT-derived / random patches that only feed the loss.
+    """
+
+    batch_idx: Tensor
+    crop_pos: Tensor
+    loss_only: Tensor
+
+    def __len__(self) -> int:
+        return int(self.batch_idx.numel())
+
+
+@dataclass
 class PatchPredictions(_Movable):
     """Raw anchor predictions of one anchor-generator level, in the patch frame.
 

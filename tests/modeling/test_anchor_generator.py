@@ -8,8 +8,8 @@ import pytest
 import torch
 from torchvision.ops import FeaturePyramidNetwork
 
-from asag.modeling.anchor_generator import AnchorGenerator, cap_per_image, ground_truth_boxes
-from asag.modeling.patches import gt_patch_positions
+from asag.modeling.anchor_generator import AnchorGenerator
+from asag.modeling.anchor_selection import cap_per_image
 from asag.structures import AnchorOutput, ImageTargets
 from official import CASES, FIXTURE_MODEL, LEVELS, load, load_inputs, load_weights
 
@@ -472,25 +472,6 @@ def test_small_and_elongated_images_run(sizes, mode):
     _check_output_structure(out, len(sizes))
     _patches_inside(out, features)
     assert (out.valid_mask.sum(1) >= ag.min_anchors).all()
-
-
-@pytest.mark.parametrize("level,stride", [("P4", 16), ("P3", 8)])
-def test_gt_patches_consistent_with_the_epoch0_criterion_fixture(fixtures_dir, level, stride):
-    """The official epoch-0 patches are GT patches: same objects, same order, positions inside the
-    range that the jitter can reach (the fixture's random draws cannot be replayed)."""
-    ref = load(fixtures_dir, "criterion_asag_a_nodn_epoch0.pt")
-    targets = [
-        ImageTargets(boxes=ref[f"targets.{b}.boxes"], labels=ref[f"targets.{b}.labels"]) for b in range(2)
-    ]
-    image_wh = torch.tensor([[w, h] for h, w in ref["hw"]], dtype=torch.float32)
-    boxes, images = ground_truth_boxes(targets, image_wh, stride, P, 0.25)
-    high = gt_patch_positions(boxes, image_wh[images], stride, P, torch.zeros(len(images), 2))
-    low = gt_patch_positions(boxes, image_wh[images], stride, P, torch.full((len(images), 2), 1 - 1e-6))
-    with_offset = ref[f"debug.ag.{level}.batch_idx_with_offset"]
-    real = with_offset < 100  # the rest are random loss-only patches
-    assert torch.equal(with_offset[real], images)
-    got = ref[f"debug.ag.{level}.crop_pos"][real]
-    assert ((got >= low) & (got <= high)).all(), (got.tolist(), low.tolist(), high.tolist())
 
 
 def test_batch_invariance_in_evaluation():

@@ -25,31 +25,36 @@ device; where no budget binds the output anchors equal the dynamic mode's (docs/
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_convert
+from torchvision.ops import batched_nms
 
 from asag.errors import ConfigError
+from asag.modeling.anchor_selection import (
+    ANCHOR_FIELDS,
+    PackedAnchors,
+    StageAnchors,
+    StageGroups,
+    StageSelection,
+    _static_groups,
+    capped_slots,
+    flatten_selections,
+    rank_static_selections,
+)
 from asag.modeling.blocks import MLP, init_xavier
 from asag.modeling.patches import (
     anchor_patch_positions,
     anchors_to_pixels,
     bilinear_resize_weights,
-    centrality_scores,
     count_per_group,
     crop_offsets,
     crops_to_image_frame,
     extract_patch_tokens,
     finite_or_zero,
-    gt_patch_positions,
     maps_to_tokens,
     pad_to_patch,
     patches_to_image_frame,
-    random_patch_positions,
     rank_in_group,
     split_into_crops,
     square_boxes_xyxy,
@@ -57,7 +62,8 @@ from asag.modeling.patches import (
 )
 from asag.ops.boxes import full_image_boxes_cxcywh_px
 from asag.ops.nms import fixed_budget_nms
-from asag.structures import AnchorOutput, ImageTargets, PatchPredictions
+from asag.structures import AnchorOutput, ImageTargets, PatchPredictions, PatchSet
+from asag.training.patch_sampling import training_patches
 
 # Loop index at which probing stops for each inference level (spec 3.4 step 1): 1 = before P4, 2 = before
 # P3, 3 = never.
@@ -70,81 +76,12 @@ COARSE_TABLE = 0
 # The authors' AG MLPs: hidden width 125 * compress_dim, three linears (spec 3.1 / 3.2).
 MLP_HIDDEN_PER_CHANNEL = 125
 MLP_LAYERS = 3
-# Each anchor is (cx, cy, w, h, confidence logit) (spec 3.2).
-ANCHOR_FIELDS = 5
 # Crops tiling the resized P5 map (spec 3.3 step 5).
 NUM_CROPS = 4
 # Static mode: default patch slots per image and probed level (the release's speed path kept at most
 # 15 patches per level; measured in docs/inference.md) and the keys of ``AnchorOutput.budget_bound``.
 STATIC_PATCHES_PER_LEVEL = 15
 BUDGET_KEYS = ("P4", "P3", "queries")
-
-
-@dataclass
-class PatchSet:
-    """Patches chosen at one level.
-
-    batch_idx: ``[N]`` int64 image of each patch.
-    crop_pos: ``[N, 2]`` int64 ``(x, y)`` top-left in feature cells.
-    loss_only: ``[N]`` bool, True for GT-derived / random patches that only feed the loss.
-    """
-
-    batch_idx: Tensor
-    crop_pos: Tensor
-    loss_only: Tensor
-
-    def __len__(self) -> int:
-        return int(self.batch_idx.numel())
-
-
-@dataclass
-class StageAnchors:
-    """Decoded anchors of one stage, the input of the next probing step.
-
-    anchors: ``[N, K, 5]`` pixel cxcywh + confidence (after the zeroing rules), detached.
-    image_idx: ``[N]`` int64 image of each row (rows are images at the coarse stage, patches after).
-    coarse: True for the P5-crops/P6 stage (the ``min_anchors`` fallback applies only there).
-    row_valid: static mode: ``[N]`` bool, False for the empty patch slots (their anchors are ignored);
-        ``None`` when every row is real. Static rows are image-major, the same count per image.
-    """
-
-    anchors: Tensor
-    image_idx: Tensor
-    coarse: bool
-    row_valid: Tensor | None = None
-
-
-@dataclass
-class StageSelection:
-    """Anchors of one stage chosen for output, as a mask (extracted for all stages at once in ``_pack``).
-
-    anchors: ``[N, K, 5]`` the stage's pixel cxcywh + confidence.
-    chosen: ``[N, K]`` bool, the output anchors.
-    position: ``[N, K]`` int64 output order inside a row (ascending).
-    image_idx: ``[N]`` int64 image of each row.
-    reached: ``[B]`` bool, images that own rows at this stage (their group exists even when empty).
-    """
-
-    anchors: Tensor
-    chosen: Tensor
-    position: Tensor
-    image_idx: Tensor
-    reached: Tensor
-
-
-@dataclass
-class PackedAnchors:
-    """The output anchors of every stage, extracted in output order (images ascending, then stages
-    coarse to fine, rows, positions).
-
-    anchors: ``[n, 5]`` pixel cxcywh + confidence. image_idx / stage_idx: ``[n]`` int64.
-    reached: ``[S, B]`` bool, images that own rows at each stage.
-    """
-
-    anchors: Tensor
-    image_idx: Tensor
-    stage_idx: Tensor
-    reached: Tensor
 
 
 class AnchorGenerator(nn.Module):
@@ -545,275 +482,3 @@ def _check_level(level: str) -> str:
     if level not in INFERENCE_LEVEL_STOP:
         raise ValueError(f"inference_level must be one of {sorted(INFERENCE_LEVEL_STOP)}, got {level!r}")
     return level
-
-
-@dataclass
-class FlatSelections:
-    """Every stage's anchors flattened to one list (``M = sum N_s * K_s`` entries).
-
-    anchors: ``[M, 5]``; chosen: ``[M]`` bool; image_idx / stage_idx: ``[M]`` int64; order_key: ``[M]``
-    int64, increasing with (image, stage, row, position).
-    """
-
-    anchors: Tensor
-    chosen: Tensor
-    image_idx: Tensor
-    stage_idx: Tensor
-    order_key: Tensor
-
-
-def flatten_selections(selections: list[StageSelection]) -> FlatSelections:
-    """Flatten the stage selections (no host sync); see :class:`FlatSelections`."""
-    max_rows = max(s.anchors.shape[0] for s in selections)
-    max_cols = max(s.anchors.shape[1] for s in selections)
-    parts = []
-    for stage, sel in enumerate(selections):
-        rows, cols = sel.chosen.shape
-        row_idx = torch.arange(rows, device=sel.chosen.device)[:, None].expand(rows, cols)  # [N, K]
-        images = sel.image_idx[:, None].expand(rows, cols)  # [N, K]
-        key = ((images * len(selections) + stage) * max_rows + row_idx) * max_cols + sel.position
-        parts.append((sel.anchors.reshape(-1, ANCHOR_FIELDS), sel.chosen.reshape(-1), images.reshape(-1),
-                      torch.full_like(images, stage).reshape(-1), key.reshape(-1)))
-    return FlatSelections(*(torch.cat(column) for column in zip(*parts)))
-
-
-@dataclass
-class RankedSelections:
-    """Static mode: every image's anchors of all stages in output order, chosen ones first.
-
-    anchors: ``[B, T, 5]``; chosen: ``[B, T]`` bool (a prefix of each row); stage_idx: ``[B, T]`` int64;
-    reached: ``[S, B]`` bool, images that own real rows at each stage.
-    """
-
-    anchors: Tensor
-    chosen: Tensor
-    stage_idx: Tensor
-    reached: Tensor
-
-
-def rank_static_selections(selections: list[StageSelection], num_images: int) -> RankedSelections:
-    """Concatenate static-mode stages per image and sort by (chosen first, stage, row, position).
-
-    Static rows are image-major with the same number ``R_s`` per image, so stage ``s`` is a
-    ``[B, R_s * K_s]`` block of every image; the sort key is unique among chosen anchors.
-    """
-    anchors, chosen, stage_idx, keys = [], [], [], []
-    offset = 0
-    for stage, sel in enumerate(selections):
-        rows, cols = sel.chosen.shape
-        per_image = rows // num_images
-        row_in_image = (torch.arange(rows, device=sel.chosen.device) % per_image)[:, None]  # [N, 1]
-        key = (row_in_image * (cols + 1) + sel.position).reshape(num_images, -1)  # [B, R * K]
-        keys.append(key + offset)
-        offset += per_image * (cols + 1)
-        anchors.append(sel.anchors.reshape(num_images, -1, ANCHOR_FIELDS))
-        chosen.append(sel.chosen.reshape(num_images, -1))
-        stage_idx.append(torch.full_like(key, stage))
-    chosen_all = torch.cat(chosen, dim=1)  # [B, T]
-    key = torch.cat(keys, dim=1).masked_fill(~chosen_all, offset)  # unchosen last
-    order = torch.argsort(key, dim=1, stable=True)  # [B, T]
-    return RankedSelections(
-        torch.cat(anchors, dim=1).gather(1, order[..., None].expand(-1, -1, ANCHOR_FIELDS)),
-        chosen_all.gather(1, order), torch.cat(stage_idx, dim=1).gather(1, order),
-        torch.stack([s.reached for s in selections]),
-    )
-
-
-def _static_groups(ranked: RankedSelections, num_images: int) -> list[list[Tensor]]:
-    """``AnchorOutput.selected`` of the static mode, built on first use (host reads allowed there)."""
-    flat = ranked.chosen.reshape(-1).nonzero()[:, 0]  # [n]
-    images = torch.div(flat, ranked.chosen.shape[1], rounding_mode="floor")
-    packed = PackedAnchors(ranked.anchors.reshape(-1, ANCHOR_FIELDS)[flat], images,
-                           ranked.stage_idx.reshape(-1)[flat], ranked.reached)
-    return _groups_per_image(packed, num_images)
-
-
-def _groups_per_image(packed: PackedAnchors, num_images: int) -> list[list[Tensor]]:
-    """Per image, the ``[n, 5]`` output anchors of every stage it reached (coarse to fine)."""
-    num_stages = packed.reached.shape[0]
-    cells = packed.image_idx * num_stages + packed.stage_idx  # [n] (image, stage) cell, ascending
-    counts = count_per_group(cells, num_images * num_stages).view(num_images, num_stages)  # [B, S]
-    counts, reached = torch.stack([counts, packed.reached.T.long()]).tolist()  # one host sync
-    parts = iter(torch.split(packed.anchors, [n for row in counts for n in row]))
-    groups: list[list[Tensor]] = [[] for _ in range(num_images)]
-    for image in range(num_images):
-        for stage in range(num_stages):
-            part = next(parts)
-            if reached[image][stage]:
-                groups[image].append(part)
-    return groups
-
-
-class StageGroups(list):
-    """``AnchorOutput.selected``: per image, the ``[n, 5]`` output anchors of every stage it reached.
-
-    A list filled on first use: splitting the anchors per image needs the counts on the host, which
-    inference (where nobody asks for them) should not wait for. Reads behave as on the plain
-    ``list[list[Tensor]]``; copies and pickles are plain lists.
-    """
-
-    def __init__(self, packed=(), num_images: int | None = None, build=None) -> None:
-        lazy = num_images is not None or build is not None
-        super().__init__(() if lazy else packed)
-        if num_images is not None:
-            build = functools.partial(_groups_per_image, packed, num_images)
-        self._pending = build
-
-    def _build(self) -> None:
-        if self._pending is not None:
-            build, self._pending = self._pending, None
-            list.extend(self, build())
-
-    def __reduce_ex__(self, protocol):
-        self._build()
-        return list, (list(list.__iter__(self)),)
-
-
-def _building(method):
-    def wrapper(self, *args, **kwargs):
-        self._build()
-        return method(self, *args, **kwargs)
-
-    wrapper.__name__ = method.__name__
-    return wrapper
-
-
-for _name in ("__len__", "__iter__", "__getitem__", "__contains__", "__reversed__", "__eq__", "__ne__",
-              "__repr__", "__add__", "index", "count", "copy"):
-    setattr(StageGroups, _name, _building(getattr(list, _name)))
-
-
-def capped_slots(conf: Tensor, images: Tensor, num_images: int, max_anchors: int) -> tuple[Tensor, Tensor]:
-    """Output slot of every anchor under the per-image cap (spec 3.5 C), without host syncs.
-
-    Args:
-        conf: ``[n]`` confidences of anchors grouped by image (ascending).
-        images: ``[n]`` int64 image index.
-    Returns:
-        ``[n]`` int64 slot (column of the padded output; ``>= max_anchors`` = dropped) and ``[B]`` kept
-        anchors per image. Images over the cap take their anchors by descending confidence (ties keep
-        their order); the others keep their order.
-    """
-    counts = count_per_group(images, num_images)  # [B]
-    by_conf = torch.sort(conf, descending=True, stable=True).indices
-    by_conf = by_conf[torch.argsort(images[by_conf], stable=True)]  # per image, descending confidence
-    conf_rank = torch.empty_like(images).scatter_(0, by_conf, rank_in_group(images[by_conf], num_images))
-    over = counts[images] > max_anchors  # [n]
-    slots = torch.where(over, conf_rank, rank_in_group(images, num_images))
-    return slots, counts.clamp(max=max_anchors)
-
-
-def cap_per_image(
-    anchors: Tensor, images: Tensor, num_images: int, max_anchors: int
-) -> tuple[Tensor, Tensor]:
-    """Keep the ``max_anchors`` most confident anchors of every image that has more (spec 3.5 C).
-
-    Args:
-        anchors: ``[n, 5]`` pixel cxcywh + confidence, grouped by image (ascending).
-        images: ``[n]`` int64 image index.
-    Returns:
-        The kept anchors and their images, grouped by image. Images over the cap are sorted by
-        descending confidence (ties keep their order); the others keep their order.
-    """
-    slots, _ = capped_slots(anchors[:, 4], images, num_images, max_anchors)
-    kept = (slots < max_anchors).nonzero()[:, 0]
-    kept = kept[torch.argsort(images[kept] * max(max_anchors, 1) + slots[kept])]
-    return anchors[kept], images[kept]
-
-
-def ground_truth_boxes(
-    targets: list[ImageTargets], image_wh: Tensor, stride: int, patch_size: int, nms_threshold: float
-) -> tuple[Tensor, Tensor]:
-    """The ground-truth objects that get a training patch at one level (spec 3.7 item 3).
-
-    Boxes with both sides below ``s * P / 2`` px take part; an NMS (IoU ``nms_threshold``) scored by
-    centrality (:func:`centrality_scores`) thins them.
-
-    Args:
-        targets: per image, ``boxes [n, 4]`` normalised cxcywh.
-        image_wh: ``[B, 2]`` ``(w, h)``.
-    Returns:
-        ``[G, 4]`` xyxy boxes in pixels and ``[G]`` int64 images, grouped by image, each image in NMS
-        (descending score) order.
-    """
-    device = image_wh.device
-    boxes = torch.cat([t.boxes.to(device=device, dtype=image_wh.dtype).reshape(-1, 4) for t in targets])
-    counts = torch.tensor([len(t.boxes) for t in targets], device=device)
-    images = torch.repeat_interleave(torch.arange(len(targets), device=device), counts)  # [n]
-    px = boxes * image_wh[images].repeat(1, 2)  # [n, 4] cxcywh px
-    limit = stride * patch_size / 2
-    small = (px[:, 2] < limit) & (px[:, 3] < limit)
-    px, images = px[small], images[small]
-    xyxy = box_convert(px, "cxcywh", "xyxy")
-    keep = batched_nms(xyxy, centrality_scores(px[:, :2], images), images, nms_threshold)
-    keep = keep[torch.argsort(images[keep], stable=True)]
-    return xyxy[keep], images[keep]
-
-
-def ground_truth_patches(
-    targets: list[ImageTargets], image_wh: Tensor, stride: int, patch_size: int, nms_threshold: float
-) -> PatchSet:
-    """One patch per :func:`ground_truth_boxes` object, holding it at a random place (``loss_only``
-    False; grouped by image, NMS order)."""
-    boxes, images = ground_truth_boxes(targets, image_wh, stride, patch_size, nms_threshold)
-    jitter = torch.rand(len(images), 2, device=image_wh.device)
-    positions = gt_patch_positions(boxes, image_wh[images], stride, patch_size, jitter)
-    return PatchSet(images, positions, torch.zeros_like(images, dtype=torch.bool))
-
-
-def sample_per_image(patches: PatchSet, needed: Tensor, num_images: int) -> PatchSet:
-    """At most ``needed[b]`` patches of each image, drawn by a random permutation, marked loss-only."""
-    order = torch.randperm(len(patches), device=needed.device)
-    order = order[torch.argsort(patches.batch_idx[order], stable=True)]  # random order within each image
-    images = patches.batch_idx[order]
-    order = order[rank_in_group(images, num_images) < needed[images]]
-    loss_only = torch.ones_like(order, dtype=torch.bool)
-    return PatchSet(patches.batch_idx[order], patches.crop_pos[order], loss_only)
-
-
-def random_patches(needed: Tensor, image_wh: Tensor, stride: int, patch_size: int) -> PatchSet:
-    """``needed[b]`` uniformly placed loss-only patches for image ``b`` (spec 3.7 item 3)."""
-    images = torch.repeat_interleave(torch.arange(len(needed), device=needed.device), needed)
-    uniform = torch.rand(len(images), 2, device=needed.device)
-    positions = random_patch_positions(image_wh[images], stride, patch_size, uniform)
-    return PatchSet(images, positions, torch.ones_like(images, dtype=torch.bool))
-
-
-def merge_per_image(parts: list[PatchSet]) -> PatchSet:
-    """Concatenate patch sets per image: images ascending, within an image the parts in list order."""
-    images = torch.cat([p.batch_idx for p in parts])
-    part = torch.cat([torch.full_like(p.batch_idx, i) for i, p in enumerate(parts)])
-    order = torch.argsort(images * len(parts) + part, stable=True)
-    return PatchSet(
-        images[order],
-        torch.cat([p.crop_pos for p in parts])[order],
-        torch.cat([p.loss_only for p in parts])[order],
-    )
-
-
-def training_patches(
-    predicted: PatchSet | None,
-    targets: list[ImageTargets],
-    image_wh: Tensor,
-    stride: int,
-    patch_size: int,
-    nms_threshold: float,
-    min_patches: int,
-) -> PatchSet:
-    """The training patch list of one level (spec 3.7 items 2-3).
-
-    ``predicted is None`` (teacher forcing): every GT patch, as a real patch. Otherwise the predicted
-    patches, topped up to ``min_patches`` per image with randomly chosen GT patches (loss-only). Images
-    still short get random loss-only patches. Per image: primary patches first, then the added ones.
-    """
-    num_images = len(targets)
-    gt = ground_truth_patches(targets, image_wh, stride, patch_size, nms_threshold)
-    if predicted is None:
-        parts = [gt]
-    else:
-        primary = merge_per_image([predicted])
-        have = count_per_group(primary.batch_idx, num_images)
-        parts = [primary, sample_per_image(gt, (min_patches - have).clamp(min=0), num_images)]
-    have = sum(count_per_group(p.batch_idx, num_images) for p in parts)
-    parts.append(random_patches((min_patches - have).clamp(min=0), image_wh, stride, patch_size))
-    return merge_per_image(parts)

@@ -48,7 +48,6 @@ from asag.modeling.detector import ASAG
 from asag.modeling.neck import Neck
 from asag.modeling.postprocess import PostProcessor
 from asag.modeling.proposal import ProposalStage
-from asag.modeling.roi_gather import device_roi_pooling, gather_roi_pooling
 
 # The anchor generator reads P3, P4, P5 (spec 3.1); the proposal stage and decoders read P2..P5.
 ANCHOR_STRIDES = (8, 16, 32)
@@ -127,7 +126,7 @@ def build_decoder_stage(cfg: ModelConfig) -> nn.Module:
         return SparseRCNNStage(
             hidden_dim=cfg.hidden_dim, num_classes=cfg.num_classes, num_heads=d.attention_heads,
             ffn_dim=d.ffn_dim, dim_dynamic=d.dim_dynamic, roi_size=d.roi_size,
-            sampling_ratio=d.sampling_ratio, strides=RESNET_STRIDES,
+            sampling_ratio=d.sampling_ratio, strides=RESNET_STRIDES, roi_pooling=cfg.roi_pooling,
         )
     if d.type == "deformable":
         return DeformableStage(
@@ -150,7 +149,7 @@ def build_model(config: Config) -> ASAG:
     proposal = ProposalStage(
         hidden_dim=cfg.hidden_dim, num_classes=cfg.num_classes, num_heads=cfg.proposal.num_heads,
         ffn_dim=cfg.proposal.ffn_dim, roi_size=cfg.proposal.roi_size,
-        sampling_ratio=cfg.proposal.sampling_ratio, strides=feature_strides(cfg),
+        sampling_ratio=cfg.proposal.sampling_ratio, strides=feature_strides(cfg), roi_pooling=cfg.roi_pooling,
     )
     heads = [build_decoder_stage(cfg) for _ in range(cfg.decoder.num_heads)]
     decoder = ParallelHeads(heads, cfg.hidden_dim)
@@ -172,10 +171,6 @@ def build_model(config: Config) -> ASAG:
         neck_uses_image_sizes=is_deformable(cfg),
         frozen_parts=FREEZE_CHOICES[config.finetune.freeze],
     )
-    if cfg.roi_pooling == "gather":
-        gather_roi_pooling(model)
-    elif cfg.roi_pooling == "auto":
-        device_roi_pooling(model)
     if cfg.static:
         model.eval().set_static(True)
     return model

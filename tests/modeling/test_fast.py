@@ -8,10 +8,9 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from tests.helpers import COCO_IDS, crafted_generator, fixture_model, probing_inputs, random_boxes
+from tests.helpers import COCO_IDS, crafted_generator, fixture_model, probing_inputs
 from tests.official import CASES, LEVELS, load, load_inputs
 from torch import nn
-from torchvision.ops import roi_align
 
 from asag.api import load_model
 from asag.build import build_model
@@ -19,7 +18,6 @@ from asag.cli import main
 from asag.config import load_config
 from asag.errors import ConfigError
 from asag.modeling.backbone import Backbone, FrozenBatchNorm2d
-from asag.modeling.blocks import RoIFeatureExtractor
 from asag.modeling.fast import (
     CudaSyncCount,
     FastASAG,
@@ -32,7 +30,7 @@ from asag.modeling.fast import (
     resolve_precision,
 )
 from asag.modeling.postprocess import postprocess
-from asag.modeling.roi_gather import GatherRoIPooling, roi_align_gather
+from asag.modeling.roi_pooling import RoIPooling
 from asag.structures import HeadOutput
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -246,57 +244,18 @@ def test_fast_path_matches_the_release(fixtures_dir, fast_fixture_models, varian
         assert torch.allclose(det.boxes.sort(0).values, boxes.sort(0).values, atol=1e-2), f"image {b} boxes"
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_roi_align_gather_equals_torchvision(channels_last):
-    feature = torch.randn(2, 16, 20, 30)
-    boxes = random_boxes(40, 120.0, 80.0)
-    image_idx = torch.arange(40) % 2
-    ref = roi_align(feature, torch.cat([image_idx[:, None].float(), boxes], 1), 7, 0.25, 2, aligned=False)
-    if channels_last:
-        feature = feature.contiguous(memory_format=torch.channels_last)
-    out = roi_align_gather(feature, boxes, image_idx, 0.25, 7, 2)
-    assert out.shape == (40, 16, 7, 7)
-    assert torch.allclose(out, ref, atol=1e-5)
-
-
-def test_gather_roi_pooling_equals_the_extractor_with_one_sync():
-    extractor = RoIFeatureExtractor()
-    features = [torch.randn(2, 8, 256 // s, 384 // s).contiguous(memory_format=torch.channels_last)
-                for s in (4, 8, 16, 32)]
-    boxes = random_boxes(2 * 30, 384.0, 256.0, seed=1).view(2, 30, 4)  # boxes of every FPN level
-    sizes = torch.tensor([[256, 384], [240, 360]])
-    gathered = GatherRoIPooling(extractor)
-    with SyncAudit() as audit:
-        out = gathered(features, boxes, sizes)
-    assert torch.allclose(out, extractor(features, boxes, sizes), atol=1e-5)
-    assert audit.ops == {"tolist": 1, "tensor": 1}  # level counts; torchvision's level-mapper constant
-
-
-def test_gather_roi_pooling_survives_non_finite_boxes():
-    """A diverged model's NaN/inf box pools from the origin instead of indexing out of range (it raised
-    IndexError in the level count); the finite boxes' features do not change."""
-    extractor = RoIFeatureExtractor()
-    features = [torch.randn(1, 8, 256 // s, 384 // s) for s in (4, 8, 16, 32)]
-    boxes = random_boxes(6, 384.0, 256.0, seed=2).view(1, 6, 4)
-    bad = boxes.clone()
-    bad[0, 1, 0], bad[0, 3, 2:] = float("nan"), float("inf")
-    sizes = torch.tensor([[256, 384]])
-    pooling = GatherRoIPooling(extractor)
-    out, clean = pooling(features, bad, sizes), pooling(features, boxes, sizes)
-    finite = torch.tensor([True, False, True, False, True, True])
-    assert torch.equal(out[finite], clean[finite]) and torch.isfinite(out).all()
-
-
-def test_channels_last_replaces_every_roi_extractor():
+def test_channels_last_pools_rois_with_the_gather():
     model = tiny_model()
-    sparse_cfg = load_config("tiny_cpu", ["model.decoder.type=sparse_rcnn"])
+    sparse_cfg = load_config("tiny_cpu", ["model.decoder.type=sparse_rcnn", "model.roi_pooling=torchvision"])
     sparse = optimize_for_inference(build_model(sparse_cfg))
-    assert count(sparse, GatherRoIPooling) == 1 + len(sparse.decoder.heads)  # proposal stage + each head
-    assert count(sparse, RoIFeatureExtractor) == 0
+    pools = [m for m in sparse.modules() if isinstance(m, RoIPooling)]
+    assert len(pools) == 1 + len(sparse.decoder.heads)  # proposal stage + each head
+    assert {p.kind for p in pools} == {"gather"}
     fast = optimize_for_inference(model)  # AdaMixer: proposal only; its decoder samples contiguous levels
-    assert count(fast, GatherRoIPooling) == 1 and len(fast.decoder._forward_pre_hooks) == 1
+    assert count(fast, RoIPooling) == 1 and len(fast.decoder._forward_pre_hooks) == 1
     exact = build_model(load_config("tiny_cpu", ["model.roi_pooling=torchvision"]))
-    assert count(optimize_for_inference(exact, channels_last=False), GatherRoIPooling) == 0
+    kept = optimize_for_inference(exact, channels_last=False)
+    assert {m.kind for m in kept.modules() if isinstance(m, RoIPooling)} == {"torchvision"}
 
 
 # ------------------------------------------------------------------------------------ precision

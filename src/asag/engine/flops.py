@@ -16,8 +16,8 @@ counted:
   per channel, one bilinear interpolation = 4 multiply-adds. The average over the points of a bin
   (additions only) is not counted.
 * ``aten._embedding_bag`` with per-sample weights (the gathered RoIAlign,
-  :class:`~asag.modeling.roi_gather.GatherRoIPooling`): one multiply-add per gathered row and channel.
-  Each output cell gathers the 4 bilinear taps of every sampling point, so the count equals
+  :class:`~asag.modeling.roi_pooling.RoIPooling` of kind ``gather``): one multiply-add per gathered row
+  and channel. Each output cell gathers the 4 bilinear taps of every sampling point, so the count equals
   ``torchvision::roi_align``'s above and FLOPs do not depend on the RoI pooling option. Unweighted bags
   (additions only) count zero.
 * ``aten._scaled_dot_product_flash_attention_for_cpu`` (``nn.MultiheadAttention`` on the CPU): the two

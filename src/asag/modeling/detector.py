@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from asag.errors import ConfigError
 from asag.modeling.queries import build_queries
-from asag.modeling.roi_gather import GatherRoIPooling, LevelRows, gather_roi_pooling
+from asag.modeling.roi_pooling import LevelTable
 from asag.structures import DetectionBatch, Detections, ImageTargets, ModelOutput
 
 STATIC_TRAINING_ERROR = ("static mode is for inference only (fixed budgets, no training behaviour): train "
@@ -66,7 +66,8 @@ class ASAG(nn.Module):
     with ``K = min(postprocess.topk, max_anchors * C)`` (100 for COCO presets). Inside, the anchor
     generator keeps ``static_patches_per_level`` patch slots per image and probed level and
     ``Q = max_anchors`` query slots (``AnchorOutput.valid_mask`` marks the real ones), RoI pooling is one
-    gather (:class:`~asag.modeling.roi_gather.GatherRoIPooling`, equal to RoIAlign up to rounding) and
+    gather from one table of all levels (:class:`~asag.modeling.roi_pooling.RoIPooling`, equal to RoIAlign
+    up to rounding) and
     ``AnchorOutput.budget_bound`` tells, per image, whether a budget bound. Where none binds, the
     detections equal the dynamic mode's up to float rounding (docs/inference.md).
     """
@@ -127,15 +128,11 @@ class ASAG(nn.Module):
         return bool(getattr(self.anchor_generator, "static", False))
 
     def set_static(self, enabled: bool = True) -> ASAG:
-        """Switch static mode on or off for every stage (anchor generator, RoI pooling,
-        post-processing); static mode needs evaluation mode. Switching it on replaces torchvision's
-        RoIAlign by the equivalent gather (kept when switching off). Returns ``self``."""
+        """Switch static mode on or off (anchor generator, post-processing; RoI pooling then reads one
+        table of all levels); static mode needs evaluation mode. Returns ``self``."""
         if enabled and self.training:
             raise ConfigError(STATIC_TRAINING_ERROR)
-        if enabled:
-            gather_roi_pooling(self)
-        pooling = [m for m in self.modules() if isinstance(m, GatherRoIPooling)]
-        for module in (self.anchor_generator, self.postprocessor, *pooling):
+        for module in (self.anchor_generator, self.postprocessor):
             module.static = enabled
         return self
 
@@ -181,8 +178,8 @@ class ASAG(nn.Module):
     ) -> ModelOutput:
         """Everything after the neck, from :meth:`extract_features`' levels; always float32."""
         train_targets = targets if self.training else None
-        if self.static:  # the static RoI pooling's table of all levels, built once for both stages
-            features = LevelRows(features)
+        # fixed shapes: RoI pooling reads one table of all levels, built once for all its calls
+        level_table = LevelTable.of(features) if self.static else None
         device = features[0].device.type
         # leave autocast only where it is on: an autocast region is an export graph node that .pt2 files
         # cannot serialise
@@ -198,8 +195,8 @@ class ASAG(nn.Module):
                 anchors, image_sizes, train_targets, num_dn=self.num_dn if train_targets else 0,
                 noise_scale=noise, num_heads=self.attention_heads,
             )
-            proposals = self.proposal(queries, features, image_sizes)
-            heads = self.decoder(proposals, features, image_sizes, queries.attn_mask)
+            proposals = self.proposal(queries, features, image_sizes, level_table)
+            heads = self.decoder(proposals, features, image_sizes, queries.attn_mask, level_table)
         return ModelOutput(anchors=anchors, queries=queries, proposals=proposals.prediction, heads=heads)
 
     def postprocess(self, output: ModelOutput, orig_sizes: Tensor) -> list[Detections]:

@@ -8,8 +8,8 @@
 * **channels-last** memory format for the backbone and FPN convolutions and their input (oneDNN's and
   cuDNN's preferred layout); the FPN levels stay channels-last for the anchor generator and for RoI
   pooling, which becomes one weighted gather of channel vectors
-  (:class:`~asag.modeling.roi_gather.GatherRoIPooling`, equal to torchvision's RoIAlign up to
-  rounding); an AdaMixer decoder (``grid_sample``) gets the levels in the default layout;
+  (:class:`~asag.modeling.roi_pooling.RoIPooling` of kind ``gather``, equal to torchvision's RoIAlign
+  up to rounding); an AdaMixer decoder (``grid_sample``) gets the levels in the default layout;
 * **no autograd state**: parameters stop requiring gradients and every forward runs under
   :func:`torch.inference_mode`;
 * optional **torch.compile** of the static parts (backbone + FPN, decoder heads); the data-dependent
@@ -44,7 +44,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
 from asag.errors import ConfigError
 from asag.modeling.backbone import FrozenBatchNorm2d
 from asag.modeling.detector import ASAG
-from asag.modeling.roi_gather import GatherRoIPooling, gather_roi_pooling
+from asag.modeling.roi_pooling import RoIPooling
 
 # ``--precision`` names -> dtype of the backbone and FPN (None = float32, no cast).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -257,11 +257,12 @@ def _prepare_features(model: ASAG, fold_bn: bool, memory_format: torch.memory_fo
 
 
 def _prepare_channels_last_consumers(model: ASAG) -> None:
-    """RoI pooling gathers from the channels-last levels; a decoder without RoI pooling (AdaMixer's
-    ``grid_sample``) gets them in the default layout."""
-    gather_roi_pooling(model.proposal)
-    gather_roi_pooling(model.decoder)
-    if not any(isinstance(m, GatherRoIPooling) for m in model.decoder.modules()):
+    """RoI pooling gathers from the channels-last levels (kind ``gather``); a decoder without RoI pooling
+    (AdaMixer's ``grid_sample``) gets them in the default layout."""
+    for pooling in model.modules():
+        if isinstance(pooling, RoIPooling):
+            pooling.kind = "gather"
+    if not any(isinstance(m, RoIPooling) for m in model.decoder.modules()):
         model.decoder.register_forward_pre_hook(contiguous_features)
 
 
@@ -281,7 +282,7 @@ def optimize_for_inference(
         fold_bn: fold frozen / eval-mode batch norms into the backbone convolutions.
         channels_last: run backbone and FPN in the channels-last memory format; the levels stay
             channels-last for the anchor generator and the RoI pooling, which becomes a gather
-            (:class:`GatherRoIPooling`); an AdaMixer decoder gets them in the default layout.
+            (:class:`RoIPooling` kind ``gather``); an AdaMixer decoder gets them in the default layout.
         compile: ``torch.compile`` the backbone, the FPN and the decoder heads (the first calls compile,
             and every new input shape may recompile; on the CPU inductor needs a C++ compiler). The
             anchor generator, proposal stage and post-processing stay eager.

@@ -39,6 +39,7 @@ from asag.engine.trainer import Trainer, use_channels_last
 from asag.errors import ConfigError, DataError
 from asag.modeling.anchor_generator import AnchorGenerator
 from asag.modeling.backbone import RESNET_STRIDES, Backbone
+from asag.modeling.budgets import Budgets
 from asag.modeling.decoders.adamixer import AdaMixerStage
 from asag.modeling.decoders.deformable import DeformableStage
 from asag.modeling.decoders.parallel import ParallelHeads
@@ -98,8 +99,14 @@ def build_anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
         max_patches_per_image=a.max_patches_per_image,
         max_patches_per_level=a.max_patches_per_level,
         inference_level=a.inference_level,
-        static_patches_per_level=a.static_patches_per_level,
     )
+
+
+def static_budgets(cfg: ModelConfig) -> Budgets:
+    """The fixed budgets of the static mode: ``anchor_generator.static_patches_per_level`` patch slots per
+    image and probed level, ``anchor_generator.max_anchors`` query slots."""
+    a = cfg.anchor_generator
+    return Budgets(patches_per_level=a.static_patches_per_level, queries=a.max_anchors)
 
 
 def build_neck(cfg: ModelConfig, backbone: Backbone) -> nn.Module:
@@ -170,9 +177,9 @@ def build_model(config: Config) -> ASAG:
         anchor_levels=ENCODER_ANCHOR_LEVELS if is_deformable(cfg) else FPN_ANCHOR_LEVELS,
         neck_uses_image_sizes=is_deformable(cfg),
         frozen_parts=FREEZE_CHOICES[config.finetune.freeze],
+        static_budgets=static_budgets(cfg),
+        static=cfg.static,
     )
-    if cfg.static:
-        model.eval().set_static(True)
     return model
 
 

@@ -9,7 +9,6 @@ import torch
 from torchvision.ops import FeaturePyramidNetwork
 
 from asag.modeling.anchor_generator import AnchorGenerator
-from asag.modeling.anchor_selection import cap_per_image
 from asag.structures import AnchorOutput, ImageTargets
 from official import CASES, FIXTURE_MODEL, LEVELS, load, load_inputs, load_weights
 
@@ -420,14 +419,6 @@ def test_max_anchors_keeps_the_most_confident_sorted():
         anchors = uncapped.selected[b][0]
         top = anchors[anchors[:, 4].argsort(descending=True)[:10], :4]
         assert torch.allclose(capped.boxes[b], top)
-
-
-def test_cap_per_image_leaves_small_images_in_order():
-    anchors = torch.tensor([[0, 0, 1, 1, 0.2], [1, 1, 1, 1, 0.9], [2, 2, 1, 1, 0.5], [3, 3, 1, 1, 0.4],
-                            [4, 4, 1, 1, 0.3]])
-    images = torch.tensor([0, 0, 0, 1, 1])
-    kept, kept_images = cap_per_image(anchors, images, 2, 2)
-    assert kept[:, 0].tolist() == [1, 2, 3, 4] and kept_images.tolist() == [0, 0, 1, 1]
 
 
 def test_patch_cap_per_image_keeps_the_best_patches():

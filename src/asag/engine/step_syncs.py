@@ -25,8 +25,9 @@ SYNC_STAGES = ("backbone/FPN", "anchor generator", "proposal/decoder", "matching
 _FILE_STAGES = {
     "modeling/backbone.py": "backbone/FPN", "modeling/neck.py": "backbone/FPN",
     "modeling/deformable_encoder.py": "backbone/FPN",
-    "modeling/anchor_generator.py": "anchor generator", "modeling/patches.py": "anchor generator",
-    "training/matcher.py": "matching",
+    "modeling/anchor_generator.py": "anchor generator", "modeling/anchor_selection.py": "anchor generator",
+    "modeling/patches.py": "anchor generator", "ops/nms.py": "anchor generator",
+    "training/patch_sampling.py": "anchor generator", "training/matcher.py": "matching",
 }
 
 

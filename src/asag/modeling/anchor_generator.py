@@ -1,26 +1,25 @@
 """The Anchor Generator: adaptive sparse anchors from P5/P6, refined by probing P4 and P3 (spec section 3).
 
-Data flow for a batch of ``B`` images (``d`` = FPN width, ``c`` = ``compress_dim``, ``P`` = patch size):
+The network (compression, P6, the coarse and patch predictors) and the order of the stages live here; the
+choice of candidates, patches and output anchors is :mod:`asag.modeling.anchor_selection`, the training
+patches (spec 3.7) are :mod:`asag.training.patch_sampling`. Data flow for a batch of ``B`` images
+(``d`` = FPN width, ``c`` = ``compress_dim``, ``P`` = patch size):
 
 1. *Coarse stage* (spec 3.3): ``compress[2](P5)``, the valid region resized to ``2P x 2P``, four
-   ``P x P`` crops plus a stride-2 ``P6`` map -> ``proj_all`` -> ``K1`` anchors per crop / P6 map.
-2. *Adaptive probing* (spec 3.4): mid-confidence small anchors become candidates; fixed-size squares
-   around them go through a per-image NMS; each kept square becomes a ``P x P`` patch on P4 (then P3),
-   whose tokens go through ``proj_patch`` -> ``K2`` anchors per patch.
+   ``P x P`` crops plus a stride-2 ``P6`` map -> ``proj_all`` -> ``K1`` anchors per crop / P6 map:
+   ``[B, 5 * K1, 5]``.
+2. *Adaptive probing* (spec 3.4), per level P4 then P3: mid-confidence small anchors become candidates;
+   fixed-size squares around them go through a per-image NMS; each kept square becomes a ``P x P`` patch,
+   whose tokens go through ``proj_patch`` -> ``K2`` anchors per patch: ``[n_patches, K2, 5]``.
 3. *Output selection* (spec 3.5): per stage the confident anchors that were not sent for refinement,
-   concatenated per image, capped at ``max_anchors`` and padded with the full-image box.
+   concatenated per image, capped at ``max_anchors`` and padded with the full-image box: ``[B, Q, 4]``.
 
-Training (``self.training`` and targets given) adds flipped P6 copies, ground-truth patches and the
-epoch-0 teacher forcing of spec 3.7. Patches never loop in Python: cutting, predicting and decoding are
-batched over all patches of all images. In evaluation the host reads device values only where a size
-depends on them: per probed level the candidate positions (which also decide the early stop) and the
-patch NMS, and once for all stages the output count and ``Q`` (docs/inference.md).
-
-*Static mode* (``static=True``, inference only) fixes every shape by the input size and two budgets:
-per image and probed level ``static_patches_per_level`` patch slots chosen by a fixed-length greedy
-NMS (:func:`asag.ops.nms.fixed_budget_nms`), and ``max_anchors`` output columns. Empty slots and the
-early stop become masks (``StageAnchors.row_valid``), so the forward reads nothing back from the
-device; where no budget binds the output anchors equal the dynamic mode's (docs/inference.md).
+The :class:`~asag.modeling.budgets.Budgets` passed to :meth:`AnchorGenerator.forward` size the patch
+slots of every probed level and the ``Q`` query slots: from the data (one host read per level and one
+for ``Q``; the release's result; the early stop is a level with no patch), or from the configuration
+(fixed shapes, no host read; empty slots and the early stop are masks). Training (``self.training`` and
+targets given) adds flipped P6 copies, ground-truth patches and the epoch-0 teacher forcing of spec 3.7.
+Patches never loop in Python: cutting, predicting and decoding are batched over all patches of all images.
 """
 
 from __future__ import annotations
@@ -28,40 +27,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from asag.errors import ConfigError
 from asag.modeling.anchor_selection import (
     ANCHOR_FIELDS,
-    PackedAnchors,
     StageAnchors,
-    StageGroups,
     StageSelection,
-    _static_groups,
-    capped_slots,
-    flatten_selections,
-    rank_static_selections,
+    choose_patches,
+    pack_queries,
+    refinement_candidates,
+    select_output,
 )
 from asag.modeling.blocks import MLP, init_xavier
+from asag.modeling.budgets import DATA_BUDGETS, Budgets
 from asag.modeling.patches import (
-    anchor_patch_positions,
     anchors_to_pixels,
     bilinear_resize_weights,
-    count_per_group,
     crop_offsets,
     crops_to_image_frame,
     extract_patch_tokens,
-    finite_or_zero,
     maps_to_tokens,
     pad_to_patch,
     patches_to_image_frame,
-    rank_in_group,
     split_into_crops,
-    square_boxes_xyxy,
     valid_region_cells,
 )
-from asag.ops.boxes import full_image_boxes_cxcywh_px
-from asag.ops.nms import fixed_budget_nms
 from asag.structures import AnchorOutput, ImageTargets, PatchPredictions, PatchSet
 from asag.training.patch_sampling import training_patches
 
@@ -78,10 +68,10 @@ MLP_HIDDEN_PER_CHANNEL = 125
 MLP_LAYERS = 3
 # Crops tiling the resized P5 map (spec 3.3 step 5).
 NUM_CROPS = 4
-# Static mode: default patch slots per image and probed level (the release's speed path kept at most
-# 15 patches per level; measured in docs/inference.md) and the keys of ``AnchorOutput.budget_bound``.
-STATIC_PATCHES_PER_LEVEL = 15
+# Keys of ``AnchorOutput.budget_bound``.
 BUDGET_KEYS = ("P4", "P3", "queries")
+STATIC_TRAINING_ERROR = ("static mode is for inference only (fixed budgets, no training behaviour): train "
+                         "with model.static=false and switch static mode on for inference")
 
 
 class AnchorGenerator(nn.Module):
@@ -112,9 +102,6 @@ class AnchorGenerator(nn.Module):
         max_patches_per_image: cap on predicted patches per image and level (None; CrowdHuman preset 60).
         max_patches_per_level: the same cap as a speed option (None; the release's speed path used 15).
         inference_level: default probing depth ``"P3P6"``, ``"P4P6"`` or ``"P5P6"``.
-        static: fixed shapes and no host reads (inference only; module docstring, docs/inference.md).
-        static_patches_per_level: static mode's patch slots per image and probed level (further capped
-            by ``max_patches_per_image`` / ``max_patches_per_level``).
     """
 
     def __init__(
@@ -140,8 +127,6 @@ class AnchorGenerator(nn.Module):
         max_patches_per_image: int | None = None,
         max_patches_per_level: int | None = None,
         inference_level: str = "P3P6",
-        static: bool = False,
-        static_patches_per_level: int = STATIC_PATCHES_PER_LEVEL,
     ):
         super().__init__()
         if interpolate_size != 2 * patch_size:
@@ -181,8 +166,6 @@ class AnchorGenerator(nn.Module):
         caps = [c for c in (max_patches_per_image, max_patches_per_level) if c is not None]
         self.patch_cap = min(caps) if caps else None
         self.inference_level = inference_level
-        self.static = static
-        self.static_patches_per_level = static_patches_per_level
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -201,6 +184,7 @@ class AnchorGenerator(nn.Module):
         targets: list[ImageTargets] | None = None,
         epoch: int = 0,
         inference_level: str | None = None,
+        budgets: Budgets = DATA_BUDGETS,
     ) -> AnchorOutput:
         """Generate anchors.
 
@@ -210,43 +194,53 @@ class AnchorGenerator(nn.Module):
             targets: ground truth; with ``self.training`` it enables the training behaviour of spec 3.7.
             epoch: current epoch (teacher forcing while ``epoch < use_target_epoch``).
             inference_level: per-call override of the probing depth (``P3P6 | P4P6 | P5P6``).
+            budgets: patch and query slots (module docstring); training needs them from the data.
         Returns:
             :class:`AnchorOutput`: ``boxes [B, Q, 4]`` pixel cxcywh (padding = full-image box),
-            ``valid_mask [B, Q]``, per-level ``patch_predictions`` and per-image ``selected`` groups.
+            ``valid_mask [B, Q]``, per-level ``patch_predictions`` and the stages' output anchors.
         """
         train = self.training and targets is not None
-        if self.static and train:
-            raise ConfigError("static mode is for inference only: train the model with static off")
+        if train and not budgets.from_data:
+            raise ConfigError(STATIC_TRAINING_ERROR)
         teacher = train and epoch < self.use_target_epoch
         stop = INFERENCE_LEVEL_STOP[_check_level(inference_level or self.inference_level)]
         image_sizes = image_sizes.to(features[0].device)
         image_wh = image_sizes.flip(-1).to(features[0].dtype)  # [B, 2] (w, h)
+        num_images = len(image_wh)
         predictions, current = self._coarse_stage(features[P5_INDEX], image_sizes, image_wh, train)
         selections: list[StageSelection] = []
-        bound: dict[str, Tensor] = {}
+        unbound = torch.zeros(num_images, dtype=torch.bool, device=image_wh.device)
+        bound = dict.fromkeys(BUDGET_KEYS, unbound)
         for step, level, name in PROBE_ORDER:
             if step == stop:
                 break
-            candidates = self._candidates(current, self.strides[level])
-            if self.static:
-                selections.append(self._select(current, candidates, len(image_wh)))
-                patches, valid, bound[name] = self._static_patches(current, candidates, level, image_wh)
-                prediction, current = self._probe(features[level], level, step, name, patches, image_wh,
-                                                  False, valid)
-                predictions.append(prediction)
-                continue
-            # one host sync per level: the candidates' positions also decide the early stop
-            found = None if teacher else candidates.nonzero(as_tuple=True)
-            if not train and len(found[0]) == 0:
-                break
-            selections.append(self._select(current, None if teacher else candidates, len(image_wh)))
-            patches = self._choose_patches(current, found, level, image_wh, targets if train else None)
-            prediction, current = self._probe(features[level], level, step, name, patches, image_wh, train)
+            stride = self.strides[level]
+            candidates, patches = None, None  # teacher forcing: nothing refined, GT patches only
+            if not teacher:
+                candidates = refinement_candidates(current, stride, self.patch_size, self.threshold_low,
+                                                   self.threshold_high)
+                patches, bound[name] = choose_patches(
+                    current, candidates, image_wh, stride, self.patch_size, self.patch_nms_threshold,
+                    self.patch_slots(budgets), self.patch_cap)
+                if not train and len(patches) == 0:  # early stop: no candidate in any image
+                    break
+            selections.append(select_output(current, candidates, self.score_threshold, self.min_anchors,
+                                            num_images))
+            if train:
+                patches = self._training_patches(patches, targets, image_wh, stride)
+            prediction, current = self._probe(features[level], level, step, name, patches, image_wh)
             predictions.append(prediction)
-        selections.append(self._select(current, None, len(image_wh)))
-        if self.static:
-            return self._pack_static(predictions, selections, image_sizes, bound)
-        return self._pack(predictions, selections, image_sizes)
+        selections.append(select_output(current, None, self.score_threshold, self.min_anchors, num_images))
+        packed = pack_queries(selections, image_sizes, self.max_anchors, budgets.queries)
+        bound["queries"] = packed.bound
+        return AnchorOutput(predictions, packed.boxes, packed.valid, packed.output,
+                            budget_bound=None if budgets.from_data else bound)
+
+    def patch_slots(self, budgets: Budgets) -> int | None:
+        """Patch slots per image and probed level under ``budgets`` (capped like the data-sized patches by
+        ``max_patches_per_*``); None: from the data."""
+        slots = budgets.patches_per_level
+        return slots if slots is None or self.patch_cap is None else min(slots, self.patch_cap)
 
     # ------------------------------------------------------------------------------- coarse stage
 
@@ -280,7 +274,8 @@ class AnchorGenerator(nn.Module):
             PatchPredictions("P5", raw[:, :NUM_CROPS], batch_idx, crop_pos=offsets),
         ]
         anchors = self._decode_coarse(raw.detach(), offsets, image_wh)  # [B, 5 * K1, 5]
-        return predictions, StageAnchors(anchors, batch_idx, True)
+        every_row = torch.ones_like(batch_idx, dtype=torch.bool)
+        return predictions, StageAnchors(anchors, batch_idx, True, every_row)
 
     def _decode_coarse(self, raw: Tensor, offsets: Tensor, image_wh: Tensor) -> Tensor:
         """``[B, 4 + n6, K1, 5]`` raw -> ``[B, 5 * K1, 5]`` pixel anchors ordered crop0..crop3, P6."""
@@ -293,186 +288,33 @@ class AnchorGenerator(nn.Module):
 
     # ---------------------------------------------------------------------------------- probing
 
-    def _candidates(self, current: StageAnchors, stride: int) -> Tensor:
-        """``[N, K]`` bool refinement candidates: ``low < c < high`` and both sides ``< s * P / 2`` px."""
-        a = current.anchors
-        limit = stride * self.patch_size / 2
-        conf = a[..., 4]
-        confident = (conf > self.threshold_low) & (conf < self.threshold_high)
-        candidates = confident & (a[..., 3] < limit) & (a[..., 2] < limit)
-        return candidates if current.row_valid is None else candidates & current.row_valid[:, None]
-
-    @torch.no_grad()
-    def _predicted_patches(self, current: StageAnchors, found: tuple[Tensor, Tensor], stride: int,
-                           image_wh: Tensor) -> PatchSet:
-        """Patch NMS on ``s * P`` px squares around the candidates at ``found`` (row, column indices of
-        ``current.anchors``) (spec 3.4 step 4); batched-NMS order."""
-        rows, cols = found
-        anchors = current.anchors[rows, cols]  # [M, 5]
-        image_idx = current.image_idx[rows]  # [M]
-        squares = square_boxes_xyxy(anchors[:, :2], stride * self.patch_size)  # [M, 4] xyxy px
-        keep = batched_nms(squares, anchors[:, 4], image_idx, self.patch_nms_threshold)
-        if self.patch_cap is not None:
-            keep = keep[rank_in_group(image_idx[keep], len(image_wh)) < self.patch_cap]
-        kept_images = image_idx[keep]
-        centres = finite_or_zero(anchors[keep, :2])  # a diverged model's NaN centre: no index out of range
-        positions = anchor_patch_positions(centres, image_wh[kept_images], stride, self.patch_size)
-        return PatchSet(kept_images, positions, torch.zeros_like(kept_images, dtype=torch.bool))
-
-    @property
-    def static_patch_slots(self) -> int:
-        """Patch slots per image and probed level in static mode (the budget, capped like the dynamic
-        mode's ``max_patches_per_*``)."""
-        cap = self.patch_cap if self.patch_cap is not None else self.static_patches_per_level
-        return min(cap, self.static_patches_per_level)
-
-    @torch.no_grad()
-    def _static_patches(
-        self, current: StageAnchors, candidates: Tensor, level: int, image_wh: Tensor
-    ) -> tuple[PatchSet, Tensor, Tensor]:
-        """Static mode's patch choice: the first ``T`` patches of the dynamic mode's NMS per image.
-
-        The rows of ``current`` are image-major with the same count per image, so each image's anchors
-        form one row of ``[B, R * K]`` in the dynamic mode's order (rows, then columns).
-        Returns ``B * T`` patches (image-major; slot ``t`` of image ``b`` is row ``b * T + t``), their
-        ``[B * T]`` validity and the ``[B]`` bool budget bound (greedy NMS would have kept more).
-        """
-        stride, num_images, slots = self.strides[level], len(image_wh), self.static_patch_slots
-        anchors = current.anchors.reshape(num_images, -1, ANCHOR_FIELDS)  # [B, R * K, 5]
-        squares = square_boxes_xyxy(anchors[..., :2], stride * self.patch_size)  # [B, R * K, 4] xyxy px
-        chosen = fixed_budget_nms(squares, anchors[..., 4], candidates.reshape(num_images, -1),
-                                  self.patch_nms_threshold, slots)  # [B, T]
-        centres = anchors[..., :2].gather(1, chosen.index[..., None].expand(-1, -1, 2))  # [B, T, 2]
-        wh = image_wh.repeat_interleave(slots, dim=0)  # [B * T, 2]
-        positions = anchor_patch_positions(centres.reshape(-1, 2), wh, stride, self.patch_size)  # [B * T, 2]
-        images = torch.arange(num_images, device=image_wh.device).repeat_interleave(slots)  # [B * T]
-        valid = chosen.kept.reshape(-1)  # [B * T]
-        return PatchSet(images, positions, torch.zeros_like(valid)), valid, chosen.overflow
-
-    def _choose_patches(
-        self,
-        current: StageAnchors,
-        found: tuple[Tensor, Tensor] | None,
-        level: int,
-        image_wh: Tensor,
-        targets: list[ImageTargets] | None,
-    ) -> PatchSet:
-        """Predicted patches (none while teacher forcing, ``found is None``), plus in training the
-        GT-derived / random patches of spec 3.7."""
-        stride = self.strides[level]
-        predicted = None if found is None else self._predicted_patches(current, found, stride, image_wh)
-        if targets is None:
-            return predicted
+    def _training_patches(self, predicted: PatchSet | None, targets: list[ImageTargets], image_wh: Tensor,
+                          stride: int) -> PatchSet:
+        """The predicted patches (None while teacher forcing) plus the GT-derived / random patches of
+        spec 3.7."""
         with torch.no_grad():
-            return training_patches(
-                predicted, targets, image_wh, stride, self.patch_size, self.patch_nms_threshold,
-                self.min_training_patches,
-            )
+            return training_patches(predicted, targets, image_wh, stride, self.patch_size,
+                                    self.patch_nms_threshold, self.min_training_patches)
 
     def _probe(
         self, feature: Tensor, level: int, step: int, name: str, patches: PatchSet, image_wh: Tensor,
-        train: bool, valid: Tensor | None = None,
     ) -> tuple[PatchPredictions, StageAnchors]:
-        """Cut the patches from ``compress[level](feature)``, predict and decode the real ones (in
-        evaluation every patch is real). ``valid`` (static mode): ``[N]`` bool, the used patch slots."""
+        """Cut the patches from ``compress[level](feature)``, predict ``[N, K2, 5]`` and decode them; the
+        next stage ignores the empty slots and the loss-only patches (``row_valid``)."""
         stride = self.strides[level]
         fmap = pad_to_patch(self.compress[level](feature), self.patch_size)  # [B, c, >=P, >=P]
         tokens = extract_patch_tokens(fmap, patches.batch_idx, patches.crop_pos, self.patch_size)
         raw = self._predict(tokens, step, self.proj_patch, self.num_anchors_patch)  # [N, K2, 5]
         prediction = PatchPredictions(
             name, raw, patches.batch_idx, crop_pos=patches.crop_pos, loss_only=patches.loss_only,
-            stride=stride, valid=valid,
+            stride=stride, valid=patches.valid,
         )
-        raw_real, images, crop_pos = raw.detach(), patches.batch_idx, patches.crop_pos
-        if train:
-            real = (~patches.loss_only).nonzero()[:, 0]  # [N_real]
-            raw_real, images, crop_pos = raw_real[real], images[real], crop_pos[real]  # [N_real, K2, 5], ...
-        wh = image_wh[images]  # [N_real, 2]
-        boxes = patches_to_image_frame(raw_real[..., :4], crop_pos, wh, stride, self.patch_size)
-        anchors = anchors_to_pixels(boxes, raw_real[..., 4], wh, self.min_anchor_size, check_boundary=True)
-        return prediction, StageAnchors(anchors, images, False, valid)
-
-    # ----------------------------------------------------------------------------------- output
-
-    def _select(self, current: StageAnchors, candidates: Tensor | None, num_images: int) -> StageSelection:
-        """Output anchors of one stage (spec 3.5): confident and, if ``candidates`` is given, not refined.
-
-        At the coarse stage, rows where fewer than ``min_anchors`` pass take their ``min_anchors`` most
-        confident anchors instead, in descending order (spec 3.5 A; may duplicate refined anchors).
-        """
-        conf = current.anchors[..., 4]  # [N, K]
-        keep = conf > self.score_threshold
-        if current.row_valid is not None:
-            keep &= current.row_valid[:, None]
-        if candidates is not None:
-            keep &= ~candidates
-        columns = torch.arange(conf.shape[1], device=conf.device).expand_as(conf)  # [N, K]
-        chosen, position = keep, columns
-        if current.coarse:
-            num = conf.shape[1]
-            k = min(self.min_anchors, num)
-            fallback = (keep.sum(1) < k)[:, None]  # [N, 1]
-            top = conf.topk(k, dim=1).indices  # [N, k]
-            top_rank = torch.full_like(columns, num).scatter_(1, top, columns[:, :k])  # [N, K]; K = not top
-            chosen = torch.where(fallback, top_rank < k, keep)
-            position = torch.where(fallback, top_rank, columns)
-        reached = count_per_group(current.image_idx, num_images, current.row_valid) > 0
-        return StageSelection(current.anchors, chosen, position, current.image_idx, reached)
-
-    def _pack(
-        self, predictions: list[PatchPredictions], selections: list[StageSelection], image_sizes: Tensor
-    ) -> AnchorOutput:
-        """Concatenate stages per image, cap at ``max_anchors``, pad to ``[B, Q, 4]`` (spec 3.5 C-D).
-
-        One host sync for all stages: the number of chosen anchors and ``Q``, the longest row, are read
-        together; anchors over the cap are written to a spare column.
-        """
-        num_images = len(image_sizes)
-        flat = flatten_selections(selections)
-        kept = count_per_group(flat.image_idx, num_images, flat.chosen).clamp(max=self.max_anchors)  # [B]
-        total, q = torch.stack([flat.chosen.sum(), kept.max()]).tolist()
-        index = torch.nonzero_static(flat.chosen, size=total)[:, 0]  # [n]
-        index = index[torch.argsort(flat.order_key[index])]  # images, stages, rows, positions
-        packed = PackedAnchors(flat.anchors[index], flat.image_idx[index], flat.stage_idx[index],
-                               torch.stack([s.reached for s in selections]))
-        slots, _ = capped_slots(packed.anchors[:, 4], packed.image_idx, num_images, self.max_anchors)
-        slots = slots.clamp(max=q)  # [n], column q collects the anchors over the cap
-        boxes = full_image_boxes_cxcywh_px(image_sizes, q + 1).clone()  # [B, Q + 1, 4]
-        boxes[packed.image_idx, slots] = packed.anchors[:, :4].to(boxes.dtype)
-        valid = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)  # [B, Q + 1]
-        valid[packed.image_idx, slots] = True
-        boxes, valid = boxes[:, :q].contiguous(), valid[:, :q].contiguous()  # [B, Q, 4], [B, Q]
-        return AnchorOutput(predictions, boxes, valid, StageGroups(packed, num_images))
-
-
-    def _pack_static(
-        self, predictions: list[PatchPredictions], selections: list[StageSelection], image_sizes: Tensor,
-        bound: dict[str, Tensor],
-    ) -> AnchorOutput:
-        """:meth:`_pack` with fixed shapes: ``Q = max_anchors`` columns, no host reads.
-
-        Per image the chosen anchors of all stages are ranked by (stage, row, position) as in the
-        dynamic mode; an image with more than ``max_anchors`` keeps its most confident ones (ties in
-        that order). ``bound`` (patch budgets per level) gains ``"queries"``: the cap bound.
-        """
-        num_images, q = len(image_sizes), self.max_anchors
-        ranked = rank_static_selections(selections, num_images)
-        count = ranked.chosen.sum(dim=1, keepdim=True)  # [B, 1]
-        columns = torch.arange(ranked.chosen.shape[1], device=count.device).expand_as(ranked.chosen)  # [B, T]
-        conf = ranked.anchors[..., 4].masked_fill(~ranked.chosen, float("-inf"))
-        by_conf = torch.sort(conf, dim=1, descending=True, stable=True).indices  # [B, T]
-        conf_rank = torch.empty_like(by_conf).scatter_(1, by_conf, columns)  # [B, T]
-        slots = torch.where(count > q, conf_rank, columns)
-        slots = torch.where(ranked.chosen & (slots < q), slots, q)  # column q collects the rest
-        boxes = full_image_boxes_cxcywh_px(image_sizes, q + 1).clone()  # [B, Q + 1, 4]
-        boxes.scatter_(1, slots[..., None].expand(-1, -1, 4), ranked.anchors[..., :4].to(boxes.dtype))
-        valid = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)  # [B, Q + 1]
-        valid.scatter_(1, slots, ranked.chosen)
-        bound = {key: bound.get(key, torch.zeros_like(count[:, 0], dtype=torch.bool)) for key in BUDGET_KEYS}
-        bound["queries"] = count[:, 0] > q
-        groups = StageGroups(build=lambda: _static_groups(ranked, num_images))
-        return AnchorOutput(predictions, boxes[:, :q].contiguous(), valid[:, :q].contiguous(), groups,
-                            budget_bound=bound)
+        wh = image_wh[patches.batch_idx]  # [N, 2]
+        boxes = patches_to_image_frame(raw.detach()[..., :4], patches.crop_pos, wh, stride, self.patch_size)
+        logits = raw.detach()[..., 4]  # [N, K2]
+        anchors = anchors_to_pixels(boxes, logits, wh, self.min_anchor_size, check_boundary=True)
+        real = ~patches.loss_only if patches.valid is None else patches.valid & ~patches.loss_only  # [N]
+        return prediction, StageAnchors(anchors, patches.batch_idx, False, real)
 
 
 # ---------------------------------------------------------------------------------- pure helpers

@@ -202,44 +202,6 @@ def float32_levels(module: nn.Module, args: tuple, levels: list[Tensor]) -> list
     return [p.float() for p in levels]
 
 
-class FastASAG(ASAG):
-    """An :class:`~asag.modeling.detector.ASAG` prepared by :func:`optimize_for_inference`.
-
-    Same interface and outputs as the plain model (``forward``, ``forward_features``, ``postprocess``,
-    ``predict``, and the submodules ``backbone``, ``neck``, ... called one by one); every forward runs
-    under ``torch.inference_mode``. The backbone casts its input to its own dtype and memory format and
-    the FPN returns float32 levels in the default layout (module hooks), so callers need not know how
-    the copy was optimised. It cannot be put back into training mode.
-
-    Args:
-        model: the detector whose (already transformed) submodules are taken over.
-        settings: what was applied (for reports): ``fold_bn``, ``channels_last``, ``compile``, ``dtype``.
-    """
-
-    def __init__(self, model: ASAG, settings: dict) -> None:
-        super().__init__(
-            backbone=model.backbone, neck=model.neck, anchor_generator=model.anchor_generator,
-            proposal=model.proposal, decoder=model.decoder, postprocessor=model.postprocessor,
-            attention_heads=model.attention_heads, num_dn=model.num_dn, dn_noise_scale=model.dn_noise_scale,
-            dn_noise_decay=model.dn_noise_decay, used_head=model.used_head,
-            anchor_levels=model.anchor_levels, neck_uses_image_sizes=model.neck_uses_image_sizes,
-            frozen_parts=model.frozen_parts,
-        )
-        self.settings = dict(settings)
-        super().train(False)
-
-    @torch.inference_mode()
-    def forward(self, *args, **kwargs):  # type: ignore[override]
-        """:meth:`ASAG.forward` under ``torch.inference_mode`` (evaluation behaviour only)."""
-        return super().forward(*args, **kwargs)
-
-    def train(self, mode: bool = True) -> FastASAG:
-        if mode:
-            raise RuntimeError("an inference-optimised model cannot be trained (its batch norms are folded); "
-                               "train the plain model and optimise a copy")
-        return super().train(False)
-
-
 def _compile_options(device_type: str) -> dict:
     """Inductor options: on the CPU, freeze the weights (constant folding and oneDNN weight prepacking)."""
     return {"freezing": True} if device_type == "cpu" else {}
@@ -274,7 +236,7 @@ def optimize_for_inference(
     compile: bool = False,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
-) -> FastASAG:
+) -> ASAG:
     """An inference-optimised copy of ``model`` (the original is left untouched).
 
     Args:
@@ -289,18 +251,21 @@ def optimize_for_inference(
         dtype: backbone / FPN precision: None or ``"fp32"``, ``"fp16"`` (CUDA), ``"bf16"``; checked
             against ``device`` (default: the model's device) by :func:`check_precision`.
     Returns:
-        a :class:`FastASAG` in evaluation mode whose parameters do not require gradients.
+        a transformed deep copy (the same :class:`~asag.modeling.detector.ASAG` class, every setting kept)
+        in evaluation mode whose parameters do not require gradients; its ``inference_settings`` record
+        what was applied (``fold_bn``, ``channels_last``, ``compile``, ``dtype``): every forward runs under
+        ``torch.inference_mode`` and it cannot be put back into training mode.
     """
     feature_dtype = resolve_precision(dtype)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     check_precision(feature_dtype, device)
-    plain = copy.deepcopy(model).eval().requires_grad_(False)
+    fast = copy.deepcopy(model).eval().requires_grad_(False)  # transformed in place below
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    _prepare_features(plain, fold_bn, memory_format, feature_dtype)
+    _prepare_features(fast, fold_bn, memory_format, feature_dtype)
     if channels_last:
-        _prepare_channels_last_consumers(plain)
-    fast = FastASAG(plain, {"fold_bn": fold_bn, "channels_last": channels_last, "compile": compile,
-                            "dtype": str(feature_dtype or torch.float32).removeprefix("torch.")})
+        _prepare_channels_last_consumers(fast)
+    fast.inference_settings = {"fold_bn": fold_bn, "channels_last": channels_last, "compile": compile,
+                               "dtype": str(feature_dtype or torch.float32).removeprefix("torch.")}
     if compile:
         options = _compile_options(device.type)
         for part in (fast.backbone, fast.neck):

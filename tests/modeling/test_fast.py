@@ -16,12 +16,11 @@ from asag.api import load_model
 from asag.build import build_model
 from asag.cli import main
 from asag.config import load_config
+from asag.engine.syncs import CudaSyncCount, SyncAudit
 from asag.errors import ConfigError
 from asag.modeling.backbone import Backbone, FrozenBatchNorm2d
 from asag.modeling.detector import ASAG
 from asag.modeling.fast import (
-    CudaSyncCount,
-    SyncAudit,
     check_precision,
     cpu_supports_bf16,
     fold_batch_norms,

@@ -8,7 +8,7 @@ import torch
 from tests.helpers import random_boxes
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from asag.modeling.fast import SyncAudit
+from asag.engine.syncs import SyncAudit
 from asag.modeling.roi_pooling import LevelTable, RoIPooling, pool_rows, roi_align_gather
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from tests.helpers import crafted_generator, probing_inputs
 
+from asag.engine.syncs import SyncAudit
 from asag.errors import ConfigError
 from asag.modeling.anchor_generator import BUDGET_KEYS, AnchorGenerator
 from asag.modeling.budgets import STATIC_PATCHES_PER_LEVEL, Budgets
-from asag.modeling.fast import SyncAudit
 from asag.structures import ImageTargets
 
 

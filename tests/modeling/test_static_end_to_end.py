@@ -13,8 +13,9 @@ from tests.official import CASES, LEVELS, load_inputs
 from asag.build import build_model
 from asag.config import load_config
 from asag.engine.benchmark import craft_probing_biases
+from asag.engine.syncs import SyncAudit
 from asag.errors import ConfigError
-from asag.modeling.fast import SyncAudit, optimize_for_inference
+from asag.modeling.fast import optimize_for_inference
 from asag.modeling.roi_pooling import LevelTable, RoIPooling
 from asag.structures import DetectionBatch
 

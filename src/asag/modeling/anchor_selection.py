@@ -99,7 +99,8 @@ def choose_patches(
         stage: the previous stage; candidates: its ``[N, K]`` bool refinement candidates.
         image_wh: ``[B, 2]`` ``(w, h)``.
         slots: patch slots per image (a fixed budget: ``B * slots`` patches, empty ones masked); None:
-            from the data, exactly the kept patches (one host read, or one per 16 patches of an image).
+            from the data, exactly the kept patches (one host read up to 16 patches per image, two up to
+            48, ...).
         cap: the most patches of an image (``max_patches_per_image`` / ``_per_level``; None: no cap).
     Returns:
         The patches in the release's order (descending confidence over the batch, ties in anchor order;

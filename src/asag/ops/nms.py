@@ -6,9 +6,9 @@ the same greedy NMS on ``[B, M]`` rows with masks and loops whose length is fixe
 
 * :func:`fixed_budget_nms` picks, per row, the first ``max_kept`` boxes torchvision's greedy NMS keeps
   (a loop of ``max_kept`` steps: take the best live box, suppress its overlaps); with ``max_kept=None``
-  the data sizes the loop: it runs in rounds of :data:`DATA_ROUND` steps until no candidate is left,
-  reading one flag per row back from the device after each round (the kept boxes are then exactly
-  torchvision's);
+  the data sizes the loop: it runs in rounds (:data:`DATA_ROUND` steps, then twice as many each time)
+  until no candidate is left, reading the rows' counts back from the device after each round (the kept
+  boxes are then exactly torchvision's);
 * :func:`sorted_nms_keep` marks which boxes of a row already sorted by descending score survive (a loop
   over the ``M`` columns), for the class-wise NMS after the top-k of post-processing.
 
@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Greedy steps between two host reads when the data sizes the NMS (``max_kept=None``): one round covers
-# the release's speed path (at most 15 patches per image and level, docs/inference.md).
+# Greedy steps of the first round when the data sizes the NMS (``max_kept=None``); each later round is
+# twice as long. One round covers the release's speed path (at most 15 patches per image and level,
+# docs/inference.md); a level with up to 48 kept boxes per image needs two host reads.
 DATA_ROUND = 16
 
 
@@ -95,8 +96,9 @@ def fixed_budget_nms(
         candidates: ``[B, M]`` bool, the boxes taking part.
         iou_threshold: boxes overlapping a kept box by more than this are suppressed.
         max_kept: ``T``, the budget of kept boxes per row (the loop length); None: sized by the data,
-            steps in rounds of :data:`DATA_ROUND` until no row has a live candidate (or ``limit`` steps
-            ran), one host read per round; ``T`` is then the largest count and ``counts`` is filled.
+            steps in rounds (:data:`DATA_ROUND` steps, doubling) until no row has a live candidate (or
+            ``limit`` steps ran), one host read per round; ``T`` is then the largest count and ``counts``
+            is filled.
         limit: with ``max_kept=None``, the most boxes kept per row (None: no limit).
     Returns:
         :class:`FixedNMS` with ``[B, T]`` columns in greedy (descending score) order.
@@ -124,10 +126,12 @@ def fixed_budget_nms(
 
 
 def _round_length(done: int, max_kept: int | None, limit: int | None) -> int:
-    """Steps of the next round: the rest of a fixed budget, else :data:`DATA_ROUND` (within ``limit``)."""
+    """Steps of the next round: the rest of a fixed budget; else :data:`DATA_ROUND` steps more than all
+    rounds so far (16, 32, 64, ...), within ``limit``."""
     if max_kept is not None:
         return max_kept - done
-    return DATA_ROUND if limit is None else max(min(DATA_ROUND, limit - done), 0)
+    steps = DATA_ROUND + done
+    return steps if limit is None else max(min(steps, limit - done), 0)
 
 
 def _greedy_steps(boxes: Tensor, areas: Tensor, scores: Tensor, live: Tensor, columns: Tensor,

@@ -22,8 +22,9 @@ from inference_speed import STAGES, StageClock, detect
 
 from asag.commands.benchmark import parse_size
 from asag.engine.benchmark import random_inputs
+from asag.engine.syncs import CudaSyncCount
 from asag.modeling.detector import ASAG
-from asag.modeling.fast import CudaSyncCount, optimize_for_inference
+from asag.modeling.fast import optimize_for_inference
 
 PRESETS = {"ASAG-A": "asag_a_r50_speed", "ASAG-S": "asag_s_r50_speed"}
 

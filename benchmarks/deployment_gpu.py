@@ -33,7 +33,8 @@ from inference_speed import benchmark_model
 from asag.commands.benchmark import parse_size
 from asag.engine.benchmark import MS_PER_S, random_inputs, time_call, timing_stats
 from asag.engine.cuda_graph import CudaGraphDetector
-from asag.modeling.fast import CudaSyncCount, optimize_for_inference
+from asag.engine.syncs import CudaSyncCount
+from asag.modeling.fast import optimize_for_inference
 
 BASELINE = "FCOS"
 

@@ -26,7 +26,7 @@ calls, so the share of these data-dependent stages in the end-to-end time comes 
 Output drift of each setting against ``plain``: whether the query counts agree, the largest shift of
 an anchor, queries that moved by more than a pixel, the largest difference of the main head's logits
 and boxes (queries paired by anchor box, see ``pair_queries``) and of the detection scores. The host-sync
-audit (:class:`asag.modeling.fast.SyncAudit`) of one extra run counts the operations that would make the
+audit (:class:`asag.engine.syncs.SyncAudit`) of one extra run counts the operations that would make the
 host wait for a CUDA device (on CUDA the count comes from the same audit).
 
     python benchmarks/inference_speed.py [--models ASAG-A ASAG-S] [--batch-sizes 1 4] [--size 800x1216]
@@ -49,9 +49,10 @@ from torch import Tensor, nn
 
 from asag.commands.benchmark import parse_size
 from asag.engine.benchmark import random_inputs
+from asag.engine.syncs import SyncAudit
 from asag.modeling.backbone import FrozenBatchNorm2d
 from asag.modeling.detector import ASAG
-from asag.modeling.fast import SyncAudit, cpu_supports_bf16, optimize_for_inference
+from asag.modeling.fast import cpu_supports_bf16, optimize_for_inference
 from asag.structures import Detections, ModelOutput
 
 PRESETS = {"ASAG-A": "asag_a_r50_speed", "ASAG-S": "asag_s_r50_speed", "ASAG-D": "asag_d_r50_speed"}

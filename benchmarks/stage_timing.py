@@ -2,10 +2,10 @@
 
 Both speed presets (``asag_a_r50_speed``, ``asag_s_r50_speed``: R50, 300-query setting, one head, as the
 release measured speed) are built with random weights and crafted anchor-generator biases
-(``crafting.py``) so that Adaptive Probing happens. Each round runs the pieces of each model in
-sequence on the same random image (``asag.engine.benchmark.run_stages``: backbone, FPN, anchor
-generator, proposal stage, decoder, post-processing; a timestamp after each piece), the two models
-interleaved so that drifts of a shared machine hit both alike. Prints the median time of every stage,
+(``crafting.py``) so that Adaptive Probing happens. Each round runs the forward of each model on the
+same random image (``asag.engine.benchmark.run_stages``: module hooks time backbone, FPN, anchor
+generator, proposal stage, decoder, post-processing), the two models interleaved so that drifts of a
+shared machine hit both alike. Prints the median time of every stage,
 its share of the sum of medians, the spread, and the queries / probed patches of the run.
 
 The crafted generator emits ``max_anchors`` (500) anchors, far more than a trained 300-query model
@@ -60,7 +60,7 @@ def time_stages(models: dict, size: tuple[int, int], warmup: int, repeats: int, 
                 run_stages(model, inputs, num_queries=queries)
         for _ in range(repeats):
             for name, model in models.items():
-                runs[name] = run_stages(model, inputs, wrap=timers[name], num_queries=queries)
+                runs[name] = run_stages(model, inputs, probe=timers[name], num_queries=queries)
     return timers, runs
 
 

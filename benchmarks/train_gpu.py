@@ -28,7 +28,7 @@ from asag.build import build_dataset, build_loader, build_trainer
 from asag.commands.benchmark import parse_size
 from asag.config import load_config
 from asag.engine.benchmark import random_inputs
-from asag.modeling.fast import CudaSyncCount
+from asag.engine.syncs import CudaSyncCount
 from asag.structures import ImageTargets
 
 PRECISIONS = {"fp32": None, "fp16": "fp16", "bf16": "bf16"}

@@ -39,6 +39,7 @@ from asag.engine.trainer import Trainer, use_channels_last
 from asag.errors import ConfigError, DataError
 from asag.modeling.anchor_generator import AnchorGenerator
 from asag.modeling.backbone import RESNET_STRIDES, Backbone
+from asag.modeling.budgets import Budgets
 from asag.modeling.decoders.adamixer import AdaMixerStage
 from asag.modeling.decoders.deformable import DeformableStage
 from asag.modeling.decoders.parallel import ParallelHeads
@@ -48,7 +49,6 @@ from asag.modeling.detector import ASAG
 from asag.modeling.neck import Neck
 from asag.modeling.postprocess import PostProcessor
 from asag.modeling.proposal import ProposalStage
-from asag.modeling.roi_gather import device_roi_pooling, gather_roi_pooling
 
 # The anchor generator reads P3, P4, P5 (spec 3.1); the proposal stage and decoders read P2..P5.
 ANCHOR_STRIDES = (8, 16, 32)
@@ -99,8 +99,14 @@ def build_anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
         max_patches_per_image=a.max_patches_per_image,
         max_patches_per_level=a.max_patches_per_level,
         inference_level=a.inference_level,
-        static_patches_per_level=a.static_patches_per_level,
     )
+
+
+def static_budgets(cfg: ModelConfig) -> Budgets:
+    """The fixed budgets of the static mode: ``anchor_generator.static_patches_per_level`` patch slots per
+    image and probed level, ``anchor_generator.max_anchors`` query slots."""
+    a = cfg.anchor_generator
+    return Budgets(patches_per_level=a.static_patches_per_level, queries=a.max_anchors)
 
 
 def build_neck(cfg: ModelConfig, backbone: Backbone) -> nn.Module:
@@ -127,7 +133,7 @@ def build_decoder_stage(cfg: ModelConfig) -> nn.Module:
         return SparseRCNNStage(
             hidden_dim=cfg.hidden_dim, num_classes=cfg.num_classes, num_heads=d.attention_heads,
             ffn_dim=d.ffn_dim, dim_dynamic=d.dim_dynamic, roi_size=d.roi_size,
-            sampling_ratio=d.sampling_ratio, strides=RESNET_STRIDES,
+            sampling_ratio=d.sampling_ratio, strides=RESNET_STRIDES, roi_pooling=cfg.roi_pooling,
         )
     if d.type == "deformable":
         return DeformableStage(
@@ -150,7 +156,7 @@ def build_model(config: Config) -> ASAG:
     proposal = ProposalStage(
         hidden_dim=cfg.hidden_dim, num_classes=cfg.num_classes, num_heads=cfg.proposal.num_heads,
         ffn_dim=cfg.proposal.ffn_dim, roi_size=cfg.proposal.roi_size,
-        sampling_ratio=cfg.proposal.sampling_ratio, strides=feature_strides(cfg),
+        sampling_ratio=cfg.proposal.sampling_ratio, strides=feature_strides(cfg), roi_pooling=cfg.roi_pooling,
     )
     heads = [build_decoder_stage(cfg) for _ in range(cfg.decoder.num_heads)]
     decoder = ParallelHeads(heads, cfg.hidden_dim)
@@ -171,13 +177,9 @@ def build_model(config: Config) -> ASAG:
         anchor_levels=ENCODER_ANCHOR_LEVELS if is_deformable(cfg) else FPN_ANCHOR_LEVELS,
         neck_uses_image_sizes=is_deformable(cfg),
         frozen_parts=FREEZE_CHOICES[config.finetune.freeze],
+        static_budgets=static_budgets(cfg),
+        static=cfg.static,
     )
-    if cfg.roi_pooling == "gather":
-        gather_roi_pooling(model)
-    elif cfg.roi_pooling == "auto":
-        device_roi_pooling(model)
-    if cfg.static:
-        model.eval().set_static(True)
     return model
 
 

@@ -53,7 +53,6 @@ from asag.data import LabelMap
 from asag.engine.checkpoint import EXPORTED_SUFFIXES, one_line
 from asag.errors import CheckpointError, ConfigError, DataError
 from asag.modeling.detector import ASAG
-from asag.modeling.roi_gather import GatherRoIPooling
 from asag.outputs import atomic_write
 from asag.structures import DetectionBatch, Detections
 
@@ -265,19 +264,12 @@ def _onnx_bytes(module: nn.Module, inputs: tuple[Tensor, ...], metadata: dict) -
     property ``asag`` = ``metadata`` plus its checksum, checked with ``onnx.checker``."""
     onnx = require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
-    poolers = [m for m in module.modules() if isinstance(m, GatherRoIPooling)]
-    for pooler in poolers:  # ONNX has no weighted embedding_bag: one gather per sample tap
-        pooler.weighted_sum = "index"
-    try:
-        program = torch.onnx.export(
-            module, inputs, dynamo=True, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-            opset_version=ONNX_OPSET, verbose=False,
-            custom_translation_table={torch.ops.aten.sort.stable: _sort_stable_onnx,
-                                      torch.ops.aten.where.self: _where_onnx},
-        )
-    finally:
-        for pooler in poolers:
-            pooler.weighted_sum = "embedding_bag"
+    program = torch.onnx.export(
+        module, inputs, dynamo=True, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+        opset_version=ONNX_OPSET, verbose=False,
+        custom_translation_table={torch.ops.aten.sort.stable: _sort_stable_onnx,
+                                  torch.ops.aten.where.self: _where_onnx},
+    )
     proto = program.model_proto
     del proto.metadata_props[:]
     try:

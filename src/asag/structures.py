@@ -12,7 +12,7 @@ Every container offers ``to(device)`` so the engine can move whole objects at on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -85,6 +85,26 @@ class Batch(_Movable):
 
 
 @dataclass
+class PatchSet(_Movable):
+    """Patches chosen at one probed level (P4 or P3) of the anchor generator.
+
+    batch_idx: ``[N]`` int64 image of each patch.
+    crop_pos: ``[N, 2]`` int64 ``(x, y)`` top-left in feature cells.
+    loss_only: ``[N]`` bool, True for GT-derived / random patches that only feed the loss.
+    valid: ``[N]`` bool, False for the empty slots of a fixed patch budget; None when every patch is real
+        (the data sized the budget, or training).
+    """
+
+    batch_idx: Tensor
+    crop_pos: Tensor
+    loss_only: Tensor
+    valid: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.batch_idx.numel())
+
+
+@dataclass
 class PatchPredictions(_Movable):
     """Raw anchor predictions of one anchor-generator level, in the patch frame.
 
@@ -98,8 +118,8 @@ class PatchPredictions(_Movable):
     loss_only: ``[n_patches]`` bool, True for patches that only feed the loss (GT-derived or random
         patches added in training); ``None`` for P6/P5.
     stride: feature stride of the level (0 for P6/P5, whose frame is the image).
-    valid: static mode, P4/P3: ``[n_patches]`` bool, False for the empty patch slots of the fixed
-        budget (their rows are computed and ignored); ``None`` when every row is a probed patch.
+    valid: P4/P3 with a fixed patch budget: ``[n_patches]`` bool, False for the empty patch slots (their
+        rows are computed and ignored); ``None`` when every row is a probed patch.
     """
 
     level: str
@@ -112,6 +132,55 @@ class PatchPredictions(_Movable):
 
 
 @dataclass
+class OutputAnchors(_Movable):
+    """The anchors that the anchor generator's stages chose for output, flat over all stages' anchors
+    (``M`` entries; gathered without a host read, so the unchosen ones stay, masked).
+
+    anchors: ``[M, 5]`` pixel cxcywh + confidence; chosen: ``[M]`` bool.
+    image_idx / stage_idx: ``[M]`` int64 image and stage (0 = P5/P6, then P4, P3) of each entry.
+    order_key: ``[M]`` int64, increasing with (image, stage, row, position): the output order.
+    reached: ``[S, B]`` bool, images that own rows at each stage (their group exists even when empty).
+    """
+
+    anchors: Tensor
+    chosen: Tensor
+    image_idx: Tensor
+    stage_idx: Tensor
+    order_key: Tensor
+    reached: Tensor
+
+    @classmethod
+    def from_groups(cls, groups: list[list[Tensor]]) -> OutputAnchors:
+        """The inverse of :meth:`per_image`: ``groups[b][s]`` are the ``[n, 5]`` anchors of stage ``s`` of
+        image ``b`` (an image lists the stages it reached, coarse first)."""
+        num_stages = max((len(g) for g in groups), default=0)
+        parts = [(a, b, s) for b, g in enumerate(groups) for s, a in enumerate(g)]
+        anchors = torch.cat([a for a, _, _ in parts]) if parts else torch.zeros(0, 5)
+        image = torch.cat([torch.full((len(a),), b) for a, b, _ in parts]) if parts else torch.zeros(0).long()
+        stage = torch.cat([torch.full((len(a),), s) for a, _, s in parts]) if parts else torch.zeros(0).long()
+        reached = torch.tensor([[s < len(g) for g in groups] for s in range(num_stages)], dtype=torch.bool)
+        return cls(anchors, torch.ones(len(anchors), dtype=torch.bool), image, stage,
+                   torch.arange(len(anchors)), reached.view(num_stages, len(groups)))
+
+    def per_image(self) -> list[list[Tensor]]:
+        """Per image, the ``[n, 5]`` chosen anchors of every stage it reached (coarse to fine), in output
+        order. One host read (the group sizes)."""
+        num_stages, num_images = self.reached.shape
+        order = torch.argsort(self.order_key)  # output order
+        order = order[torch.argsort((~self.chosen[order]).to(torch.uint8), stable=True)]  # chosen first
+        cells = self.image_idx * num_stages + self.stage_idx  # [M] (image, stage) of each entry
+        counts = torch.zeros(num_images * num_stages, dtype=torch.int64, device=cells.device)
+        counts.index_add_(0, cells, self.chosen.long())
+        sizes, reached = torch.stack([counts, self.reached.T.reshape(-1).long()]).tolist()  # one host read
+        parts = torch.split(self.anchors[order], [*sizes, len(order) - sum(sizes)])  # the last: unchosen
+        groups: list[list[Tensor]] = [[] for _ in range(num_images)]
+        for cell, part in enumerate(parts[:-1]):
+            if reached[cell]:
+                groups[cell // num_stages].append(part)
+        return groups
+
+
+@dataclass
 class AnchorOutput(_Movable):
     """What the anchor generator hands to the rest of the model.
 
@@ -120,21 +189,28 @@ class AnchorOutput(_Movable):
     boxes: ``[B, Q, 4]`` anchors, cxcywh in pixels of the resized unpadded image; padded rows hold the
         full-image box ``(w/2, h/2, w, h)``.
     valid_mask: ``[B, Q]`` bool, True for real anchors (always a prefix of each row).
-    selected: per image, per stage (P5/P6, P4, P3 as reached), ``[n, 5]`` pixel cxcywh + confidence of
-        the anchors chosen for output (for visualisation and statistics).
-    budget_bound: static mode: ``"P4"``, ``"P3"``, ``"queries"`` -> ``[B]`` bool, True where that
-        budget bound for the image (more patches / anchors than slots); ``None`` in the dynamic mode.
+    output_anchors: the anchors every stage chose for output (before the ``max_anchors`` cap), read per
+        image through :attr:`selected`; None when not recorded.
+    budget_bound: with fixed budgets: ``"P4"``, ``"P3"``, ``"queries"`` -> ``[B]`` bool, True where that
+        budget bound for the image (more patches / anchors than slots); ``None`` when the data sized them.
     """
 
     patch_predictions: list[PatchPredictions]
     boxes: Tensor
     valid_mask: Tensor
-    selected: list[list[Tensor]] = field(default_factory=list)
+    output_anchors: OutputAnchors | None = None
     budget_bound: dict[str, Tensor] | None = None
 
     @property
     def num_queries(self) -> int:
         return self.boxes.shape[1]
+
+    @property
+    def selected(self) -> list[list[Tensor]]:
+        """Per image, per stage it reached (P5/P6, P4, P3), the ``[n, 5]`` pixel cxcywh + confidence of the
+        anchors chosen for output (for visualisation and statistics). Computed on each access, with one
+        host read (:meth:`OutputAnchors.per_image`); ``[]`` when not recorded."""
+        return [] if self.output_anchors is None else self.output_anchors.per_image()
 
 
 # ---------------------------------------------------------------------------------- query / heads

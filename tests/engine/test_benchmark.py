@@ -55,8 +55,8 @@ def test_stages_reproduce_forward_and_postprocess(tiny):
 def test_stage_timer_sees_every_stage_once_per_run(tiny):
     timer = StageTimer(torch.device("cpu"))
     with torch.inference_mode():
-        run_stages(tiny, random_inputs(1, SIZE), wrap=timer)
-        run_stages(tiny, random_inputs(1, SIZE), wrap=timer)
+        run_stages(tiny, random_inputs(1, SIZE), probe=timer)
+        run_stages(tiny, random_inputs(1, SIZE), probe=timer)
     assert tuple(timer.seconds) == STAGES
     assert all(len(v) == 2 and min(v) > 0 for v in timer.seconds.values())
 

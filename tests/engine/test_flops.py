@@ -231,16 +231,15 @@ def test_r50_flops_at_800x1216_within_ten_percent_of_the_paper(preset, paper_gma
 
 
 def test_gathered_roi_align_counts_like_torchvision():
-    from asag.modeling.blocks import RoIFeatureExtractor
-    from asag.modeling.roi_gather import GatherRoIPooling
+    from asag.modeling.roi_pooling import RoIPooling
 
     torch.manual_seed(0)
-    extractor = RoIFeatureExtractor()
+    extractor = RoIPooling(kind="torchvision")
     features = [torch.randn(1, 6, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
     boxes = torch.tensor([[[2.0, 3.0, 20.0, 30.0], [0.0, 0.0, 60.0, 50.0], [10.0, 10.0, 14.0, 13.0]]])
     sizes = torch.tensor([[64, 64]])
     with torch.no_grad():
         _, reference = measure_flops(lambda: extractor(features, boxes, sizes))
-        _, gathered = measure_flops(lambda: GatherRoIPooling(extractor)(features, boxes, sizes))
+        _, gathered = measure_flops(lambda: RoIPooling(kind="gather")(features, boxes, sizes))
     assert reference.macs == roi_align_macs(3, 6, 7, 7, 4) == 3 * 6 * 49 * 4 * 4
     assert gathered.macs == reference.macs and set(gathered.by_op) == {"weighted_gather"}

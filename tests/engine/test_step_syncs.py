@@ -48,7 +48,7 @@ def test_matching_syncs_do_not_grow_with_the_batch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_sync_debug_mode_counts_the_same_order():
     """On CUDA, torch's own sync detector warns once per real sync; the count must not grow with the batch."""
-    from asag.modeling.fast import CudaSyncCount
+    from asag.engine.syncs import CudaSyncCount
 
     totals = {}
     for batch in (1, 4):

@@ -9,7 +9,7 @@ from asag.config import load_config
 from asag.engine.benchmark import StageTimer
 from asag.engine.optim import build_optimizer
 from asag.engine.trainer import STEP_PARTS, StepResult, use_channels_last
-from asag.modeling.roi_gather import DeviceRoIPooling, GatherRoIPooling
+from asag.modeling.roi_pooling import RoIPooling
 
 # The release's exact path: torchvision's RoIAlign, default memory layout, one AdamW update per tensor.
 RELEASE_PATH = ["model.roi_pooling=torchvision", "runtime.memory_format=contiguous",
@@ -86,13 +86,13 @@ def build(decoder: str, overrides: list[str]):
     return build_trainer(load_config("tiny_cpu", [f"model.decoder.type={decoder}", *overrides]))
 
 
-def test_default_roi_pooling_picks_the_gather_on_cpu():
+def test_roi_pooling_kind_follows_the_configuration():
     trainer = build("sparse_rcnn", [])
-    pools = [m for m in trainer.model.modules() if isinstance(m, DeviceRoIPooling)]
+    pools = [m for m in trainer.model.modules() if isinstance(m, RoIPooling)]
     assert len(pools) == 1 + 2  # proposal stage + two Sparse R-CNN heads
-    assert isinstance(pools[0].gather, GatherRoIPooling)
+    assert {p.kind for p in pools} == {"auto"} and not pools[0].uses_torchvision(torch.device("cpu"))
     exact = build("sparse_rcnn", RELEASE_PATH)
-    assert not any(isinstance(m, DeviceRoIPooling | GatherRoIPooling) for m in exact.model.modules())
+    assert {m.kind for m in exact.model.modules() if isinstance(m, RoIPooling)} == {"torchvision"}
 
 
 def test_optimizer_kernel_and_memory_format_follow_the_configuration():

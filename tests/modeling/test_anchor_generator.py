@@ -8,8 +8,7 @@ import pytest
 import torch
 from torchvision.ops import FeaturePyramidNetwork
 
-from asag.modeling.anchor_generator import AnchorGenerator, cap_per_image, ground_truth_boxes
-from asag.modeling.patches import gt_patch_positions
+from asag.modeling.anchor_generator import AnchorGenerator
 from asag.structures import AnchorOutput, ImageTargets
 from official import CASES, FIXTURE_MODEL, LEVELS, load, load_inputs, load_weights
 
@@ -422,14 +421,6 @@ def test_max_anchors_keeps_the_most_confident_sorted():
         assert torch.allclose(capped.boxes[b], top)
 
 
-def test_cap_per_image_leaves_small_images_in_order():
-    anchors = torch.tensor([[0, 0, 1, 1, 0.2], [1, 1, 1, 1, 0.9], [2, 2, 1, 1, 0.5], [3, 3, 1, 1, 0.4],
-                            [4, 4, 1, 1, 0.3]])
-    images = torch.tensor([0, 0, 0, 1, 1])
-    kept, kept_images = cap_per_image(anchors, images, 2, 2)
-    assert kept[:, 0].tolist() == [1, 2, 3, 4] and kept_images.tolist() == [0, 0, 1, 1]
-
-
 def test_patch_cap_per_image_keeps_the_best_patches():
     uncapped = _eval_forward(tiny_ag(), inference_level="P4P6")
     capped = _eval_forward(tiny_ag(max_patches_per_image=1), inference_level="P4P6")
@@ -472,25 +463,6 @@ def test_small_and_elongated_images_run(sizes, mode):
     _check_output_structure(out, len(sizes))
     _patches_inside(out, features)
     assert (out.valid_mask.sum(1) >= ag.min_anchors).all()
-
-
-@pytest.mark.parametrize("level,stride", [("P4", 16), ("P3", 8)])
-def test_gt_patches_consistent_with_the_epoch0_criterion_fixture(fixtures_dir, level, stride):
-    """The official epoch-0 patches are GT patches: same objects, same order, positions inside the
-    range that the jitter can reach (the fixture's random draws cannot be replayed)."""
-    ref = load(fixtures_dir, "criterion_asag_a_nodn_epoch0.pt")
-    targets = [
-        ImageTargets(boxes=ref[f"targets.{b}.boxes"], labels=ref[f"targets.{b}.labels"]) for b in range(2)
-    ]
-    image_wh = torch.tensor([[w, h] for h, w in ref["hw"]], dtype=torch.float32)
-    boxes, images = ground_truth_boxes(targets, image_wh, stride, P, 0.25)
-    high = gt_patch_positions(boxes, image_wh[images], stride, P, torch.zeros(len(images), 2))
-    low = gt_patch_positions(boxes, image_wh[images], stride, P, torch.full((len(images), 2), 1 - 1e-6))
-    with_offset = ref[f"debug.ag.{level}.batch_idx_with_offset"]
-    real = with_offset < 100  # the rest are random loss-only patches
-    assert torch.equal(with_offset[real], images)
-    got = ref[f"debug.ag.{level}.crop_pos"][real]
-    assert ((got >= low) & (got <= high)).all(), (got.tolist(), low.tolist(), high.tolist())
 
 
 def test_batch_invariance_in_evaluation():

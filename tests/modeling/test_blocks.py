@@ -1,4 +1,4 @@
-"""Shared blocks (spec section 5): hand-computed embedding and IoF bias values, layouts, RoI pooling."""
+"""Shared blocks (spec section 5): hand-computed embedding and IoF bias values, layouts."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ import math
 
 import torch
 from torch import nn
-from torchvision.ops import MultiScaleRoIAlign
 
 from asag.modeling.blocks import (
     MLP,
     PRIOR_PROB,
-    RoIFeatureExtractor,
     branch,
     init_prior_bias,
     init_zero,
@@ -119,36 +117,3 @@ def test_iof_self_attention_formula():
         xb = x[b : b + 1].transpose(0, 1)
         ref.append(norm(attn(xb, xb, xb, attn_mask=bias[2 * b : 2 * b + 2])[0] + xb).transpose(0, 1))
     torch.testing.assert_close(iof_self_attention(attn, norm, content, xyzr, tau, None), torch.cat(ref))
-
-
-def _constant_levels(batch: int = 1, channels: int = 2) -> list[torch.Tensor]:
-    """P2..P5 for a 256 x 256 image, level k filled with the value k (+ 10 * image index)."""
-    feats = []
-    for k, s in zip(range(2, 6), (4, 8, 16, 32)):
-        base = torch.full((batch, channels, 256 // s, 256 // s), float(k))
-        feats.append(base + 10 * torch.arange(batch).view(-1, 1, 1, 1))
-    return feats
-
-
-def test_roi_level_assignment():
-    feats = _constant_levels()
-    boxes = torch.tensor([[[0, 0, 10, 10], [0, 0, 112, 112], [0, 0, 111, 111], [0, 0, 224, 224],
-                           [0, 0, 250, 250]]], dtype=torch.float32)
-    out = RoIFeatureExtractor()(feats, boxes, torch.tensor([[256, 256]]))
-    assert out.shape == (5, 2, 7, 7)
-    # floor(4 + log2(side / 224) + 1e-6) clamped to [2, 5]: 10 -> 2, 112 -> 3, 111 -> 2, 224 -> 4, 250 -> 4
-    assert out[:, 0, 3, 3].tolist() == [2.0, 3.0, 2.0, 4.0, 4.0]
-
-
-def test_roi_batch_major_and_equals_torchvision_inferred_scales():
-    feats = [f + torch.randn_like(f) for f in _constant_levels(batch=2)]
-    g = torch.Generator().manual_seed(0)
-    xy = torch.rand(2, 3, 2, generator=g) * 120
-    boxes = torch.cat([xy, xy + 20 + torch.rand(2, 3, 2, generator=g) * 120], dim=-1)
-    sizes = torch.tensor([[256, 256], [200, 240]])
-    ours = RoIFeatureExtractor()(feats, boxes, sizes)
-    reference = MultiScaleRoIAlign(["a", "b", "c", "d"], 7, 2)
-    theirs = reference(dict(zip("abcd", feats)), list(boxes.unbind(0)), [(256, 256), (200, 240)])
-    assert reference.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    assert ours[:3, 0].mean() < 8 < ours[3:, 0].mean()  # image 1 rows (+10) come after image 0 rows

@@ -4,15 +4,12 @@ and the ONNX exporter with fixed shapes, equal to eager within float rounding.""
 
 import pytest
 import torch
-from tests.modeling.test_fast import random_boxes
 from torch import Tensor, nn
 
 from asag.build import build_model
 from asag.config import load_config
-from asag.modeling.blocks import RoIFeatureExtractor
-from asag.modeling.fast import SyncAudit
 from asag.modeling.queries import build_queries
-from asag.modeling.roi_gather import GatherRoIPooling
+from asag.modeling.roi_pooling import LevelTable
 from asag.structures import AnchorOutput
 
 DECODERS = ["adamixer", "sparse_rcnn", "deformable"]
@@ -21,24 +18,6 @@ DECODERS = ["adamixer", "sparse_rcnn", "deformable"]
 def level_features(batch: int = 2, channels: int = 8, height: int = 256, width: int = 384) -> list[Tensor]:
     g = torch.Generator().manual_seed(0)
     return [torch.randn(batch, channels, height // s, width // s, generator=g) for s in (4, 8, 16, 32)]
-
-
-def test_static_roi_pooling_index_formulation_equals_embedding_bag_and_torchvision():
-    extractor = RoIFeatureExtractor()
-    features = level_features()
-    boxes = random_boxes(2 * 30, 384.0, 256.0, seed=1).view(2, 30, 4)  # every level, some outside
-    sizes = torch.tensor([[256, 384], [240, 360]])
-    static = GatherRoIPooling(extractor, static=True)
-    bag = static(features, boxes, sizes)
-    static.weighted_sum = "index"
-    with SyncAudit() as audit:
-        index = static(features, boxes, sizes)
-    assert not audit.ops
-    assert torch.allclose(index, bag, atol=1e-6)
-    assert torch.allclose(index, extractor(features, boxes, sizes), atol=1e-5)
-    static.weighted_sum = "loop"
-    with pytest.raises(ValueError, match="weighted_sum"):
-        static(features, boxes, sizes)
 
 
 # ------------------------------------------------------------------------- stages after the generator
@@ -60,8 +39,9 @@ class FixedAnchorTail(nn.Module):
         features = self.model.extract_features(images, sizes)
         queries = build_queries(AnchorOutput([], anchors, valid), sizes, None, 0, 0.0,
                                 self.model.attention_heads)
-        proposals = self.model.proposal(queries, features, sizes)
-        head = self.model.decoder(proposals, features, sizes, queries.attn_mask)[-1]
+        table = LevelTable.of(features)  # fixed shapes: RoI pooling from one table of all levels
+        proposals = self.model.proposal(queries, features, sizes, table)
+        head = self.model.decoder(proposals, features, sizes, queries.attn_mask, table)[-1]
         return head.logits, head.boxes
 
 
@@ -98,9 +78,6 @@ def test_stages_after_the_anchor_generator_export_to_onnx(decoder, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     tail, inputs = tail_and_inputs(decoder)
-    for module in tail.modules():
-        if isinstance(module, GatherRoIPooling):
-            module.weighted_sum = "index"
     with torch.no_grad():
         expected = tail(*inputs)
         torch.onnx.export(tail, inputs, dynamo=True, verbose=False).save(tmp_path / "tail.onnx")

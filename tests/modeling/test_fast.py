@@ -8,24 +8,19 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from tests.modeling.test_official_end_to_end import COCO_IDS, fixture_model
+from tests.helpers import COCO_IDS, crafted_generator, fixture_model, probing_inputs
 from tests.official import CASES, LEVELS, load, load_inputs
 from torch import nn
-from torchvision.ops import roi_align
 
 from asag.api import load_model
 from asag.build import build_model
 from asag.cli import main
 from asag.config import load_config
-from asag.engine.benchmark import craft_probing_biases
+from asag.engine.syncs import CudaSyncCount, SyncAudit
 from asag.errors import ConfigError
-from asag.modeling.anchor_generator import AnchorGenerator
 from asag.modeling.backbone import Backbone, FrozenBatchNorm2d
-from asag.modeling.blocks import RoIFeatureExtractor
+from asag.modeling.detector import ASAG
 from asag.modeling.fast import (
-    CudaSyncCount,
-    FastASAG,
-    SyncAudit,
     check_precision,
     cpu_supports_bf16,
     fold_batch_norms,
@@ -34,7 +29,7 @@ from asag.modeling.fast import (
     resolve_precision,
 )
 from asag.modeling.postprocess import postprocess
-from asag.modeling.roi_gather import GatherRoIPooling, roi_align_gather
+from asag.modeling.roi_pooling import RoIPooling
 from asag.structures import HeadOutput
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -137,7 +132,8 @@ def test_fast_model_matches_the_plain_model_and_leaves_it_alone():
         assert torch.allclose(b.boxes, a.boxes, atol=1e-5)
     dets, ref_dets = fast.postprocess(out, sizes), model.postprocess(ref, sizes)
     assert [len(d.scores) for d in dets] == [len(d.scores) for d in ref_dets]
-    assert fast.settings == {"fold_bn": True, "channels_last": True, "compile": False, "dtype": "float32"}
+    expected = {"fold_bn": True, "channels_last": True, "compile": False, "dtype": "float32"}
+    assert fast.inference_settings == expected
     assert count(fast, nn.BatchNorm2d) == 0 and count(model, nn.BatchNorm2d) == 20
     assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert [p.requires_grad for p in model.parameters()] == trainable and any(trainable)
@@ -164,11 +160,14 @@ def test_fast_model_matches_the_plain_model_for_every_decoder(decoder):
 def test_fast_model_carries_every_setting_of_the_plain_model():
     model = tiny_model()
     model.used_head = 0
+    model.set_static(True)  # a setting that a re-built copy would lose
     fast = optimize_for_inference(model)
-    plain_attrs = {k: v for k, v in vars(model).items() if not k.startswith("_") and k != "training"}
+    plain_attrs = {k: v for k, v in vars(model).items()
+                   if not k.startswith("_") and k not in ("training", "inference_settings")}
     for key, value in plain_attrs.items():
         assert getattr(fast, key) == value, key
-    assert isinstance(fast, FastASAG) and fast.used_head == 0
+    assert type(fast) is ASAG and fast.used_head == 0 and fast.static
+    assert model.inference_settings is None and fast.inference_settings is not None
 
 
 def test_fast_model_is_inference_only():
@@ -201,7 +200,7 @@ def fast_fixture_models(fixtures_dir):
     """variant -> the fixture model (official weights, random R50) optimised for inference, built once."""
     cache = {}
 
-    def get(variant: str) -> FastASAG:
+    def get(variant: str) -> ASAG:
         if variant not in cache:
             model, weights = fixture_model(fixtures_dir, variant, "P3P6")
             model.load_state_dict(weights, strict=False)
@@ -248,65 +247,18 @@ def test_fast_path_matches_the_release(fixtures_dir, fast_fixture_models, varian
         assert torch.allclose(det.boxes.sort(0).values, boxes.sort(0).values, atol=1e-2), f"image {b} boxes"
 
 
-def random_boxes(num: int, width: float, height: float, seed: int = 0) -> torch.Tensor:
-    """``[num, 4]`` xyxy boxes of all sizes, some reaching outside the image or thinner than a cell."""
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(num, 2, generator=g) * torch.tensor([width * 1.2, height * 1.2]) - 20.0
-    wh = torch.rand(num, 2, generator=g) ** 2 * torch.tensor([width, height]) + 0.5
-    return torch.cat([xy, xy + wh], dim=1)
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_roi_align_gather_equals_torchvision(channels_last):
-    feature = torch.randn(2, 16, 20, 30)
-    boxes = random_boxes(40, 120.0, 80.0)
-    image_idx = torch.arange(40) % 2
-    ref = roi_align(feature, torch.cat([image_idx[:, None].float(), boxes], 1), 7, 0.25, 2, aligned=False)
-    if channels_last:
-        feature = feature.contiguous(memory_format=torch.channels_last)
-    out = roi_align_gather(feature, boxes, image_idx, 0.25, 7, 2)
-    assert out.shape == (40, 16, 7, 7)
-    assert torch.allclose(out, ref, atol=1e-5)
-
-
-def test_gather_roi_pooling_equals_the_extractor_with_one_sync():
-    extractor = RoIFeatureExtractor()
-    features = [torch.randn(2, 8, 256 // s, 384 // s).contiguous(memory_format=torch.channels_last)
-                for s in (4, 8, 16, 32)]
-    boxes = random_boxes(2 * 30, 384.0, 256.0, seed=1).view(2, 30, 4)  # boxes of every FPN level
-    sizes = torch.tensor([[256, 384], [240, 360]])
-    gathered = GatherRoIPooling(extractor)
-    with SyncAudit() as audit:
-        out = gathered(features, boxes, sizes)
-    assert torch.allclose(out, extractor(features, boxes, sizes), atol=1e-5)
-    assert audit.ops == {"tolist": 1, "tensor": 1}  # level counts; torchvision's level-mapper constant
-
-
-def test_gather_roi_pooling_survives_non_finite_boxes():
-    """A diverged model's NaN/inf box pools from the origin instead of indexing out of range (it raised
-    IndexError in the level count); the finite boxes' features do not change."""
-    extractor = RoIFeatureExtractor()
-    features = [torch.randn(1, 8, 256 // s, 384 // s) for s in (4, 8, 16, 32)]
-    boxes = random_boxes(6, 384.0, 256.0, seed=2).view(1, 6, 4)
-    bad = boxes.clone()
-    bad[0, 1, 0], bad[0, 3, 2:] = float("nan"), float("inf")
-    sizes = torch.tensor([[256, 384]])
-    pooling = GatherRoIPooling(extractor)
-    out, clean = pooling(features, bad, sizes), pooling(features, boxes, sizes)
-    finite = torch.tensor([True, False, True, False, True, True])
-    assert torch.equal(out[finite], clean[finite]) and torch.isfinite(out).all()
-
-
-def test_channels_last_replaces_every_roi_extractor():
+def test_channels_last_pools_rois_with_the_gather():
     model = tiny_model()
-    sparse_cfg = load_config("tiny_cpu", ["model.decoder.type=sparse_rcnn"])
+    sparse_cfg = load_config("tiny_cpu", ["model.decoder.type=sparse_rcnn", "model.roi_pooling=torchvision"])
     sparse = optimize_for_inference(build_model(sparse_cfg))
-    assert count(sparse, GatherRoIPooling) == 1 + len(sparse.decoder.heads)  # proposal stage + each head
-    assert count(sparse, RoIFeatureExtractor) == 0
+    pools = [m for m in sparse.modules() if isinstance(m, RoIPooling)]
+    assert len(pools) == 1 + len(sparse.decoder.heads)  # proposal stage + each head
+    assert {p.kind for p in pools} == {"gather"}
     fast = optimize_for_inference(model)  # AdaMixer: proposal only; its decoder samples contiguous levels
-    assert count(fast, GatherRoIPooling) == 1 and len(fast.decoder._forward_pre_hooks) == 1
+    assert count(fast, RoIPooling) == 1 and len(fast.decoder._forward_pre_hooks) == 1
     exact = build_model(load_config("tiny_cpu", ["model.roi_pooling=torchvision"]))
-    assert count(optimize_for_inference(exact, channels_last=False), GatherRoIPooling) == 0
+    kept = optimize_for_inference(exact, channels_last=False)
+    assert {m.kind for m in kept.modules() if isinstance(m, RoIPooling)} == {"torchvision"}
 
 
 # ------------------------------------------------------------------------------------ precision
@@ -380,22 +332,6 @@ def test_sync_audit_counts_what_would_wait_for_the_device():
     assert audit.total == 4
 
 
-def crafted_generator() -> AnchorGenerator:
-    torch.manual_seed(0)
-    generator = AnchorGenerator().eval()
-    craft_probing_biases(generator)
-    return generator
-
-
-def probing_inputs(batch: int, device: str = "cpu") -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Seeded P3-P5 levels of a 256x384 image and its sizes, on which :func:`crafted_generator` probes P4
-    and P3 at any batch size."""
-    h, w = 256, 384
-    levels = [torch.randn(batch, 256, h // s, w // s, generator=torch.Generator().manual_seed(s)).to(device)
-              for s in (8, 16, 32)]
-    return levels, torch.tensor([[h, w]] * batch, device=device)
-
-
 @pytest.mark.parametrize("batch", [1, 3])
 def test_anchor_generator_syncs_do_not_grow_with_images_or_patches(batch):
     generator = crafted_generator()
@@ -403,11 +339,11 @@ def test_anchor_generator_syncs_do_not_grow_with_images_or_patches(batch):
     with torch.inference_mode(), SyncAudit() as audit:
         out = generator(levels, sizes)
     assert [p.level for p in out.patch_predictions] == ["P6", "P5", "P4", "P3"]  # probing happened
-    # per probed level: candidate positions + patch NMS (+ torchvision's offset constant); once: the
-    # output count and Q
-    assert audit.ops == {"nonzero": 2, "nms": 2, "tensor": 2, "tolist": 1}, audit.sites
+    # budgets from the data: per probed level one read sizes the patch slots (the patch NMS's counts,
+    # which also decide the early stop); once: Q, the longest image's output
+    assert audit.ops == {"tolist": 2, "__int__": 1}, audit.sites
     with SyncAudit() as groups_audit:
-        assert len(out.selected) == batch  # per-image groups are built on first use, with one sync
+        assert len(out.selected) == batch  # the per-image groups are split on request, with one read
     assert groups_audit.total == 1
 
 
@@ -424,22 +360,20 @@ def test_postprocess_reads_the_device_once_per_batch(batch):
         assert len(det.scores) == int(valid[b].sum()) * 5  # padded queries give nothing
 
 
-def test_selected_groups_behave_as_a_list():
+def test_selected_groups_are_each_stage_s_output_anchors():
     generator = crafted_generator()
     levels = [torch.randn(2, 256, 256 // s, 384 // s) for s in (8, 16, 32)]
     with torch.inference_mode():
         out = generator(levels, torch.tensor([[256, 384], [224, 320]]))
-    plain = [list(stages) for stages in out.selected]
+    plain = out.selected
     assert [len(stages) for stages in plain] == [3, 3]  # P5/P6, P4, P3 reached by both images
     for b, stages in enumerate(plain):
         valid = int(out.valid_mask[b].sum())
         assert valid < generator.max_anchors  # not capped: the groups are exactly the valid anchors
         assert torch.equal(torch.cat(stages)[:, :4], out.boxes[b, :valid])
-    for other in (copy.deepcopy(out.selected), pickle.loads(pickle.dumps(out.selected)),
-                  out.to("cpu").selected):
-        assert type(other) is list
-        pairs = [(a, b) for g, h in zip(other, plain, strict=True) for a, b in zip(g, h, strict=True)]
-        assert all(torch.equal(a, b) for a, b in pairs)
+    for other in (copy.deepcopy(out), pickle.loads(pickle.dumps(out)), out.to("cpu")):
+        for ours, theirs in zip(other.selected, plain, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
 @needs_cuda
@@ -473,8 +407,8 @@ def checkpoint(tiny_checkpoint, tmp_path):
 def test_load_model_returns_the_optimised_model(checkpoint):
     plain, _, _ = load_model(checkpoint / "ckpt.pth")
     fast, _, _ = load_model(checkpoint / "ckpt.pth", fast=True)
-    assert not isinstance(plain, FastASAG) and isinstance(fast, FastASAG)
-    assert fast.settings["fold_bn"] and fast.settings["channels_last"]
+    assert plain.inference_settings is None
+    assert fast.inference_settings["fold_bn"] and fast.inference_settings["channels_last"]
 
 
 def test_commands_accept_the_fast_flags(checkpoint, capsys):

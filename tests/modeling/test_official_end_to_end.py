@@ -10,29 +10,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from tests.official import CASES, LEVELS, load, load_inputs, load_weights
+from tests.helpers import COCO_IDS, fixture_model
+from tests.official import CASES, LEVELS, load, load_inputs
 
-from asag.build import build_model
-from asag.config import load_config
-from asag.convert.official import convert_state_dict
 from asag.structures import HeadOutput
-
-COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
-
-
-def fixture_model(fixtures_dir, variant: str, level: str):
-    overrides = [
-        "model.num_classes=80", "model.hidden_dim=64", "model.neck.out_channels=64",
-        "model.backbone.name=resnet50", "model.backbone.norm=frozen_bn",
-        "model.anchor_generator.compress_dim=4", "model.anchor_generator.mlp_hidden_dim=500",
-        f"model.anchor_generator.inference_level={level}",
-        "model.proposal.ffn_dim=2048", "model.decoder.ffn_dim=2048", "model.decoder.in_points=8",
-        "model.decoder.out_points=16", "model.decoder.dim_dynamic=64", "model.decoder.num_heads=2",
-        f"model.decoder.type={'adamixer' if variant == 'asag_a' else 'sparse_rcnn'}",
-    ]
-    cfg = load_config("tiny_cpu", overrides)
-    model = build_model(cfg).eval()
-    return model, convert_state_dict(load_weights(fixtures_dir, variant))
 
 
 @pytest.mark.parametrize("variant", ["asag_a", "asag_s"])

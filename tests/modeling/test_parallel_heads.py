@@ -22,7 +22,7 @@ class EchoStage(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(1))
 
-    def forward(self, proposals, features, image_sizes, attn_mask=None):
+    def forward(self, proposals, features, image_sizes, attn_mask=None, level_table=None):
         return HeadOutput(proposals.content * self.scale, proposals.prediction.boxes)
 
 

@@ -14,17 +14,13 @@ from asag.modeling.patches import (
     anchor_patch_positions,
     anchors_to_pixels,
     bilinear_resize_weights,
-    ceil_cells,
-    centrality_scores,
     crop_offsets,
     crops_to_image_frame,
     extract_patch_tokens,
     finite_or_zero,
-    gt_patch_positions,
     maps_to_tokens,
     pad_to_patch,
     patches_to_image_frame,
-    random_patch_positions,
     rank_in_group,
     shift_inside,
     split_into_crops,
@@ -93,30 +89,6 @@ def test_shift_inside_moves_only_when_the_patch_ends_outside():
 def test_square_boxes():
     got = square_boxes_xyxy(torch.tensor([[100.0, 50.0]]), 240.0)
     assert got.tolist() == [[-20.0, -70.0, 220.0, 170.0]]
-
-
-def test_gt_patch_position_without_jitter_starts_at_the_box():
-    # Box (40, 40)-(60, 70) px at stride 8 -> cells (5, 5)-(7.5, 8.75); image 320 x 256.
-    box = torch.tensor([[40.0, 40.0, 60.0, 70.0]])
-    got = gt_patch_positions(box, torch.tensor([[320.0, 256.0]]), 8, P, torch.zeros(1, 2))
-    assert got.tolist() == [[5, 5]]
-
-
-def test_gt_patch_position_with_full_jitter_uses_the_slack():
-    # slack = (5 + 15) - (7.5, 8.75) = (12.5, 11.25); u = 0.5 -> floor(5 - 6.25, 5 - 5.625) -> clamp 0.
-    box = torch.tensor([[40.0, 40.0, 60.0, 70.0]])
-    got = gt_patch_positions(box, torch.tensor([[320.0, 256.0]]), 8, P, torch.full((1, 2), 0.5))
-    assert got.tolist() == [[0, 0]]
-    # u = 0.2 -> floor(5 - 2.5, 5 - 2.25) = (2, 2).
-    got = gt_patch_positions(box, torch.tensor([[320.0, 256.0]]), 8, P, torch.full((1, 2), 0.2))
-    assert got.tolist() == [[2, 2]]
-
-
-def test_random_patch_positions_range():
-    # ceil(320/8) - 15 = 25 -> x in [0, 25); ceil(64/8) - 15 < 1 -> y in [0, 1) = 0.
-    wh = torch.tensor([[320.0, 64.0], [320.0, 64.0]])
-    got = random_patch_positions(wh, 8, P, torch.tensor([[0.0, 0.99], [0.999, 0.5]]))
-    assert got.tolist() == [[0, 0], [24, 0]]
 
 
 def test_patch_decoding_to_image_frame_and_pixels():
@@ -189,13 +161,6 @@ def test_pad_to_patch_pads_bottom_right_only_when_needed():
     assert pad_to_patch(large, P) is large
 
 
-def test_centrality_scores_per_group():
-    centres = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0], [100.0, 100.0]])
-    group = torch.tensor([0, 0, 0, 1])
-    # image 0: distances^2 to the others: (25 + 100), (25 + 25), (100 + 25); image 1 alone: 0.
-    assert centrality_scores(centres, group).tolist() == [-125.0, -50.0, -125.0, 0.0]
-
-
 def test_rank_in_group():
     group = torch.tensor([1, 0, 1, 1, 0, 2])
     assert rank_in_group(group, 3).tolist() == [0, 0, 1, 2, 1, 0]
@@ -238,39 +203,6 @@ def test_anchor_patches_lie_inside_padded_map(w, h, stride, fx, fy):
     height = max(padded_cells(h, stride), P)
     assert pos[0] >= 0 and pos[0] + P <= width
     assert pos[1] >= 0 and pos[1] + P <= height
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    w=st.integers(16, 1400),
-    h=st.integers(16, 1400),
-    stride=STRIDES,
-    box=st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0.001, 1), st.floats(0.001, 1)),
-    jitter=st.tuples(st.floats(0, 0.999), st.floats(0, 0.999)),
-)
-def test_gt_patches_lie_inside_padded_map_and_contain_the_box(w, h, stride, box, jitter):
-    limit = stride * P / 2  # only boxes smaller than half a patch make GT patches
-    bw, bh = min(box[2] * w, limit * 0.999), min(box[3] * h, limit * 0.999)
-    x1, y1 = box[0] * (w - bw), box[1] * (h - bh)
-    xyxy = torch.tensor([[x1, y1, x1 + bw, y1 + bh]], dtype=torch.float32)
-    pos = gt_patch_positions(xyxy, torch.tensor([[float(w), float(h)]]), stride, P, torch.tensor([jitter]))[0]
-    for axis, size in ((0, w), (1, h)):
-        assert pos[axis] >= 0 and pos[axis] + P <= max(padded_cells(size, stride), P)
-        # The patch starts at or before the box; the floor after the jitter may leave the box's far
-        # edge up to one cell outside (release behaviour).
-        assert pos[axis] <= xyxy[0, axis] / stride + 1e-4
-        assert pos[axis] + P > xyxy[0, axis + 2] / stride - 1
-
-
-@settings(max_examples=200, deadline=None)
-@given(w=st.integers(16, 1400), h=st.integers(16, 1400), stride=STRIDES,
-       u=st.tuples(st.floats(0, 0.999), st.floats(0, 0.999)))
-def test_random_patches_lie_inside_padded_map(w, h, stride, u):
-    wh = torch.tensor([[float(w), float(h)]])
-    pos = random_patch_positions(wh, stride, P, torch.tensor([u]))[0]
-    assert pos[0] >= 0 and pos[0] + P <= max(padded_cells(w, stride), P)
-    assert pos[1] >= 0 and pos[1] + P <= max(padded_cells(h, stride), P)
-    assert (pos[0] + P <= ceil_cells(wh, stride)[0, 0]) or pos[0] == 0
 
 
 @settings(max_examples=100, deadline=None)

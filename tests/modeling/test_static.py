@@ -1,26 +1,25 @@
-"""Static inference mode: fixed shapes, no host reads, the dynamic mode's outputs where no budget binds.
+"""Fixed budgets (the static mode): fixed shapes, no host reads, the data-sized budgets' outputs where no
+budget binds.
 
-The equivalence tests compare with the dynamic mode on the same weights: the anchor generator on crafted
-probing inputs (every stage reached), budgets that bind against the dynamic mode's own caps, and (in
+The equivalence tests compare the same anchor generator under both budget sources: on crafted probing
+inputs (every stage reached), budgets that bind against the data-sized mode's own caps, and (in
 ``test_static_end_to_end``) the whole detector on the official fixtures.
 """
 
 import pytest
 import torch
-from tests.modeling.test_fast import crafted_generator, probing_inputs
+from tests.helpers import crafted_generator, probing_inputs
 
+from asag.engine.syncs import SyncAudit
 from asag.errors import ConfigError
 from asag.modeling.anchor_generator import BUDGET_KEYS, AnchorGenerator
-from asag.modeling.fast import SyncAudit
+from asag.modeling.budgets import STATIC_PATCHES_PER_LEVEL, Budgets
 from asag.structures import ImageTargets
 
 
-def static_twin(generator: AnchorGenerator, **kwargs) -> AnchorGenerator:
-    """A static-mode generator with ``generator``'s settings and weights."""
-    twin = AnchorGenerator(max_anchors=generator.max_anchors, static=True, **kwargs).eval()
-    twin.load_state_dict(generator.state_dict())
-    twin.patch_cap = generator.patch_cap
-    return twin
+def fixed(generator: AnchorGenerator, patches_per_level: int = STATIC_PATCHES_PER_LEVEL) -> Budgets:
+    """The static mode's budgets for ``generator``: patch slots and ``max_anchors`` query slots."""
+    return Budgets(patches_per_level, generator.max_anchors)
 
 
 def mixed_inputs(batch: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -49,16 +48,15 @@ def assert_same_anchors(dynamic, static) -> None:
 @pytest.mark.parametrize("batch", [1, 3])
 def test_static_anchor_generator_matches_the_dynamic_one(batch):
     generator = crafted_generator()
-    static = static_twin(generator)
     levels, sizes = mixed_inputs(batch)
     with torch.inference_mode():
         dynamic = generator(levels, sizes)
         with SyncAudit() as audit:
-            out = static(levels, sizes)
+            out = generator(levels, sizes, budgets=fixed(generator))
     assert audit.total == 0, audit.sites
     assert [p.level for p in out.patch_predictions] == ["P6", "P5", "P4", "P3"]
-    assert out.boxes.shape == (batch, static.max_anchors, 4)  # Q = the query budget
-    assert out.patch_predictions[2].raw.shape[0] == batch * static.static_patches_per_level
+    assert out.boxes.shape == (batch, generator.max_anchors, 4)  # Q = the query budget
+    assert out.patch_predictions[2].raw.shape[0] == batch * STATIC_PATCHES_PER_LEVEL
     assert_same_anchors(dynamic, out)
     assert set(out.budget_bound) == set(BUDGET_KEYS)
     assert not any(bound.any() for bound in out.budget_bound.values())
@@ -70,7 +68,7 @@ def test_static_anchor_generator_stops_at_the_inference_level(level):
     levels, sizes = mixed_inputs(2)
     with torch.inference_mode():
         dynamic = generator(levels, sizes, inference_level=level)
-        out = static_twin(generator)(levels, sizes, inference_level=level)
+        out = generator(levels, sizes, inference_level=level, budgets=fixed(generator))
     assert len(out.patch_predictions) == {"P4P6": 3, "P5P6": 2}[level]
     assert_same_anchors(dynamic, out)
 
@@ -81,11 +79,11 @@ def test_a_binding_patch_budget_keeps_the_best_nms_patches(slots):
     the patch NMS, i.e. the highest confidence after suppression."""
     generator = crafted_generator()
     generator.patch_cap = slots
-    static = static_twin(generator, static_patches_per_level=8)
-    assert static.static_patch_slots == slots  # the dynamic cap also caps the static budget
+    budgets = fixed(generator, patches_per_level=8)
+    assert generator.patch_slots(budgets) == slots  # the cap of the data-sized patches caps the budget too
     levels, sizes = mixed_inputs(3)
     with torch.inference_mode():
-        dynamic, out = generator(levels, sizes), static(levels, sizes)
+        dynamic, out = generator(levels, sizes), generator(levels, sizes, budgets=budgets)
     assert_same_anchors(dynamic, out)
     assert out.budget_bound["P4"].all() and out.budget_bound["P3"].all()  # crafted inputs probe more
 
@@ -93,18 +91,17 @@ def test_a_binding_patch_budget_keeps_the_best_nms_patches(slots):
 def test_a_binding_query_budget_keeps_the_most_confident_anchors():
     generator = crafted_generator()
     generator.max_anchors = 40
-    static = static_twin(generator)
     levels, sizes = mixed_inputs(2)
     with torch.inference_mode():
-        dynamic, out = generator(levels, sizes), static(levels, sizes)
+        dynamic, out = generator(levels, sizes), generator(levels, sizes, budgets=fixed(generator))
     assert out.boxes.shape[1] == 40 and out.valid_mask.all()
     assert_same_anchors(dynamic, out)
     assert out.budget_bound["queries"].all()
 
 
 def test_static_anchor_generator_refuses_training():
-    generator = static_twin(crafted_generator()).train()
+    generator = crafted_generator().train()
     levels, sizes = mixed_inputs(1)
     targets = [ImageTargets(torch.tensor([[0.5, 0.5, 0.1, 0.1]]), torch.tensor([0]))]
     with pytest.raises(ConfigError, match="static mode is for inference only"):
-        generator(levels, sizes, targets=targets)
+        generator(levels, sizes, targets=targets, budgets=fixed(generator))

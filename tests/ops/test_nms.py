@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import batched_nms, nms
 
-from asag.ops.nms import fixed_budget_nms, sorted_nms_keep
+from asag.engine.syncs import SyncAudit
+from asag.ops.nms import DATA_ROUND, fixed_budget_nms, sorted_nms_keep
 
 
 def grid_boxes(draw, rows: int, num: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +62,35 @@ def test_sorted_nms_keep_is_batched_nms(problem, num_groups):
         columns = candidates[b].nonzero()[:, 0]
         kept = batched_nms(boxes[b, columns], scores[b, columns], groups[b, columns], threshold)
         assert sorted(columns[kept].tolist()) == keep[b].nonzero()[:, 0].tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(nms_problems(), st.sampled_from([None, 1, 3]))
+def test_data_sized_nms_is_torchvision_nms(problem, limit):
+    """``max_kept=None``: the data sizes the budget, so nothing binds (below ``limit``): every row's kept
+    columns are torchvision's, the slots are as many as the longest row needs, the counts are read once."""
+    boxes, scores, candidates, threshold = problem
+    with SyncAudit() as audit:
+        result = fixed_budget_nms(boxes, scores, candidates, threshold, None, limit=limit)
+    expected = [e if limit is None else e[:limit] for e in reference(boxes, scores, candidates, threshold)]
+    assert result.counts == [len(e) for e in expected]
+    assert result.index.shape[1] == max(len(e) for e in expected)
+    for b, columns in enumerate(expected):
+        assert result.index[b][result.kept[b]].tolist() == columns
+    assert audit.ops.get("tolist", 0) <= 2  # 24 columns at most: rounds of 16, then 32 steps
+
+
+def test_data_sized_nms_runs_rounds_until_no_candidate_is_left():
+    """More kept boxes than one round: a second round, one more host read."""
+    num = DATA_ROUND + 4
+    boxes = torch.stack([torch.tensor([3.0 * i, 0, 3.0 * i + 1, 1]) for i in range(num)])[None]  # disjoint
+    scores = torch.linspace(1.0, 0.1, num)[None]
+    everything = torch.ones(1, num, dtype=torch.bool)
+    with SyncAudit() as audit:
+        result = fixed_budget_nms(boxes, scores, everything, 0.5, None)
+    assert result.counts == [num] and result.index[0].tolist() == list(range(num))
+    assert audit.ops == {"tolist": 2} and not result.overflow.any()
+    assert fixed_budget_nms(boxes, scores, everything, 0.5, None, limit=5).overflow.tolist() == [True]
 
 
 def test_fixed_budget_nms_hand_computed():

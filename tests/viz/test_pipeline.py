@@ -17,7 +17,7 @@ from asag.config import load_config
 from asag.data import LabelMap, collate
 from asag.data.synthetic import SHAPE_CLASSES, generate_synthetic
 from asag.errors import DataError
-from asag.structures import AnchorOutput, HeadOutput, PatchPredictions
+from asag.structures import AnchorOutput, HeadOutput, OutputAnchors, PatchPredictions
 from asag.viz.draw import class_colour
 from asag.viz.pipeline import (
     ANCHOR_COLOUR,
@@ -115,7 +115,8 @@ def anchor_output() -> AnchorOutput:
     boxes = torch.tensor([[[50.0, 40.0, 20.0, 10.0], [100.0, 100.0, 200.0, 200.0]],
                           [[10.0, 10.0, 4.0, 6.0], [30.0, 30.0, 10.0, 10.0]]])  # pixel cxcywh
     valid = torch.tensor([[True, False], [True, True]])
-    return AnchorOutput([*coarse, p4, p3], boxes, valid, [[torch.zeros(1, 5)], [torch.zeros(1, 5)] * 3])
+    groups = OutputAnchors.from_groups([[torch.zeros(1, 5)], [torch.zeros(1, 5)] * 3])
+    return AnchorOutput([*coarse, p4, p3], boxes, valid, groups)
 
 
 def test_probed_patches_skip_loss_only_and_other_images():

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fast or args.compile or args.precision != "fp32":
         model = optimize_for_inference(model.to(device), fold_bn=args.fast, channels_last=args.fast,
                                        compile=args.compile, dtype=args.precision)
-        print(f"inference-optimised model: {model.settings}")
+        print(f"inference-optimised model: {model.inference_settings}")
     amp_context = functools.partial(autocast_context, device, args.amp)
     settings = BenchmarkSettings(size=size, batch_size=args.batch_size, warmup=args.warmup,
                                  repeats=args.repeats, inference_level=args.inference_level,

@@ -1,11 +1,10 @@
 """Measuring a detector: latency, per-stage times, FLOPs, parameters, peak memory, queries and patches.
 
-The detector's pieces run in sequence (:func:`run_stages`): backbone, FPN (``neck``), anchor generator,
-proposal stage (query preparation included), decoder heads and post-processing. This is the same
-computation as ``ASAG.forward`` followed by ``ASAG.postprocess`` (tested), so per-stage times come from
-synchronised timestamps around each piece instead of hooks. Optionally the anchor generator's output
-is replaced by a fixed number of queries (``num_queries``) so that the proposal stage and the decoder
-run at a chosen, documented query count (the paper counts FLOPs at its average of about 312).
+:func:`run_stages` runs ``ASAG.forward`` and ``ASAG.postprocess`` with forward hooks on the stage modules
+(backbone, FPN ``neck``, anchor generator, proposal stage, decoder heads, post-processing): per-stage times
+and FLOPs come from the one forward, not from a copy of it. Optionally a hook replaces the anchor
+generator's output by a fixed number of queries (``num_queries``) so that the proposal stage and the
+decoder run at a chosen, documented query count (the paper counts FLOPs at its average of about 312).
 
 Random inputs give a randomly initialised anchor generator no reason to probe (spec Appendix C), so
 :func:`craft_probing_biases` sets the biases of its two last linears so that every anchor slot has a
@@ -21,17 +20,16 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from asag.engine.flops import FlopCount, measure_flops
+from asag.engine.flops import FlopCount, FlopCounter
 from asag.engine.recall import RecallEvaluator, RecallResult
 from asag.modeling.detector import ASAG
-from asag.modeling.queries import build_queries
 from asag.structures import AnchorOutput, Batch, Detections, ModelOutput
 
 T = TypeVar("T")
@@ -39,6 +37,8 @@ T = TypeVar("T")
 # The detector's pieces in execution order (the names of its submodules, plus post-processing).
 STAGES = ("backbone", "neck", "anchor_generator", "proposal", "decoder", "postprocess")
 MODULE_STAGES = STAGES[:-1]
+# Stages whose submodule has another name.
+STAGE_MODULES = {"postprocess": "postprocessor"}
 # Levels Adaptive Probing can reach (spec 3.4).
 PROBED_LEVELS = ("P4", "P3")
 # The collate pads every batch to a multiple of the coarsest stride (spec section 0).
@@ -151,8 +151,12 @@ def fixed_anchors(image_sizes: Tensor, num_queries: int, seed: int = 0) -> tuple
 Wrap = Callable[[str, Callable[[], Any]], Any]
 
 
-def _call(name: str, fn: Callable[[], T]) -> T:
-    return fn()
+class StageProbe(Protocol):
+    """Sees every stage of :func:`run_stages` begin and end (timing, FLOP counting)."""
+
+    def begin(self, name: str) -> None: ...
+
+    def end(self, name: str) -> None: ...
 
 
 @dataclass
@@ -169,57 +173,66 @@ class StagedRun:
     generated_queries: Tensor
 
 
+def stage_modules(model: ASAG) -> dict[str, nn.Module]:
+    """The submodule of every :data:`STAGES` entry (post-processing: ``postprocessor``)."""
+    return {stage: getattr(model, STAGE_MODULES.get(stage, stage)) for stage in STAGES}
+
+
+@contextlib.contextmanager
+def stage_hooks(model: ASAG, probe: StageProbe | None = None,
+                anchor_hook: Callable[[AnchorOutput], AnchorOutput | None] | None = None) -> Iterator[None]:
+    """Forward hooks on the stage modules of ``model`` while the block runs: ``probe.begin`` /
+    ``probe.end`` around every stage call; ``anchor_hook(anchors)`` sees the anchor generator's output
+    and may replace it (returns None to keep it)."""
+    handles = []
+    try:
+        if anchor_hook is not None:
+            handles.append(model.anchor_generator.register_forward_hook(lambda m, a, out: anchor_hook(out)))
+        for stage, module in stage_modules(model).items() if probe is not None else ():
+            handles.append(module.register_forward_pre_hook(lambda m, a, s=stage: probe.begin(s)))
+            handles.append(module.register_forward_hook(lambda m, a, o, s=stage: probe.end(s)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def run_stages(
     model: ASAG,
     inputs: BenchmarkInputs,
     *,
-    wrap: Wrap = _call,
+    probe: StageProbe | None = None,
     inference_level: str | None = None,
     num_queries: int | None = None,
     amp_context: Callable[[], Any] | None = None,
 ) -> StagedRun:
-    """Evaluation forward + post-processing, one :data:`STAGES` piece at a time.
+    """One evaluation forward (``ASAG.forward``) plus ``ASAG.postprocess``, watched by module hooks.
 
     Args:
         model: the detector in eval mode.
         inputs: images and sizes.
-        wrap: called as ``wrap(stage_name, thunk)``; must call the thunk once and return its result
-            (timing, FLOP counting, or nothing).
+        probe: sees each :data:`STAGES` call begin and end (:func:`stage_hooks`); the work between two
+            stages (query preparation, casts) belongs to none.
         inference_level: probing depth override (``P3P6 | P4P6 | P5P6``).
         num_queries: replace the anchor generator's anchors by this many fixed anchors per image
             (:func:`fixed_anchors`); ``None`` keeps the generated ones.
-        amp_context: factory of the autocast context of backbone and FPN (None: fp32).
+        amp_context: factory of the autocast context of backbone and FPN (None: fp32; the forward runs
+            everything after the FPN in float32).
     """
-    amp = amp_context or contextlib.nullcontext
-    with amp():
-        c_feats = wrap("backbone", lambda: model.backbone(inputs.images))
-        features = wrap("neck", lambda: _run_neck(model, c_feats, inputs.image_sizes))
-    with torch.autocast(inputs.images.device.type, enabled=False):
-        anchors = wrap("anchor_generator", lambda: model.anchor_generator(
-            model.anchor_features(features), inputs.image_sizes, inference_level=inference_level))
-        generated = anchors.valid_mask.sum(dim=1)
-        if num_queries is not None:
-            boxes, valid = fixed_anchors(inputs.image_sizes, num_queries)
-            anchors = replace(anchors, boxes=boxes, valid_mask=valid)
+    generated: list[Tensor] = []
 
-        def proposal_stage():
-            queries = build_queries(anchors, inputs.image_sizes, None, num_dn=0, noise_scale=0.0,
-                                    num_heads=model.attention_heads)
-            return queries, model.proposal(queries, features, inputs.image_sizes)
+    def record_anchors(anchors: AnchorOutput) -> AnchorOutput | None:
+        generated.append(anchors.valid_mask.sum(dim=1))
+        if num_queries is None:
+            return None
+        boxes, valid = fixed_anchors(inputs.image_sizes, num_queries)
+        return replace(anchors, boxes=boxes, valid_mask=valid)
 
-        queries, proposals = wrap("proposal", proposal_stage)
-        heads = wrap("decoder", lambda: model.decoder(proposals, features, inputs.image_sizes,
-                                                      queries.attn_mask))
-        output = ModelOutput(anchors=anchors, queries=queries, proposals=proposals.prediction, heads=heads)
-        detections = wrap("postprocess", lambda: model.postprocess(output, inputs.orig_sizes))
-    return StagedRun(output, detections, generated)
-
-
-def _run_neck(model: ASAG, backbone_features, image_sizes: Tensor) -> list[Tensor]:
-    """The neck's levels as float32, as ``ASAG.extract_features`` computes them."""
-    if model.neck_uses_image_sizes:  # ASAG-D's encoder masks the padding
-        return [p.float() for p in model.neck(backbone_features, image_sizes)]
-    return [p.float() for p in model.neck(backbone_features)]
+    with stage_hooks(model, probe, record_anchors):
+        with (amp_context or contextlib.nullcontext)():
+            output = model(inputs.images, inputs.image_sizes, inference_level=inference_level)
+        detections = model.postprocess(output, inputs.orig_sizes)
+    return StagedRun(output, detections, generated[-1])
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -256,17 +269,25 @@ def timing_stats(seconds: list[float]) -> TimingStats:
 
 @dataclass
 class StageTimer:
-    """A :data:`Wrap` that records the synchronised wall time of every stage call."""
+    """Records the synchronised wall time of every stage call: as a :data:`Wrap` (``timer(name, fn)``,
+    the training step's parts) or as a :class:`StageProbe` (``begin`` / ``end``, :func:`run_stages`)."""
 
     device: torch.device
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    _started: dict[str, float] = field(default_factory=dict)
+
+    def begin(self, name: str) -> None:
+        synchronize(self.device)
+        self._started[name] = time.perf_counter()
+
+    def end(self, name: str) -> None:
+        synchronize(self.device)
+        self.seconds.setdefault(name, []).append(time.perf_counter() - self._started.pop(name))
 
     def __call__(self, name: str, fn: Callable[[], T]) -> T:
-        synchronize(self.device)
-        start = time.perf_counter()
+        self.begin(name)
         out = fn()
-        synchronize(self.device)
-        self.seconds.setdefault(name, []).append(time.perf_counter() - start)
+        self.end(name)
         return out
 
 
@@ -297,22 +318,26 @@ class FlopReport:
 
 
 class FlopRecorder:
-    """A :data:`Wrap` that counts the FLOPs of every stage separately."""
+    """A :class:`StageProbe` that counts the FLOPs of every stage separately."""
 
     def __init__(self) -> None:
         self.stages: dict[str, FlopCount] = {}
+        self._counting: dict[str, FlopCounter] = {}
 
-    def __call__(self, name: str, fn: Callable[[], T]) -> T:
-        out, count = measure_flops(fn)
-        self.stages[name] = self.stages.get(name, FlopCount()) + count
-        return out
+    def begin(self, name: str) -> None:
+        self._counting[name] = FlopCounter().__enter__()
+
+    def end(self, name: str) -> None:
+        counter = self._counting.pop(name)
+        counter.__exit__(None, None, None)
+        self.stages[name] = self.stages.get(name, FlopCount()) + counter.count
 
 
 def count_flops(model: ASAG, inputs: BenchmarkInputs, **stage_kwargs) -> tuple[FlopReport, StagedRun]:
     """FLOPs per stage of one evaluation run (``stage_kwargs`` as for :func:`run_stages`)."""
     recorder = FlopRecorder()
     with torch.inference_mode():
-        run = run_stages(model, inputs, wrap=recorder, **stage_kwargs)
+        run = run_stages(model, inputs, probe=recorder, **stage_kwargs)
     total = sum(recorder.stages.values(), FlopCount())
     return FlopReport(recorder.stages, total, len(inputs.images)), run
 
@@ -543,7 +568,7 @@ def _timed_runs(model: ASAG, inputs: BenchmarkInputs, settings: BenchmarkSetting
         for _ in range(settings.repeats):
             run, seconds = time_call(lambda: run_stages(model, inputs, **kwargs), device)
             total.append(seconds)
-            run_stages(model, inputs, wrap=timer, **kwargs)
+            run_stages(model, inputs, probe=timer, **kwargs)
     return total, timer, run
 
 
@@ -578,7 +603,7 @@ def benchmark(model: ASAG, settings: BenchmarkSettings, *, device: torch.device,
         latency_ms=latency, fps=batch * MS_PER_S / latency.median, stage_ms=stage_ms,
         stage_share={k: v.median / stage_sum for k, v in stage_ms.items()},
         flops=flops, parameters=count_parameters(model), peak_memory_mib=peak / BYTES_PER_MIB,
-        memory_kind=memory.kind, static=bool(getattr(model, "static", False)),
+        memory_kind=memory.kind, static=model.static,
         budget_bound=None if bound is None else {k: v / batch for k, v in bound.items()},
     )
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from asag.errors import ConfigError
+from asag.modeling.detector import ASAG
 from asag.structures import DetectionBatch, Detections
 
 # Side multiple of the graphs' input sizes (the collate padding, SIZE_DIVISIBILITY of asag.data).
@@ -64,9 +65,9 @@ class CudaGraphDetector(nn.Module):
     :class:`DetectionBatch` / per-image :class:`Detections` (copies: the graph's outputs are reused).
     """
 
-    def __init__(self, model: nn.Module, bucket: int = DEFAULT_BUCKET, max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(self, model: ASAG, bucket: int = DEFAULT_BUCKET, max_graphs: int = MAX_GRAPHS) -> None:
         super().__init__()
-        if model.training or not getattr(model, "static", False):
+        if not isinstance(model, ASAG) or model.training or not model.static:
             raise ConfigError("CUDA graphs need the static model in evaluation mode (static=True / --static)")
         if bucket < 1 or bucket % DEFAULT_BUCKET:
             raise ConfigError(f"CUDA graph bucket {bucket}: must be a positive multiple of {DEFAULT_BUCKET}")

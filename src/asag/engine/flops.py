@@ -16,8 +16,8 @@ counted:
   per channel, one bilinear interpolation = 4 multiply-adds. The average over the points of a bin
   (additions only) is not counted.
 * ``aten._embedding_bag`` with per-sample weights (the gathered RoIAlign,
-  :class:`~asag.modeling.roi_gather.GatherRoIPooling`): one multiply-add per gathered row and channel.
-  Each output cell gathers the 4 bilinear taps of every sampling point, so the count equals
+  :class:`~asag.modeling.roi_pooling.RoIPooling` of kind ``gather``): one multiply-add per gathered row
+  and channel. Each output cell gathers the 4 bilinear taps of every sampling point, so the count equals
   ``torchvision::roi_align``'s above and FLOPs do not depend on the RoI pooling option. Unweighted bags
   (additions only) count zero.
 * ``aten._scaled_dot_product_flash_attention_for_cpu`` (``nn.MultiheadAttention`` on the CPU): the two
@@ -191,14 +191,29 @@ def _op_name(packet: Any) -> str:
     return _OP_NAMES.get(packet, getattr(packet, "__name__", str(packet)).split(".")[-1])
 
 
+class FlopCounter:
+    """``with FlopCounter() as counter:`` counts the FLOPs of the block (``FlopCounterMode`` with
+    :func:`hand_counted_ops`); :attr:`count` is the :class:`FlopCount` once the block has ended."""
+
+    def __init__(self) -> None:
+        self._mode = FlopCounterMode(display=False, custom_mapping=hand_counted_ops())
+        self.count = FlopCount()
+
+    def __enter__(self) -> FlopCounter:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        by_op: dict[str, int] = {}
+        for packet, value in self._mode.get_flop_counts().get("Global", {}).items():
+            name = _op_name(packet)
+            by_op[name] = by_op.get(name, 0) + int(value)
+        self.count = FlopCount(sum(by_op.values()), by_op)
+
+
 def measure_flops(fn: Callable[[], T]) -> tuple[T, FlopCount]:
-    """Run ``fn()`` under ``FlopCounterMode`` with :func:`hand_counted_ops`; return its result and count."""
-    counter = FlopCounterMode(display=False, custom_mapping=hand_counted_ops())
-    with counter:
+    """Run ``fn()`` under a :class:`FlopCounter`; return its result and count."""
+    with FlopCounter() as counter:
         result = fn()
-    totals = counter.get_flop_counts().get("Global", {})
-    by_op: dict[str, int] = {}
-    for packet, value in totals.items():
-        name = _op_name(packet)
-        by_op[name] = by_op.get(name, 0) + int(value)
-    return result, FlopCount(sum(by_op.values()), by_op)
+    return result, counter.count

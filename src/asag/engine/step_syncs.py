@@ -1,6 +1,6 @@
 """Host-device synchronisations of one training step, counted by stage.
 
-:class:`~asag.modeling.fast.SyncAudit` records every torch call that would make the host wait for a CUDA
+:class:`~asag.engine.syncs.SyncAudit` records every torch call that would make the host wait for a CUDA
 device, with the asag source line that asked for it. :func:`count_step_syncs` runs one
 :meth:`~asag.engine.trainer.Trainer.train_step` under the audit and sorts the calls into the stages of
 :data:`SYNC_STAGES` by the part of the step (forward, loss, backward, optimizer) and the source file.
@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from asag.modeling.fast import SyncAudit
+from asag.engine.syncs import SyncAudit
 from asag.structures import ImageTargets
 
 SYNC_STAGES = ("backbone/FPN", "anchor generator", "proposal/decoder", "matching", "loss", "backward",
@@ -25,8 +25,9 @@ SYNC_STAGES = ("backbone/FPN", "anchor generator", "proposal/decoder", "matching
 _FILE_STAGES = {
     "modeling/backbone.py": "backbone/FPN", "modeling/neck.py": "backbone/FPN",
     "modeling/deformable_encoder.py": "backbone/FPN",
-    "modeling/anchor_generator.py": "anchor generator", "modeling/patches.py": "anchor generator",
-    "training/matcher.py": "matching",
+    "modeling/anchor_generator.py": "anchor generator", "modeling/anchor_selection.py": "anchor generator",
+    "modeling/patches.py": "anchor generator", "ops/nms.py": "anchor generator",
+    "training/patch_sampling.py": "anchor generator", "training/matcher.py": "matching",
 }
 
 

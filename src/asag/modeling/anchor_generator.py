@@ -1,63 +1,59 @@
 """The Anchor Generator: adaptive sparse anchors from P5/P6, refined by probing P4 and P3 (spec section 3).
 
-Data flow for a batch of ``B`` images (``d`` = FPN width, ``c`` = ``compress_dim``, ``P`` = patch size):
+The network (compression, P6, the coarse and patch predictors) and the order of the stages live here; the
+choice of candidates, patches and output anchors is :mod:`asag.modeling.anchor_selection`, the training
+patches (spec 3.7) are :mod:`asag.training.patch_sampling`. Data flow for a batch of ``B`` images
+(``d`` = FPN width, ``c`` = ``compress_dim``, ``P`` = patch size):
 
 1. *Coarse stage* (spec 3.3): ``compress[2](P5)``, the valid region resized to ``2P x 2P``, four
-   ``P x P`` crops plus a stride-2 ``P6`` map -> ``proj_all`` -> ``K1`` anchors per crop / P6 map.
-2. *Adaptive probing* (spec 3.4): mid-confidence small anchors become candidates; fixed-size squares
-   around them go through a per-image NMS; each kept square becomes a ``P x P`` patch on P4 (then P3),
-   whose tokens go through ``proj_patch`` -> ``K2`` anchors per patch.
+   ``P x P`` crops plus a stride-2 ``P6`` map -> ``proj_all`` -> ``K1`` anchors per crop / P6 map:
+   ``[B, 5 * K1, 5]``.
+2. *Adaptive probing* (spec 3.4), per level P4 then P3: mid-confidence small anchors become candidates;
+   fixed-size squares around them go through a per-image NMS; each kept square becomes a ``P x P`` patch,
+   whose tokens go through ``proj_patch`` -> ``K2`` anchors per patch: ``[n_patches, K2, 5]``.
 3. *Output selection* (spec 3.5): per stage the confident anchors that were not sent for refinement,
-   concatenated per image, capped at ``max_anchors`` and padded with the full-image box.
+   concatenated per image, capped at ``max_anchors`` and padded with the full-image box: ``[B, Q, 4]``.
 
-Training (``self.training`` and targets given) adds flipped P6 copies, ground-truth patches and the
-epoch-0 teacher forcing of spec 3.7. Patches never loop in Python: cutting, predicting and decoding are
-batched over all patches of all images. In evaluation the host reads device values only where a size
-depends on them: per probed level the candidate positions (which also decide the early stop) and the
-patch NMS, and once for all stages the output count and ``Q`` (docs/inference.md).
-
-*Static mode* (``static=True``, inference only) fixes every shape by the input size and two budgets:
-per image and probed level ``static_patches_per_level`` patch slots chosen by a fixed-length greedy
-NMS (:func:`asag.ops.nms.fixed_budget_nms`), and ``max_anchors`` output columns. Empty slots and the
-early stop become masks (``StageAnchors.row_valid``), so the forward reads nothing back from the
-device; where no budget binds the output anchors equal the dynamic mode's (docs/inference.md).
+The :class:`~asag.modeling.budgets.Budgets` passed to :meth:`AnchorGenerator.forward` size the patch
+slots of every probed level and the ``Q`` query slots: from the data (one host read per level and one
+for ``Q``; the release's result; the early stop is a level with no patch), or from the configuration
+(fixed shapes, no host read; empty slots and the early stop are masks). Training (``self.training`` and
+targets given) adds flipped P6 copies, ground-truth patches and the epoch-0 teacher forcing of spec 3.7.
+Patches never loop in Python: cutting, predicting and decoding are batched over all patches of all images.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_convert
 
 from asag.errors import ConfigError
+from asag.modeling.anchor_selection import (
+    ANCHOR_FIELDS,
+    StageAnchors,
+    StageSelection,
+    choose_patches,
+    pack_queries,
+    refinement_candidates,
+    select_output,
+)
 from asag.modeling.blocks import MLP, init_xavier
+from asag.modeling.budgets import DATA_BUDGETS, Budgets
 from asag.modeling.patches import (
-    anchor_patch_positions,
     anchors_to_pixels,
     bilinear_resize_weights,
-    centrality_scores,
-    count_per_group,
     crop_offsets,
     crops_to_image_frame,
     extract_patch_tokens,
-    finite_or_zero,
-    gt_patch_positions,
     maps_to_tokens,
     pad_to_patch,
     patches_to_image_frame,
-    random_patch_positions,
-    rank_in_group,
     split_into_crops,
-    square_boxes_xyxy,
     valid_region_cells,
 )
-from asag.ops.boxes import full_image_boxes_cxcywh_px
-from asag.ops.nms import fixed_budget_nms
-from asag.structures import AnchorOutput, ImageTargets, PatchPredictions
+from asag.structures import AnchorOutput, ImageTargets, PatchPredictions, PatchSet
+from asag.training.patch_sampling import training_patches
 
 # Loop index at which probing stops for each inference level (spec 3.4 step 1): 1 = before P4, 2 = before
 # P3, 3 = never.
@@ -70,81 +66,12 @@ COARSE_TABLE = 0
 # The authors' AG MLPs: hidden width 125 * compress_dim, three linears (spec 3.1 / 3.2).
 MLP_HIDDEN_PER_CHANNEL = 125
 MLP_LAYERS = 3
-# Each anchor is (cx, cy, w, h, confidence logit) (spec 3.2).
-ANCHOR_FIELDS = 5
 # Crops tiling the resized P5 map (spec 3.3 step 5).
 NUM_CROPS = 4
-# Static mode: default patch slots per image and probed level (the release's speed path kept at most
-# 15 patches per level; measured in docs/inference.md) and the keys of ``AnchorOutput.budget_bound``.
-STATIC_PATCHES_PER_LEVEL = 15
+# Keys of ``AnchorOutput.budget_bound``.
 BUDGET_KEYS = ("P4", "P3", "queries")
-
-
-@dataclass
-class PatchSet:
-    """Patches chosen at one level.
-
-    batch_idx: ``[N]`` int64 image of each patch.
-    crop_pos: ``[N, 2]`` int64 ``(x, y)`` top-left in feature cells.
-    loss_only: ``[N]`` bool, True for GT-derived / random patches that only feed the loss.
-    """
-
-    batch_idx: Tensor
-    crop_pos: Tensor
-    loss_only: Tensor
-
-    def __len__(self) -> int:
-        return int(self.batch_idx.numel())
-
-
-@dataclass
-class StageAnchors:
-    """Decoded anchors of one stage, the input of the next probing step.
-
-    anchors: ``[N, K, 5]`` pixel cxcywh + confidence (after the zeroing rules), detached.
-    image_idx: ``[N]`` int64 image of each row (rows are images at the coarse stage, patches after).
-    coarse: True for the P5-crops/P6 stage (the ``min_anchors`` fallback applies only there).
-    row_valid: static mode: ``[N]`` bool, False for the empty patch slots (their anchors are ignored);
-        ``None`` when every row is real. Static rows are image-major, the same count per image.
-    """
-
-    anchors: Tensor
-    image_idx: Tensor
-    coarse: bool
-    row_valid: Tensor | None = None
-
-
-@dataclass
-class StageSelection:
-    """Anchors of one stage chosen for output, as a mask (extracted for all stages at once in ``_pack``).
-
-    anchors: ``[N, K, 5]`` the stage's pixel cxcywh + confidence.
-    chosen: ``[N, K]`` bool, the output anchors.
-    position: ``[N, K]`` int64 output order inside a row (ascending).
-    image_idx: ``[N]`` int64 image of each row.
-    reached: ``[B]`` bool, images that own rows at this stage (their group exists even when empty).
-    """
-
-    anchors: Tensor
-    chosen: Tensor
-    position: Tensor
-    image_idx: Tensor
-    reached: Tensor
-
-
-@dataclass
-class PackedAnchors:
-    """The output anchors of every stage, extracted in output order (images ascending, then stages
-    coarse to fine, rows, positions).
-
-    anchors: ``[n, 5]`` pixel cxcywh + confidence. image_idx / stage_idx: ``[n]`` int64.
-    reached: ``[S, B]`` bool, images that own rows at each stage.
-    """
-
-    anchors: Tensor
-    image_idx: Tensor
-    stage_idx: Tensor
-    reached: Tensor
+STATIC_TRAINING_ERROR = ("static mode is for inference only (fixed budgets, no training behaviour): train "
+                         "with model.static=false and switch static mode on for inference")
 
 
 class AnchorGenerator(nn.Module):
@@ -175,9 +102,6 @@ class AnchorGenerator(nn.Module):
         max_patches_per_image: cap on predicted patches per image and level (None; CrowdHuman preset 60).
         max_patches_per_level: the same cap as a speed option (None; the release's speed path used 15).
         inference_level: default probing depth ``"P3P6"``, ``"P4P6"`` or ``"P5P6"``.
-        static: fixed shapes and no host reads (inference only; module docstring, docs/inference.md).
-        static_patches_per_level: static mode's patch slots per image and probed level (further capped
-            by ``max_patches_per_image`` / ``max_patches_per_level``).
     """
 
     def __init__(
@@ -203,8 +127,6 @@ class AnchorGenerator(nn.Module):
         max_patches_per_image: int | None = None,
         max_patches_per_level: int | None = None,
         inference_level: str = "P3P6",
-        static: bool = False,
-        static_patches_per_level: int = STATIC_PATCHES_PER_LEVEL,
     ):
         super().__init__()
         if interpolate_size != 2 * patch_size:
@@ -244,8 +166,6 @@ class AnchorGenerator(nn.Module):
         caps = [c for c in (max_patches_per_image, max_patches_per_level) if c is not None]
         self.patch_cap = min(caps) if caps else None
         self.inference_level = inference_level
-        self.static = static
-        self.static_patches_per_level = static_patches_per_level
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -264,6 +184,7 @@ class AnchorGenerator(nn.Module):
         targets: list[ImageTargets] | None = None,
         epoch: int = 0,
         inference_level: str | None = None,
+        budgets: Budgets = DATA_BUDGETS,
     ) -> AnchorOutput:
         """Generate anchors.
 
@@ -273,43 +194,53 @@ class AnchorGenerator(nn.Module):
             targets: ground truth; with ``self.training`` it enables the training behaviour of spec 3.7.
             epoch: current epoch (teacher forcing while ``epoch < use_target_epoch``).
             inference_level: per-call override of the probing depth (``P3P6 | P4P6 | P5P6``).
+            budgets: patch and query slots (module docstring); training needs them from the data.
         Returns:
             :class:`AnchorOutput`: ``boxes [B, Q, 4]`` pixel cxcywh (padding = full-image box),
-            ``valid_mask [B, Q]``, per-level ``patch_predictions`` and per-image ``selected`` groups.
+            ``valid_mask [B, Q]``, per-level ``patch_predictions`` and the stages' output anchors.
         """
         train = self.training and targets is not None
-        if self.static and train:
-            raise ConfigError("static mode is for inference only: train the model with static off")
+        if train and not budgets.from_data:
+            raise ConfigError(STATIC_TRAINING_ERROR)
         teacher = train and epoch < self.use_target_epoch
         stop = INFERENCE_LEVEL_STOP[_check_level(inference_level or self.inference_level)]
         image_sizes = image_sizes.to(features[0].device)
         image_wh = image_sizes.flip(-1).to(features[0].dtype)  # [B, 2] (w, h)
+        num_images = len(image_wh)
         predictions, current = self._coarse_stage(features[P5_INDEX], image_sizes, image_wh, train)
         selections: list[StageSelection] = []
-        bound: dict[str, Tensor] = {}
+        unbound = torch.zeros(num_images, dtype=torch.bool, device=image_wh.device)
+        bound = dict.fromkeys(BUDGET_KEYS, unbound)
         for step, level, name in PROBE_ORDER:
             if step == stop:
                 break
-            candidates = self._candidates(current, self.strides[level])
-            if self.static:
-                selections.append(self._select(current, candidates, len(image_wh)))
-                patches, valid, bound[name] = self._static_patches(current, candidates, level, image_wh)
-                prediction, current = self._probe(features[level], level, step, name, patches, image_wh,
-                                                  False, valid)
-                predictions.append(prediction)
-                continue
-            # one host sync per level: the candidates' positions also decide the early stop
-            found = None if teacher else candidates.nonzero(as_tuple=True)
-            if not train and len(found[0]) == 0:
-                break
-            selections.append(self._select(current, None if teacher else candidates, len(image_wh)))
-            patches = self._choose_patches(current, found, level, image_wh, targets if train else None)
-            prediction, current = self._probe(features[level], level, step, name, patches, image_wh, train)
+            stride = self.strides[level]
+            candidates, patches = None, None  # teacher forcing: nothing refined, GT patches only
+            if not teacher:
+                candidates = refinement_candidates(current, stride, self.patch_size, self.threshold_low,
+                                                   self.threshold_high)
+                patches, bound[name] = choose_patches(
+                    current, candidates, image_wh, stride, self.patch_size, self.patch_nms_threshold,
+                    self.patch_slots(budgets), self.patch_cap)
+                if not train and len(patches) == 0:  # early stop: no candidate in any image
+                    break
+            selections.append(select_output(current, candidates, self.score_threshold, self.min_anchors,
+                                            num_images))
+            if train:
+                patches = self._training_patches(patches, targets, image_wh, stride)
+            prediction, current = self._probe(features[level], level, step, name, patches, image_wh)
             predictions.append(prediction)
-        selections.append(self._select(current, None, len(image_wh)))
-        if self.static:
-            return self._pack_static(predictions, selections, image_sizes, bound)
-        return self._pack(predictions, selections, image_sizes)
+        selections.append(select_output(current, None, self.score_threshold, self.min_anchors, num_images))
+        packed = pack_queries(selections, image_sizes, self.max_anchors, budgets.queries)
+        bound["queries"] = packed.bound
+        return AnchorOutput(predictions, packed.boxes, packed.valid, packed.output,
+                            budget_bound=None if budgets.from_data else bound)
+
+    def patch_slots(self, budgets: Budgets) -> int | None:
+        """Patch slots per image and probed level under ``budgets`` (capped like the data-sized patches by
+        ``max_patches_per_*``); None: from the data."""
+        slots = budgets.patches_per_level
+        return slots if slots is None or self.patch_cap is None else min(slots, self.patch_cap)
 
     # ------------------------------------------------------------------------------- coarse stage
 
@@ -343,7 +274,8 @@ class AnchorGenerator(nn.Module):
             PatchPredictions("P5", raw[:, :NUM_CROPS], batch_idx, crop_pos=offsets),
         ]
         anchors = self._decode_coarse(raw.detach(), offsets, image_wh)  # [B, 5 * K1, 5]
-        return predictions, StageAnchors(anchors, batch_idx, True)
+        every_row = torch.ones_like(batch_idx, dtype=torch.bool)
+        return predictions, StageAnchors(anchors, batch_idx, True, every_row)
 
     def _decode_coarse(self, raw: Tensor, offsets: Tensor, image_wh: Tensor) -> Tensor:
         """``[B, 4 + n6, K1, 5]`` raw -> ``[B, 5 * K1, 5]`` pixel anchors ordered crop0..crop3, P6."""
@@ -356,186 +288,33 @@ class AnchorGenerator(nn.Module):
 
     # ---------------------------------------------------------------------------------- probing
 
-    def _candidates(self, current: StageAnchors, stride: int) -> Tensor:
-        """``[N, K]`` bool refinement candidates: ``low < c < high`` and both sides ``< s * P / 2`` px."""
-        a = current.anchors
-        limit = stride * self.patch_size / 2
-        conf = a[..., 4]
-        confident = (conf > self.threshold_low) & (conf < self.threshold_high)
-        candidates = confident & (a[..., 3] < limit) & (a[..., 2] < limit)
-        return candidates if current.row_valid is None else candidates & current.row_valid[:, None]
-
-    @torch.no_grad()
-    def _predicted_patches(self, current: StageAnchors, found: tuple[Tensor, Tensor], stride: int,
-                           image_wh: Tensor) -> PatchSet:
-        """Patch NMS on ``s * P`` px squares around the candidates at ``found`` (row, column indices of
-        ``current.anchors``) (spec 3.4 step 4); batched-NMS order."""
-        rows, cols = found
-        anchors = current.anchors[rows, cols]  # [M, 5]
-        image_idx = current.image_idx[rows]  # [M]
-        squares = square_boxes_xyxy(anchors[:, :2], stride * self.patch_size)  # [M, 4] xyxy px
-        keep = batched_nms(squares, anchors[:, 4], image_idx, self.patch_nms_threshold)
-        if self.patch_cap is not None:
-            keep = keep[rank_in_group(image_idx[keep], len(image_wh)) < self.patch_cap]
-        kept_images = image_idx[keep]
-        centres = finite_or_zero(anchors[keep, :2])  # a diverged model's NaN centre: no index out of range
-        positions = anchor_patch_positions(centres, image_wh[kept_images], stride, self.patch_size)
-        return PatchSet(kept_images, positions, torch.zeros_like(kept_images, dtype=torch.bool))
-
-    @property
-    def static_patch_slots(self) -> int:
-        """Patch slots per image and probed level in static mode (the budget, capped like the dynamic
-        mode's ``max_patches_per_*``)."""
-        cap = self.patch_cap if self.patch_cap is not None else self.static_patches_per_level
-        return min(cap, self.static_patches_per_level)
-
-    @torch.no_grad()
-    def _static_patches(
-        self, current: StageAnchors, candidates: Tensor, level: int, image_wh: Tensor
-    ) -> tuple[PatchSet, Tensor, Tensor]:
-        """Static mode's patch choice: the first ``T`` patches of the dynamic mode's NMS per image.
-
-        The rows of ``current`` are image-major with the same count per image, so each image's anchors
-        form one row of ``[B, R * K]`` in the dynamic mode's order (rows, then columns).
-        Returns ``B * T`` patches (image-major; slot ``t`` of image ``b`` is row ``b * T + t``), their
-        ``[B * T]`` validity and the ``[B]`` bool budget bound (greedy NMS would have kept more).
-        """
-        stride, num_images, slots = self.strides[level], len(image_wh), self.static_patch_slots
-        anchors = current.anchors.reshape(num_images, -1, ANCHOR_FIELDS)  # [B, R * K, 5]
-        squares = square_boxes_xyxy(anchors[..., :2], stride * self.patch_size)  # [B, R * K, 4] xyxy px
-        chosen = fixed_budget_nms(squares, anchors[..., 4], candidates.reshape(num_images, -1),
-                                  self.patch_nms_threshold, slots)  # [B, T]
-        centres = anchors[..., :2].gather(1, chosen.index[..., None].expand(-1, -1, 2))  # [B, T, 2]
-        wh = image_wh.repeat_interleave(slots, dim=0)  # [B * T, 2]
-        positions = anchor_patch_positions(centres.reshape(-1, 2), wh, stride, self.patch_size)  # [B * T, 2]
-        images = torch.arange(num_images, device=image_wh.device).repeat_interleave(slots)  # [B * T]
-        valid = chosen.kept.reshape(-1)  # [B * T]
-        return PatchSet(images, positions, torch.zeros_like(valid)), valid, chosen.overflow
-
-    def _choose_patches(
-        self,
-        current: StageAnchors,
-        found: tuple[Tensor, Tensor] | None,
-        level: int,
-        image_wh: Tensor,
-        targets: list[ImageTargets] | None,
-    ) -> PatchSet:
-        """Predicted patches (none while teacher forcing, ``found is None``), plus in training the
-        GT-derived / random patches of spec 3.7."""
-        stride = self.strides[level]
-        predicted = None if found is None else self._predicted_patches(current, found, stride, image_wh)
-        if targets is None:
-            return predicted
+    def _training_patches(self, predicted: PatchSet | None, targets: list[ImageTargets], image_wh: Tensor,
+                          stride: int) -> PatchSet:
+        """The predicted patches (None while teacher forcing) plus the GT-derived / random patches of
+        spec 3.7."""
         with torch.no_grad():
-            return training_patches(
-                predicted, targets, image_wh, stride, self.patch_size, self.patch_nms_threshold,
-                self.min_training_patches,
-            )
+            return training_patches(predicted, targets, image_wh, stride, self.patch_size,
+                                    self.patch_nms_threshold, self.min_training_patches)
 
     def _probe(
         self, feature: Tensor, level: int, step: int, name: str, patches: PatchSet, image_wh: Tensor,
-        train: bool, valid: Tensor | None = None,
     ) -> tuple[PatchPredictions, StageAnchors]:
-        """Cut the patches from ``compress[level](feature)``, predict and decode the real ones (in
-        evaluation every patch is real). ``valid`` (static mode): ``[N]`` bool, the used patch slots."""
+        """Cut the patches from ``compress[level](feature)``, predict ``[N, K2, 5]`` and decode them; the
+        next stage ignores the empty slots and the loss-only patches (``row_valid``)."""
         stride = self.strides[level]
         fmap = pad_to_patch(self.compress[level](feature), self.patch_size)  # [B, c, >=P, >=P]
         tokens = extract_patch_tokens(fmap, patches.batch_idx, patches.crop_pos, self.patch_size)
         raw = self._predict(tokens, step, self.proj_patch, self.num_anchors_patch)  # [N, K2, 5]
         prediction = PatchPredictions(
             name, raw, patches.batch_idx, crop_pos=patches.crop_pos, loss_only=patches.loss_only,
-            stride=stride, valid=valid,
+            stride=stride, valid=patches.valid,
         )
-        raw_real, images, crop_pos = raw.detach(), patches.batch_idx, patches.crop_pos
-        if train:
-            real = (~patches.loss_only).nonzero()[:, 0]  # [N_real]
-            raw_real, images, crop_pos = raw_real[real], images[real], crop_pos[real]  # [N_real, K2, 5], ...
-        wh = image_wh[images]  # [N_real, 2]
-        boxes = patches_to_image_frame(raw_real[..., :4], crop_pos, wh, stride, self.patch_size)
-        anchors = anchors_to_pixels(boxes, raw_real[..., 4], wh, self.min_anchor_size, check_boundary=True)
-        return prediction, StageAnchors(anchors, images, False, valid)
-
-    # ----------------------------------------------------------------------------------- output
-
-    def _select(self, current: StageAnchors, candidates: Tensor | None, num_images: int) -> StageSelection:
-        """Output anchors of one stage (spec 3.5): confident and, if ``candidates`` is given, not refined.
-
-        At the coarse stage, rows where fewer than ``min_anchors`` pass take their ``min_anchors`` most
-        confident anchors instead, in descending order (spec 3.5 A; may duplicate refined anchors).
-        """
-        conf = current.anchors[..., 4]  # [N, K]
-        keep = conf > self.score_threshold
-        if current.row_valid is not None:
-            keep &= current.row_valid[:, None]
-        if candidates is not None:
-            keep &= ~candidates
-        columns = torch.arange(conf.shape[1], device=conf.device).expand_as(conf)  # [N, K]
-        chosen, position = keep, columns
-        if current.coarse:
-            num = conf.shape[1]
-            k = min(self.min_anchors, num)
-            fallback = (keep.sum(1) < k)[:, None]  # [N, 1]
-            top = conf.topk(k, dim=1).indices  # [N, k]
-            top_rank = torch.full_like(columns, num).scatter_(1, top, columns[:, :k])  # [N, K]; K = not top
-            chosen = torch.where(fallback, top_rank < k, keep)
-            position = torch.where(fallback, top_rank, columns)
-        reached = count_per_group(current.image_idx, num_images, current.row_valid) > 0
-        return StageSelection(current.anchors, chosen, position, current.image_idx, reached)
-
-    def _pack(
-        self, predictions: list[PatchPredictions], selections: list[StageSelection], image_sizes: Tensor
-    ) -> AnchorOutput:
-        """Concatenate stages per image, cap at ``max_anchors``, pad to ``[B, Q, 4]`` (spec 3.5 C-D).
-
-        One host sync for all stages: the number of chosen anchors and ``Q``, the longest row, are read
-        together; anchors over the cap are written to a spare column.
-        """
-        num_images = len(image_sizes)
-        flat = flatten_selections(selections)
-        kept = count_per_group(flat.image_idx, num_images, flat.chosen).clamp(max=self.max_anchors)  # [B]
-        total, q = torch.stack([flat.chosen.sum(), kept.max()]).tolist()
-        index = torch.nonzero_static(flat.chosen, size=total)[:, 0]  # [n]
-        index = index[torch.argsort(flat.order_key[index])]  # images, stages, rows, positions
-        packed = PackedAnchors(flat.anchors[index], flat.image_idx[index], flat.stage_idx[index],
-                               torch.stack([s.reached for s in selections]))
-        slots, _ = capped_slots(packed.anchors[:, 4], packed.image_idx, num_images, self.max_anchors)
-        slots = slots.clamp(max=q)  # [n], column q collects the anchors over the cap
-        boxes = full_image_boxes_cxcywh_px(image_sizes, q + 1).clone()  # [B, Q + 1, 4]
-        boxes[packed.image_idx, slots] = packed.anchors[:, :4].to(boxes.dtype)
-        valid = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)  # [B, Q + 1]
-        valid[packed.image_idx, slots] = True
-        boxes, valid = boxes[:, :q].contiguous(), valid[:, :q].contiguous()  # [B, Q, 4], [B, Q]
-        return AnchorOutput(predictions, boxes, valid, StageGroups(packed, num_images))
-
-
-    def _pack_static(
-        self, predictions: list[PatchPredictions], selections: list[StageSelection], image_sizes: Tensor,
-        bound: dict[str, Tensor],
-    ) -> AnchorOutput:
-        """:meth:`_pack` with fixed shapes: ``Q = max_anchors`` columns, no host reads.
-
-        Per image the chosen anchors of all stages are ranked by (stage, row, position) as in the
-        dynamic mode; an image with more than ``max_anchors`` keeps its most confident ones (ties in
-        that order). ``bound`` (patch budgets per level) gains ``"queries"``: the cap bound.
-        """
-        num_images, q = len(image_sizes), self.max_anchors
-        ranked = rank_static_selections(selections, num_images)
-        count = ranked.chosen.sum(dim=1, keepdim=True)  # [B, 1]
-        columns = torch.arange(ranked.chosen.shape[1], device=count.device).expand_as(ranked.chosen)  # [B, T]
-        conf = ranked.anchors[..., 4].masked_fill(~ranked.chosen, float("-inf"))
-        by_conf = torch.sort(conf, dim=1, descending=True, stable=True).indices  # [B, T]
-        conf_rank = torch.empty_like(by_conf).scatter_(1, by_conf, columns)  # [B, T]
-        slots = torch.where(count > q, conf_rank, columns)
-        slots = torch.where(ranked.chosen & (slots < q), slots, q)  # column q collects the rest
-        boxes = full_image_boxes_cxcywh_px(image_sizes, q + 1).clone()  # [B, Q + 1, 4]
-        boxes.scatter_(1, slots[..., None].expand(-1, -1, 4), ranked.anchors[..., :4].to(boxes.dtype))
-        valid = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)  # [B, Q + 1]
-        valid.scatter_(1, slots, ranked.chosen)
-        bound = {key: bound.get(key, torch.zeros_like(count[:, 0], dtype=torch.bool)) for key in BUDGET_KEYS}
-        bound["queries"] = count[:, 0] > q
-        groups = StageGroups(build=lambda: _static_groups(ranked, num_images))
-        return AnchorOutput(predictions, boxes[:, :q].contiguous(), valid[:, :q].contiguous(), groups,
-                            budget_bound=bound)
+        wh = image_wh[patches.batch_idx]  # [N, 2]
+        boxes = patches_to_image_frame(raw.detach()[..., :4], patches.crop_pos, wh, stride, self.patch_size)
+        logits = raw.detach()[..., 4]  # [N, K2]
+        anchors = anchors_to_pixels(boxes, logits, wh, self.min_anchor_size, check_boundary=True)
+        real = ~patches.loss_only if patches.valid is None else patches.valid & ~patches.loss_only  # [N]
+        return prediction, StageAnchors(anchors, patches.batch_idx, False, real)
 
 
 # ---------------------------------------------------------------------------------- pure helpers
@@ -545,275 +324,3 @@ def _check_level(level: str) -> str:
     if level not in INFERENCE_LEVEL_STOP:
         raise ValueError(f"inference_level must be one of {sorted(INFERENCE_LEVEL_STOP)}, got {level!r}")
     return level
-
-
-@dataclass
-class FlatSelections:
-    """Every stage's anchors flattened to one list (``M = sum N_s * K_s`` entries).
-
-    anchors: ``[M, 5]``; chosen: ``[M]`` bool; image_idx / stage_idx: ``[M]`` int64; order_key: ``[M]``
-    int64, increasing with (image, stage, row, position).
-    """
-
-    anchors: Tensor
-    chosen: Tensor
-    image_idx: Tensor
-    stage_idx: Tensor
-    order_key: Tensor
-
-
-def flatten_selections(selections: list[StageSelection]) -> FlatSelections:
-    """Flatten the stage selections (no host sync); see :class:`FlatSelections`."""
-    max_rows = max(s.anchors.shape[0] for s in selections)
-    max_cols = max(s.anchors.shape[1] for s in selections)
-    parts = []
-    for stage, sel in enumerate(selections):
-        rows, cols = sel.chosen.shape
-        row_idx = torch.arange(rows, device=sel.chosen.device)[:, None].expand(rows, cols)  # [N, K]
-        images = sel.image_idx[:, None].expand(rows, cols)  # [N, K]
-        key = ((images * len(selections) + stage) * max_rows + row_idx) * max_cols + sel.position
-        parts.append((sel.anchors.reshape(-1, ANCHOR_FIELDS), sel.chosen.reshape(-1), images.reshape(-1),
-                      torch.full_like(images, stage).reshape(-1), key.reshape(-1)))
-    return FlatSelections(*(torch.cat(column) for column in zip(*parts)))
-
-
-@dataclass
-class RankedSelections:
-    """Static mode: every image's anchors of all stages in output order, chosen ones first.
-
-    anchors: ``[B, T, 5]``; chosen: ``[B, T]`` bool (a prefix of each row); stage_idx: ``[B, T]`` int64;
-    reached: ``[S, B]`` bool, images that own real rows at each stage.
-    """
-
-    anchors: Tensor
-    chosen: Tensor
-    stage_idx: Tensor
-    reached: Tensor
-
-
-def rank_static_selections(selections: list[StageSelection], num_images: int) -> RankedSelections:
-    """Concatenate static-mode stages per image and sort by (chosen first, stage, row, position).
-
-    Static rows are image-major with the same number ``R_s`` per image, so stage ``s`` is a
-    ``[B, R_s * K_s]`` block of every image; the sort key is unique among chosen anchors.
-    """
-    anchors, chosen, stage_idx, keys = [], [], [], []
-    offset = 0
-    for stage, sel in enumerate(selections):
-        rows, cols = sel.chosen.shape
-        per_image = rows // num_images
-        row_in_image = (torch.arange(rows, device=sel.chosen.device) % per_image)[:, None]  # [N, 1]
-        key = (row_in_image * (cols + 1) + sel.position).reshape(num_images, -1)  # [B, R * K]
-        keys.append(key + offset)
-        offset += per_image * (cols + 1)
-        anchors.append(sel.anchors.reshape(num_images, -1, ANCHOR_FIELDS))
-        chosen.append(sel.chosen.reshape(num_images, -1))
-        stage_idx.append(torch.full_like(key, stage))
-    chosen_all = torch.cat(chosen, dim=1)  # [B, T]
-    key = torch.cat(keys, dim=1).masked_fill(~chosen_all, offset)  # unchosen last
-    order = torch.argsort(key, dim=1, stable=True)  # [B, T]
-    return RankedSelections(
-        torch.cat(anchors, dim=1).gather(1, order[..., None].expand(-1, -1, ANCHOR_FIELDS)),
-        chosen_all.gather(1, order), torch.cat(stage_idx, dim=1).gather(1, order),
-        torch.stack([s.reached for s in selections]),
-    )
-
-
-def _static_groups(ranked: RankedSelections, num_images: int) -> list[list[Tensor]]:
-    """``AnchorOutput.selected`` of the static mode, built on first use (host reads allowed there)."""
-    flat = ranked.chosen.reshape(-1).nonzero()[:, 0]  # [n]
-    images = torch.div(flat, ranked.chosen.shape[1], rounding_mode="floor")
-    packed = PackedAnchors(ranked.anchors.reshape(-1, ANCHOR_FIELDS)[flat], images,
-                           ranked.stage_idx.reshape(-1)[flat], ranked.reached)
-    return _groups_per_image(packed, num_images)
-
-
-def _groups_per_image(packed: PackedAnchors, num_images: int) -> list[list[Tensor]]:
-    """Per image, the ``[n, 5]`` output anchors of every stage it reached (coarse to fine)."""
-    num_stages = packed.reached.shape[0]
-    cells = packed.image_idx * num_stages + packed.stage_idx  # [n] (image, stage) cell, ascending
-    counts = count_per_group(cells, num_images * num_stages).view(num_images, num_stages)  # [B, S]
-    counts, reached = torch.stack([counts, packed.reached.T.long()]).tolist()  # one host sync
-    parts = iter(torch.split(packed.anchors, [n for row in counts for n in row]))
-    groups: list[list[Tensor]] = [[] for _ in range(num_images)]
-    for image in range(num_images):
-        for stage in range(num_stages):
-            part = next(parts)
-            if reached[image][stage]:
-                groups[image].append(part)
-    return groups
-
-
-class StageGroups(list):
-    """``AnchorOutput.selected``: per image, the ``[n, 5]`` output anchors of every stage it reached.
-
-    A list filled on first use: splitting the anchors per image needs the counts on the host, which
-    inference (where nobody asks for them) should not wait for. Reads behave as on the plain
-    ``list[list[Tensor]]``; copies and pickles are plain lists.
-    """
-
-    def __init__(self, packed=(), num_images: int | None = None, build=None) -> None:
-        lazy = num_images is not None or build is not None
-        super().__init__(() if lazy else packed)
-        if num_images is not None:
-            build = functools.partial(_groups_per_image, packed, num_images)
-        self._pending = build
-
-    def _build(self) -> None:
-        if self._pending is not None:
-            build, self._pending = self._pending, None
-            list.extend(self, build())
-
-    def __reduce_ex__(self, protocol):
-        self._build()
-        return list, (list(list.__iter__(self)),)
-
-
-def _building(method):
-    def wrapper(self, *args, **kwargs):
-        self._build()
-        return method(self, *args, **kwargs)
-
-    wrapper.__name__ = method.__name__
-    return wrapper
-
-
-for _name in ("__len__", "__iter__", "__getitem__", "__contains__", "__reversed__", "__eq__", "__ne__",
-              "__repr__", "__add__", "index", "count", "copy"):
-    setattr(StageGroups, _name, _building(getattr(list, _name)))
-
-
-def capped_slots(conf: Tensor, images: Tensor, num_images: int, max_anchors: int) -> tuple[Tensor, Tensor]:
-    """Output slot of every anchor under the per-image cap (spec 3.5 C), without host syncs.
-
-    Args:
-        conf: ``[n]`` confidences of anchors grouped by image (ascending).
-        images: ``[n]`` int64 image index.
-    Returns:
-        ``[n]`` int64 slot (column of the padded output; ``>= max_anchors`` = dropped) and ``[B]`` kept
-        anchors per image. Images over the cap take their anchors by descending confidence (ties keep
-        their order); the others keep their order.
-    """
-    counts = count_per_group(images, num_images)  # [B]
-    by_conf = torch.sort(conf, descending=True, stable=True).indices
-    by_conf = by_conf[torch.argsort(images[by_conf], stable=True)]  # per image, descending confidence
-    conf_rank = torch.empty_like(images).scatter_(0, by_conf, rank_in_group(images[by_conf], num_images))
-    over = counts[images] > max_anchors  # [n]
-    slots = torch.where(over, conf_rank, rank_in_group(images, num_images))
-    return slots, counts.clamp(max=max_anchors)
-
-
-def cap_per_image(
-    anchors: Tensor, images: Tensor, num_images: int, max_anchors: int
-) -> tuple[Tensor, Tensor]:
-    """Keep the ``max_anchors`` most confident anchors of every image that has more (spec 3.5 C).
-
-    Args:
-        anchors: ``[n, 5]`` pixel cxcywh + confidence, grouped by image (ascending).
-        images: ``[n]`` int64 image index.
-    Returns:
-        The kept anchors and their images, grouped by image. Images over the cap are sorted by
-        descending confidence (ties keep their order); the others keep their order.
-    """
-    slots, _ = capped_slots(anchors[:, 4], images, num_images, max_anchors)
-    kept = (slots < max_anchors).nonzero()[:, 0]
-    kept = kept[torch.argsort(images[kept] * max(max_anchors, 1) + slots[kept])]
-    return anchors[kept], images[kept]
-
-
-def ground_truth_boxes(
-    targets: list[ImageTargets], image_wh: Tensor, stride: int, patch_size: int, nms_threshold: float
-) -> tuple[Tensor, Tensor]:
-    """The ground-truth objects that get a training patch at one level (spec 3.7 item 3).
-
-    Boxes with both sides below ``s * P / 2`` px take part; an NMS (IoU ``nms_threshold``) scored by
-    centrality (:func:`centrality_scores`) thins them.
-
-    Args:
-        targets: per image, ``boxes [n, 4]`` normalised cxcywh.
-        image_wh: ``[B, 2]`` ``(w, h)``.
-    Returns:
-        ``[G, 4]`` xyxy boxes in pixels and ``[G]`` int64 images, grouped by image, each image in NMS
-        (descending score) order.
-    """
-    device = image_wh.device
-    boxes = torch.cat([t.boxes.to(device=device, dtype=image_wh.dtype).reshape(-1, 4) for t in targets])
-    counts = torch.tensor([len(t.boxes) for t in targets], device=device)
-    images = torch.repeat_interleave(torch.arange(len(targets), device=device), counts)  # [n]
-    px = boxes * image_wh[images].repeat(1, 2)  # [n, 4] cxcywh px
-    limit = stride * patch_size / 2
-    small = (px[:, 2] < limit) & (px[:, 3] < limit)
-    px, images = px[small], images[small]
-    xyxy = box_convert(px, "cxcywh", "xyxy")
-    keep = batched_nms(xyxy, centrality_scores(px[:, :2], images), images, nms_threshold)
-    keep = keep[torch.argsort(images[keep], stable=True)]
-    return xyxy[keep], images[keep]
-
-
-def ground_truth_patches(
-    targets: list[ImageTargets], image_wh: Tensor, stride: int, patch_size: int, nms_threshold: float
-) -> PatchSet:
-    """One patch per :func:`ground_truth_boxes` object, holding it at a random place (``loss_only``
-    False; grouped by image, NMS order)."""
-    boxes, images = ground_truth_boxes(targets, image_wh, stride, patch_size, nms_threshold)
-    jitter = torch.rand(len(images), 2, device=image_wh.device)
-    positions = gt_patch_positions(boxes, image_wh[images], stride, patch_size, jitter)
-    return PatchSet(images, positions, torch.zeros_like(images, dtype=torch.bool))
-
-
-def sample_per_image(patches: PatchSet, needed: Tensor, num_images: int) -> PatchSet:
-    """At most ``needed[b]`` patches of each image, drawn by a random permutation, marked loss-only."""
-    order = torch.randperm(len(patches), device=needed.device)
-    order = order[torch.argsort(patches.batch_idx[order], stable=True)]  # random order within each image
-    images = patches.batch_idx[order]
-    order = order[rank_in_group(images, num_images) < needed[images]]
-    loss_only = torch.ones_like(order, dtype=torch.bool)
-    return PatchSet(patches.batch_idx[order], patches.crop_pos[order], loss_only)
-
-
-def random_patches(needed: Tensor, image_wh: Tensor, stride: int, patch_size: int) -> PatchSet:
-    """``needed[b]`` uniformly placed loss-only patches for image ``b`` (spec 3.7 item 3)."""
-    images = torch.repeat_interleave(torch.arange(len(needed), device=needed.device), needed)
-    uniform = torch.rand(len(images), 2, device=needed.device)
-    positions = random_patch_positions(image_wh[images], stride, patch_size, uniform)
-    return PatchSet(images, positions, torch.ones_like(images, dtype=torch.bool))
-
-
-def merge_per_image(parts: list[PatchSet]) -> PatchSet:
-    """Concatenate patch sets per image: images ascending, within an image the parts in list order."""
-    images = torch.cat([p.batch_idx for p in parts])
-    part = torch.cat([torch.full_like(p.batch_idx, i) for i, p in enumerate(parts)])
-    order = torch.argsort(images * len(parts) + part, stable=True)
-    return PatchSet(
-        images[order],
-        torch.cat([p.crop_pos for p in parts])[order],
-        torch.cat([p.loss_only for p in parts])[order],
-    )
-
-
-def training_patches(
-    predicted: PatchSet | None,
-    targets: list[ImageTargets],
-    image_wh: Tensor,
-    stride: int,
-    patch_size: int,
-    nms_threshold: float,
-    min_patches: int,
-) -> PatchSet:
-    """The training patch list of one level (spec 3.7 items 2-3).
-
-    ``predicted is None`` (teacher forcing): every GT patch, as a real patch. Otherwise the predicted
-    patches, topped up to ``min_patches`` per image with randomly chosen GT patches (loss-only). Images
-    still short get random loss-only patches. Per image: primary patches first, then the added ones.
-    """
-    num_images = len(targets)
-    gt = ground_truth_patches(targets, image_wh, stride, patch_size, nms_threshold)
-    if predicted is None:
-        parts = [gt]
-    else:
-        primary = merge_per_image([predicted])
-        have = count_per_group(primary.batch_idx, num_images)
-        parts = [primary, sample_per_image(gt, (min_patches - have).clamp(min=0), num_images)]
-    have = sum(count_per_group(p.batch_idx, num_images) for p in parts)
-    parts.append(random_patches((min_patches - have).clamp(min=0), image_wh, stride, patch_size))
-    return merge_per_image(parts)

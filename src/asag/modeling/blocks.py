@@ -7,8 +7,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.poolers import initLevelMapper
 
 from asag.ops.boxes import intersection_over_foreground, xyzr_to_xyxy
 from asag.ops.constants import constant
@@ -23,9 +21,6 @@ PE_TEMPERATURE = 10000.0
 IOF_LOG_EPS = 1e-7
 # Feature strides of P2..P5 (spec section 1).
 FPN_STRIDES = (4, 8, 16, 32)
-# FPN level heuristic of MultiScaleRoIAlign: canonical box side and level (spec section 5).
-ROI_CANONICAL_SCALE = 224
-ROI_CANONICAL_LEVEL = 4
 
 
 class MLP(nn.Module):
@@ -151,49 +146,3 @@ def iof_self_attention(
     x = (content + pe).transpose(0, 1)  # [N, B, d]
     out = attn(x, x, x, attn_mask=bias, need_weights=False)[0] + x  # [N, B, d]
     return norm(out).transpose(0, 1)  # [B, N, d]
-
-
-class RoIFeatureExtractor(nn.Module):
-    """Multi-scale RoIAlign over P2..P5 (torchvision ``MultiScaleRoIAlign``, ``aligned=False``).
-
-    Level scales come from the known strides instead of being inferred on the first call (spec
-    section 15, quirk 17); the level of a box is ``clamp(floor(4 + log2(sqrt(area) / 224) + 1e-6))``.
-
-    Args:
-        strides: feature strides of the input levels (P2..P5: 4, 8, 16, 32).
-        output_size: RoI grid side (7).
-        sampling_ratio: RoIAlign samples per bin side (2).
-    """
-
-    def __init__(
-        self,
-        strides: tuple[int, ...] = FPN_STRIDES,
-        output_size: int = 7,
-        sampling_ratio: int = 2,
-    ):
-        super().__init__()
-        self.names = [f"p{i}" for i in range(len(strides))]
-        self.pooler = MultiScaleRoIAlign(self.names, output_size, sampling_ratio)
-        self.pooler.scales = [1.0 / s for s in strides]
-        self.pooler.map_levels = initLevelMapper(
-            int(math.log2(strides[0])),
-            int(math.log2(strides[-1])),
-            canonical_scale=ROI_CANONICAL_SCALE,
-            canonical_level=ROI_CANONICAL_LEVEL,
-        )
-
-    def forward(self, features: list[Tensor], boxes_xyxy_px: Tensor, image_sizes: Tensor) -> Tensor:
-        """Pool RoI features.
-
-        Args:
-            features: P2..P5, ``[B, d, H_l, W_l]`` each (padded batch).
-            boxes_xyxy_px: ``[B, N, 4]`` xyxy boxes in pixels.
-            image_sizes: ``[B, 2]`` ``(h, w)`` (unused by the pooling since scales are fixed; kept
-                for the torchvision interface).
-
-        Returns:
-            ``[B * N, d, S, S]``, batch-major (row ``b * N + n``).
-        """
-        feats = dict(zip(self.names, features))
-        shapes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
-        return self.pooler(feats, list(boxes_xyxy_px.unbind(0)), shapes)

@@ -9,12 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from asag.errors import ConfigError
+from asag.modeling.anchor_generator import STATIC_TRAINING_ERROR
+from asag.modeling.budgets import DATA_BUDGETS, STATIC_PATCHES_PER_LEVEL, Budgets
 from asag.modeling.queries import build_queries
-from asag.modeling.roi_gather import GatherRoIPooling, LevelRows, gather_roi_pooling
+from asag.modeling.roi_pooling import LevelTable
 from asag.structures import DetectionBatch, Detections, ImageTargets, ModelOutput
-
-STATIC_TRAINING_ERROR = ("static mode is for inference only (fixed budgets, no training behaviour): train "
-                         "with model.static=false and switch static mode on for inference")
 
 
 class ASAG(nn.Module):
@@ -41,17 +40,27 @@ class ASAG(nn.Module):
         frozen_parts: names of parts that never train (fine-tuning, e.g. ``("backbone", "neck")``):
             their parameters get no gradient and the parts stay in evaluation mode (batch-norm statistics
             fixed, dropout off) when the model trains.
+        static_budgets: the fixed budgets of the static mode (``model.anchor_generator.
+            static_patches_per_level`` patch slots, ``max_anchors`` query slots); default: 15 patch slots
+            and the anchor generator's ``max_anchors``.
+        static: start in static mode (``budgets = static_budgets``; evaluation only).
+
+    :attr:`budgets` (:class:`~asag.modeling.budgets.Budgets`) is what :meth:`forward` passes to the
+    data-dependent steps unless a call passes its own: from the data (the default, the release's
+    results) or fixed (static mode). :attr:`inference_settings` is set on the copies that
+    :func:`asag.modeling.fast.optimize_for_inference` makes (None otherwise): such a copy runs every
+    :meth:`forward` under ``torch.inference_mode`` and cannot train (its batch norms are folded).
 
     The same :class:`~asag.structures.ModelOutput` is returned in training and evaluation; losses live
     in :mod:`asag.training`. The engine may run the forward under autocast: backbone and FPN follow it,
     everything after them runs in float32 (as in the release).
 
-    **Static mode** (:meth:`set_static`, ``static=True`` of :func:`asag.api.load_model`, ``--static``,
-    ``model.static``; inference only) fixes every shape by the input size and the budgets, and reads
-    nothing back from the device between the input and the post-processed detections (no ``.item()``,
-    ``.tolist()``, unsized ``nonzero`` or boolean-mask indexing), so the forward can be exported or
-    captured in a CUDA graph. :meth:`detect` is that forward; for a padded batch ``[B, 3, Hp, Wp]`` it
-    returns a :class:`~asag.structures.DetectionBatch`:
+    **Static mode** (fixed budgets: :meth:`set_static`, ``static=True`` of :func:`asag.api.load_model`,
+    ``--static``, ``model.static``; inference only) fixes every shape by the input size and the budgets,
+    and reads nothing back from the device between the input and the post-processed detections (no
+    ``.item()``, ``.tolist()``, unsized ``nonzero`` or boolean-mask indexing), so the forward can be
+    exported or captured in a CUDA graph. :meth:`detect` is that forward; for a padded batch
+    ``[B, 3, Hp, Wp]`` it returns a :class:`~asag.structures.DetectionBatch`:
 
     ========  =================  =======  ======================================================
     name      shape              dtype    meaning
@@ -64,11 +73,12 @@ class ASAG(nn.Module):
     ========  =================  =======  ======================================================
 
     with ``K = min(postprocess.topk, max_anchors * C)`` (100 for COCO presets). Inside, the anchor
-    generator keeps ``static_patches_per_level`` patch slots per image and probed level and
-    ``Q = max_anchors`` query slots (``AnchorOutput.valid_mask`` marks the real ones), RoI pooling is one
-    gather (:class:`~asag.modeling.roi_gather.GatherRoIPooling`, equal to RoIAlign up to rounding) and
-    ``AnchorOutput.budget_bound`` tells, per image, whether a budget bound. Where none binds, the
-    detections equal the dynamic mode's up to float rounding (docs/inference.md).
+    generator keeps ``static_budgets.patches_per_level`` patch slots per image and probed level and
+    ``Q = static_budgets.queries`` query slots (``AnchorOutput.valid_mask`` marks the real ones), RoI
+    pooling is one gather from one table of all levels (:class:`~asag.modeling.roi_pooling.LevelTable`,
+    equal to RoIAlign up to rounding) and ``AnchorOutput.budget_bound`` tells, per image, whether a
+    budget bound. Where none binds, the detections equal those of the data-sized budgets up to float
+    rounding (docs/inference.md).
     """
 
     # The parts of the detector, in the order the forward runs them.
@@ -90,6 +100,8 @@ class ASAG(nn.Module):
         anchor_levels: tuple[int, int, int] = (1, 2, 3),
         neck_uses_image_sizes: bool = False,
         frozen_parts: tuple[str, ...] = (),
+        static_budgets: Budgets | None = None,
+        static: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -111,6 +123,14 @@ class ASAG(nn.Module):
         self.frozen_parts = tuple(frozen_parts)
         for part in self.frozen_parts:
             getattr(self, part).requires_grad_(False)
+        default = Budgets(STATIC_PATCHES_PER_LEVEL, anchor_generator.max_anchors)
+        self.static_budgets = static_budgets or default
+        if not self.static_budgets.static:
+            raise ValueError(f"static_budgets must fix both budgets, got {self.static_budgets}")
+        self.budgets = DATA_BUDGETS
+        self.inference_settings: dict | None = None
+        if static:
+            self.eval().set_static(True)
 
     def extract_features(self, images: Tensor, image_sizes: Tensor | None = None) -> list[Tensor]:
         """``[B, 3, Hp, Wp]`` -> the neck's levels as float32: FPN ``[P2, P3, P4, P5]`` or ASAG-D encoder
@@ -123,23 +143,25 @@ class ASAG(nn.Module):
 
     @property
     def static(self) -> bool:
-        """True in static mode (fixed shapes, no host reads; see the class docstring)."""
-        return bool(getattr(self.anchor_generator, "static", False))
+        """True in static mode: :attr:`budgets` fix every size (no host reads; see the class docstring)."""
+        return self.budgets.static
 
-    def set_static(self, enabled: bool = True) -> ASAG:
-        """Switch static mode on or off for every stage (anchor generator, RoI pooling,
-        post-processing); static mode needs evaluation mode. Switching it on replaces torchvision's
-        RoIAlign by the equivalent gather (kept when switching off). Returns ``self``."""
-        if enabled and self.training:
+    def with_budgets(self, budgets: Budgets) -> ASAG:
+        """Use ``budgets`` for every later forward (fixed budgets need evaluation mode). Returns ``self``."""
+        if self.training and not budgets.from_data:
             raise ConfigError(STATIC_TRAINING_ERROR)
-        if enabled:
-            gather_roi_pooling(self)
-        pooling = [m for m in self.modules() if isinstance(m, GatherRoIPooling)]
-        for module in (self.anchor_generator, self.postprocessor, *pooling):
-            module.static = enabled
+        self.budgets = budgets
         return self
 
+    def set_static(self, enabled: bool = True) -> ASAG:
+        """Static mode on (:attr:`static_budgets`) or off (budgets from the data); see
+        :meth:`with_budgets`. Returns ``self``."""
+        return self.with_budgets(self.static_budgets if enabled else DATA_BUDGETS)
+
     def train(self, mode: bool = True) -> ASAG:
+        if mode and self.inference_settings is not None:
+            raise RuntimeError("an inference-optimised model cannot be trained (its batch norms are folded); "
+                               "train the plain model and optimise a copy")
         if mode and self.static:
             raise ConfigError(STATIC_TRAINING_ERROR)
         super().train(mode)
@@ -158,6 +180,7 @@ class ASAG(nn.Module):
         targets: list[ImageTargets] | None = None,
         epoch: int = 0,
         inference_level: str | None = None,
+        budgets: Budgets | None = None,
     ) -> ModelOutput:
         """Run the detector.
 
@@ -167,9 +190,11 @@ class ASAG(nn.Module):
             targets: ground truth (training only: GT-derived patches and denoising queries).
             epoch: current epoch, for the anchor generator's teacher forcing and the noise schedule.
             inference_level: ``P3P6 | P4P6 | P5P6`` override of the probing depth.
+            budgets: this call's budgets (default: :attr:`budgets`).
         """
-        return self.forward_features(self.extract_features(images, image_sizes), image_sizes, targets, epoch,
-                                     inference_level)
+        with torch.inference_mode() if self.inference_settings is not None else nullcontext():
+            return self.forward_features(self.extract_features(images, image_sizes), image_sizes, targets,
+                                         epoch, inference_level, budgets)
 
     def forward_features(
         self,
@@ -178,11 +203,13 @@ class ASAG(nn.Module):
         targets: list[ImageTargets] | None = None,
         epoch: int = 0,
         inference_level: str | None = None,
+        budgets: Budgets | None = None,
     ) -> ModelOutput:
         """Everything after the neck, from :meth:`extract_features`' levels; always float32."""
         train_targets = targets if self.training else None
-        if self.static:  # the static RoI pooling's table of all levels, built once for both stages
-            features = LevelRows(features)
+        budgets = budgets or self.budgets
+        # fixed shapes: RoI pooling reads one table of all levels, built once for all its calls
+        level_table = LevelTable.of(features) if budgets.static else None
         device = features[0].device.type
         # leave autocast only where it is on: an autocast region is an export graph node that .pt2 files
         # cannot serialise
@@ -191,15 +218,15 @@ class ASAG(nn.Module):
         with float32:
             anchors = self.anchor_generator(
                 self.anchor_features(features), image_sizes, targets=train_targets, epoch=epoch,
-                inference_level=inference_level,
+                inference_level=inference_level, budgets=budgets,
             )
             noise = max(self.dn_noise_scale - self.dn_noise_decay * epoch, 0.0)
             queries = build_queries(
                 anchors, image_sizes, train_targets, num_dn=self.num_dn if train_targets else 0,
                 noise_scale=noise, num_heads=self.attention_heads,
             )
-            proposals = self.proposal(queries, features, image_sizes)
-            heads = self.decoder(proposals, features, image_sizes, queries.attn_mask)
+            proposals = self.proposal(queries, features, image_sizes, level_table)
+            heads = self.decoder(proposals, features, image_sizes, queries.attn_mask, level_table)
         return ModelOutput(anchors=anchors, queries=queries, proposals=proposals.prediction, heads=heads)
 
     def postprocess(self, output: ModelOutput, orig_sizes: Tensor) -> list[Detections]:

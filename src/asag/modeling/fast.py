@@ -8,8 +8,8 @@
 * **channels-last** memory format for the backbone and FPN convolutions and their input (oneDNN's and
   cuDNN's preferred layout); the FPN levels stay channels-last for the anchor generator and for RoI
   pooling, which becomes one weighted gather of channel vectors
-  (:class:`~asag.modeling.roi_gather.GatherRoIPooling`, equal to torchvision's RoIAlign up to
-  rounding); an AdaMixer decoder (``grid_sample``) gets the levels in the default layout;
+  (:class:`~asag.modeling.roi_pooling.RoIPooling` of kind ``gather``, equal to torchvision's RoIAlign
+  up to rounding); an AdaMixer decoder (``grid_sample``) gets the levels in the default layout;
 * **no autograd state**: parameters stop requiring gradients and every forward runs under
   :func:`torch.inference_mode`;
 * optional **torch.compile** of the static parts (backbone + FPN, decoder heads); the data-dependent
@@ -20,23 +20,16 @@
   runs in float32.
 
 With the default settings (fold + channels-last, float32) the outputs equal the plain model's up to
-float rounding (tested against the official fixtures). :class:`SyncAudit` counts the operations that
-force a host-device synchronisation on CUDA, so the eager stages can be reviewed on a CPU. Measurements
-and usage: ``docs/inference.md``.
+float rounding (tested against the official fixtures). Measurements and usage: ``docs/inference.md``.
 """
 
 from __future__ import annotations
 
 import copy
-import traceback
-import warnings
-from collections import Counter
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
-from torch.overrides import TorchFunctionMode
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
@@ -44,7 +37,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
 from asag.errors import ConfigError
 from asag.modeling.backbone import FrozenBatchNorm2d
 from asag.modeling.detector import ASAG
-from asag.modeling.roi_gather import GatherRoIPooling, gather_roi_pooling
+from asag.modeling.roi_pooling import RoIPooling
 
 # ``--precision`` names -> dtype of the backbone and FPN (None = float32, no cast).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -202,44 +195,6 @@ def float32_levels(module: nn.Module, args: tuple, levels: list[Tensor]) -> list
     return [p.float() for p in levels]
 
 
-class FastASAG(ASAG):
-    """An :class:`~asag.modeling.detector.ASAG` prepared by :func:`optimize_for_inference`.
-
-    Same interface and outputs as the plain model (``forward``, ``forward_features``, ``postprocess``,
-    ``predict``, and the submodules ``backbone``, ``neck``, ... called one by one); every forward runs
-    under ``torch.inference_mode``. The backbone casts its input to its own dtype and memory format and
-    the FPN returns float32 levels in the default layout (module hooks), so callers need not know how
-    the copy was optimised. It cannot be put back into training mode.
-
-    Args:
-        model: the detector whose (already transformed) submodules are taken over.
-        settings: what was applied (for reports): ``fold_bn``, ``channels_last``, ``compile``, ``dtype``.
-    """
-
-    def __init__(self, model: ASAG, settings: dict) -> None:
-        super().__init__(
-            backbone=model.backbone, neck=model.neck, anchor_generator=model.anchor_generator,
-            proposal=model.proposal, decoder=model.decoder, postprocessor=model.postprocessor,
-            attention_heads=model.attention_heads, num_dn=model.num_dn, dn_noise_scale=model.dn_noise_scale,
-            dn_noise_decay=model.dn_noise_decay, used_head=model.used_head,
-            anchor_levels=model.anchor_levels, neck_uses_image_sizes=model.neck_uses_image_sizes,
-            frozen_parts=model.frozen_parts,
-        )
-        self.settings = dict(settings)
-        super().train(False)
-
-    @torch.inference_mode()
-    def forward(self, *args, **kwargs):  # type: ignore[override]
-        """:meth:`ASAG.forward` under ``torch.inference_mode`` (evaluation behaviour only)."""
-        return super().forward(*args, **kwargs)
-
-    def train(self, mode: bool = True) -> FastASAG:
-        if mode:
-            raise RuntimeError("an inference-optimised model cannot be trained (its batch norms are folded); "
-                               "train the plain model and optimise a copy")
-        return super().train(False)
-
-
 def _compile_options(device_type: str) -> dict:
     """Inductor options: on the CPU, freeze the weights (constant folding and oneDNN weight prepacking)."""
     return {"freezing": True} if device_type == "cpu" else {}
@@ -257,11 +212,12 @@ def _prepare_features(model: ASAG, fold_bn: bool, memory_format: torch.memory_fo
 
 
 def _prepare_channels_last_consumers(model: ASAG) -> None:
-    """RoI pooling gathers from the channels-last levels; a decoder without RoI pooling (AdaMixer's
-    ``grid_sample``) gets them in the default layout."""
-    gather_roi_pooling(model.proposal)
-    gather_roi_pooling(model.decoder)
-    if not any(isinstance(m, GatherRoIPooling) for m in model.decoder.modules()):
+    """RoI pooling gathers from the channels-last levels (kind ``gather``); a decoder without RoI pooling
+    (AdaMixer's ``grid_sample``) gets them in the default layout."""
+    for pooling in model.modules():
+        if isinstance(pooling, RoIPooling):
+            pooling.kind = "gather"
+    if not any(isinstance(m, RoIPooling) for m in model.decoder.modules()):
         model.decoder.register_forward_pre_hook(contiguous_features)
 
 
@@ -273,7 +229,7 @@ def optimize_for_inference(
     compile: bool = False,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
-) -> FastASAG:
+) -> ASAG:
     """An inference-optimised copy of ``model`` (the original is left untouched).
 
     Args:
@@ -281,132 +237,31 @@ def optimize_for_inference(
         fold_bn: fold frozen / eval-mode batch norms into the backbone convolutions.
         channels_last: run backbone and FPN in the channels-last memory format; the levels stay
             channels-last for the anchor generator and the RoI pooling, which becomes a gather
-            (:class:`GatherRoIPooling`); an AdaMixer decoder gets them in the default layout.
+            (:class:`RoIPooling` kind ``gather``); an AdaMixer decoder gets them in the default layout.
         compile: ``torch.compile`` the backbone, the FPN and the decoder heads (the first calls compile,
             and every new input shape may recompile; on the CPU inductor needs a C++ compiler). The
             anchor generator, proposal stage and post-processing stay eager.
         dtype: backbone / FPN precision: None or ``"fp32"``, ``"fp16"`` (CUDA), ``"bf16"``; checked
             against ``device`` (default: the model's device) by :func:`check_precision`.
     Returns:
-        a :class:`FastASAG` in evaluation mode whose parameters do not require gradients.
+        a transformed deep copy (the same :class:`~asag.modeling.detector.ASAG` class, every setting kept)
+        in evaluation mode whose parameters do not require gradients; its ``inference_settings`` record
+        what was applied (``fold_bn``, ``channels_last``, ``compile``, ``dtype``): every forward runs under
+        ``torch.inference_mode`` and it cannot be put back into training mode.
     """
     feature_dtype = resolve_precision(dtype)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     check_precision(feature_dtype, device)
-    plain = copy.deepcopy(model).eval().requires_grad_(False)
+    fast = copy.deepcopy(model).eval().requires_grad_(False)  # transformed in place below
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    _prepare_features(plain, fold_bn, memory_format, feature_dtype)
+    _prepare_features(fast, fold_bn, memory_format, feature_dtype)
     if channels_last:
-        _prepare_channels_last_consumers(plain)
-    fast = FastASAG(plain, {"fold_bn": fold_bn, "channels_last": channels_last, "compile": compile,
-                            "dtype": str(feature_dtype or torch.float32).removeprefix("torch.")})
+        _prepare_channels_last_consumers(fast)
+    fast.inference_settings = {"fold_bn": fold_bn, "channels_last": channels_last, "compile": compile,
+                               "dtype": str(feature_dtype or torch.float32).removeprefix("torch.")}
     if compile:
         options = _compile_options(device.type)
         for part in (fast.backbone, fast.neck):
             part.compile(options=options)
         fast.decoder.compile(dynamic=True, options=options)
     return fast
-
-
-# --------------------------------------------------------------------------------------- syncs
-
-# Tensor operations that make the host wait for a CUDA device (values or sizes read back).
-SYNC_METHODS = frozenset({
-    "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero",
-    "argwhere", "masked_select", "unique", "unique_consecutive", "nms", "bincount",
-})
-INDEXING_METHODS = frozenset({"__getitem__", "__setitem__", "index_put", "index_put_"})
-# Tensors built from Python data: a blocking copy from pageable host memory when made on a CUDA device.
-HOST_DATA_FACTORIES = frozenset({"tensor", "as_tensor", "new_tensor"})
-PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
-
-
-def _has_bool_index(index: object) -> bool:
-    items = index if isinstance(index, tuple | list) else (index,)
-    return any(isinstance(i, Tensor) and i.dtype == torch.bool for i in items)
-
-
-def _is_sync(name: str, args: tuple, kwargs: dict) -> bool:
-    """Whether a call of torch function ``name`` synchronises a CUDA device."""
-    if name in SYNC_METHODS:
-        return True
-    if name in INDEXING_METHODS:
-        return len(args) > 1 and _has_bool_index(args[1])
-    if name in HOST_DATA_FACTORIES:
-        data = args[1] if name == "new_tensor" and len(args) > 1 else (args[0] if args else None)
-        return not isinstance(data, Tensor)
-    if name == "where":
-        return len(args) + len(kwargs) == 1  # torch.where(condition) == nonzero
-    if name == "repeat_interleave":
-        return "output_size" not in kwargs and len(args) > 1 and isinstance(args[1], Tensor)
-    return False
-
-
-def _caller() -> str:
-    """``file:line`` of the innermost asag frame outside this module (where the sync was asked for)."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        if frame.filename.startswith(PACKAGE_DIR) and not frame.filename.endswith("fast.py"):
-            return f"{Path(frame.filename).relative_to(PACKAGE_DIR)}:{frame.lineno}"
-    return "<outside asag>"
-
-
-class CudaSyncCount:
-    """Count the host-device synchronisations that CUDA reports inside a ``with`` block.
-
-    Turns on ``torch.cuda.set_sync_debug_mode("warn")`` and records its warnings; :attr:`total` is the
-    number so far (readable inside the block too). The ground truth that :class:`SyncAudit` stands in
-    for on the CPU; the first block of a process counts one more (PyTorch's own first-call sync).
-
-    >>> with CudaSyncCount() as syncs:
-    ...     model.detect(images, sizes, sizes)
-    >>> syncs.total
-    """
-
-    def __enter__(self) -> CudaSyncCount:
-        torch.cuda.set_sync_debug_mode("warn")  # raises without CUDA, before any state is changed
-        self._catch = warnings.catch_warnings(record=True)
-        self._caught = self._catch.__enter__()
-        warnings.simplefilter("always")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        torch.cuda.set_sync_debug_mode("default")
-        self._catch.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum("synchroniz" in str(w.message).lower() for w in self._caught)
-
-
-class SyncAudit(TorchFunctionMode):
-    """Count the operations that would synchronise host and CUDA device, on any device.
-
-    A torch-function mode sees every Python-level torch call; those in :data:`SYNC_METHODS`, boolean-mask
-    indexing, one-argument ``torch.where``, ``repeat_interleave`` without ``output_size`` and tensors
-    built from Python data (a blocking host-to-device copy on CUDA) are counted by ``op`` and by the
-    asag source line that made them (``sites``). Syncs inside C++ kernels called once (e.g. inside
-    ``nms``) count as that one call. On CUDA,
-    ``torch.cuda.set_sync_debug_mode`` is the ground truth; this audit lets the CPU build check that
-    the count stays small and does not grow with the number of images or patches.
-
-    >>> with SyncAudit() as audit:
-    ...     model(images, image_sizes)
-    >>> audit.total, audit.sites.most_common(3)
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-        self.sites: Counter[str] = Counter()
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if _is_sync(name, args, kwargs):
-            self.ops[name] += 1
-            self.sites[_caller()] += 1
-        return func(*args, **kwargs)

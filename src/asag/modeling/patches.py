@@ -1,4 +1,5 @@
-"""Pure patch geometry of the anchor generator (spec sections 3.3-3.7).
+"""Pure patch geometry of the anchor generator (spec sections 3.3-3.5; the training patches of spec 3.7 are
+placed by :mod:`asag.training.patch_sampling`).
 
 Frames and units used here:
 
@@ -100,55 +101,6 @@ def anchor_patch_positions(centres_px: Tensor, image_wh: Tensor, stride: int, pa
     """
     top_left = torch.floor(centres_px / stride - patch_size / 2)
     return shift_inside(top_left, ceil_cells(image_wh, stride), patch_size).long()
-
-
-def gt_patch_positions(
-    boxes_xyxy_px: Tensor, image_wh: Tensor, stride: int, patch_size: int, jitter: Tensor
-) -> Tensor:
-    """Top-left cell of a training patch around each ground-truth box (spec 3.7 item 3).
-
-    The patch starts at the box's top-left cell, is shifted inside the image, then moved left/up by
-    ``jitter * slack`` where ``slack`` is the room between the box's bottom-right and the patch end, so
-    the object lands at a random place inside the patch.
-
-    Args:
-        boxes_xyxy_px: ``[N, 4]`` boxes in pixels.
-        image_wh: ``[N, 2]`` ``(w, h)`` of each box's image.
-        jitter: ``[N, 2]`` uniform samples in ``[0, 1)``.
-    Returns:
-        ``[N, 2]`` int64 ``(x, y)`` top-left in cells.
-    """
-    cells = boxes_xyxy_px / stride  # [N, 4] xyxy in cells
-    top_left = shift_inside(torch.floor(cells[:, :2]), ceil_cells(image_wh, stride), patch_size)
-    slack = (top_left + patch_size - cells[:, 2:]).clamp(min=0.0)
-    return torch.floor(top_left - jitter * slack).clamp(min=0.0).long()
-
-
-def random_patch_positions(image_wh: Tensor, stride: int, patch_size: int, uniform: Tensor) -> Tensor:
-    """Random loss-only patch positions: integer ``x`` in ``[0, max(ceil(w/s) - P, 1))``, ``y`` alike.
-
-    Args:
-        image_wh: ``[N, 2]`` ``(w, h)`` of each patch's image.
-        uniform: ``[N, 2]`` uniform samples in ``[0, 1)``.
-    Returns:
-        ``[N, 2]`` int64 ``(x, y)`` top-left in cells.
-    """
-    high = (ceil_cells(image_wh, stride) - patch_size).clamp(min=1.0)
-    return torch.floor(uniform * high).long()
-
-
-def centrality_scores(centres: Tensor, group: Tensor) -> Tensor:
-    """Negative sum of squared distances to every centre of the same group (spec 3.7 item 3).
-
-    Args:
-        centres: ``[N, 2]`` box centres (pixels).
-        group: ``[N]`` int64 image index of each box.
-    Returns:
-        ``[N]`` scores; more central boxes of an image score higher.
-    """
-    sq_dist = (centres[:, None, :] - centres[None, :, :]).pow(2).sum(-1)  # [N, N]
-    same = group[:, None] == group[None, :]
-    return -(sq_dist * same).sum(1)
 
 
 def finite_or_zero(values: Tensor) -> Tensor:

@@ -14,13 +14,13 @@ from torchvision.ops import box_convert
 from asag.modeling.blocks import (
     FPN_STRIDES,
     MLP,
-    RoIFeatureExtractor,
     branch,
     init_prior_bias,
     init_xavier,
     init_zero,
     iof_self_attention,
 )
+from asag.modeling.roi_pooling import LevelTable, RoIPooling
 from asag.ops.boxes import normalized_cxcywh_from_xyzr, refine_xyzr, xyxy_to_xyzr
 from asag.structures import HeadOutput, ProposalOutput, QuerySet
 
@@ -46,6 +46,7 @@ class ProposalStage(nn.Module):
         roi_size: RoIAlign output side (7).
         sampling_ratio: RoIAlign sampling ratio (2).
         strides: strides of the input feature levels P2..P5.
+        roi_pooling: RoI pooling kind (:class:`~asag.modeling.roi_pooling.RoIPooling`).
     """
 
     def __init__(
@@ -57,10 +58,11 @@ class ProposalStage(nn.Module):
         roi_size: int = 7,
         sampling_ratio: int = 2,
         strides: tuple[int, ...] = FPN_STRIDES,
+        roi_pooling: str = "torchvision",
     ):
         super().__init__()
         self.xyzr_stride = float(strides[0])
-        self.roi_align = RoIFeatureExtractor(strides, roi_size, sampling_ratio)
+        self.roi_align = RoIPooling(strides, roi_size, sampling_ratio, roi_pooling)
         self.roi = nn.Linear(hidden_dim * roi_size * roi_size, hidden_dim)
         self.tokens_norm1 = nn.LayerNorm(hidden_dim)
         self.tokens_proj = MLP(hidden_dim, ffn_dim, hidden_dim, NUM_FFN_LAYERS)
@@ -81,13 +83,15 @@ class ProposalStage(nn.Module):
         init_zero(self.fc_reg)
         nn.init.uniform_(self.iof_tau, 0.0, IOF_TAU_INIT_MAX)
 
-    def forward(self, queries: QuerySet, features: list[Tensor], image_sizes: Tensor) -> ProposalOutput:
+    def forward(self, queries: QuerySet, features: list[Tensor], image_sizes: Tensor,
+                level_table: LevelTable | None = None) -> ProposalOutput:
         """Run the proposal stage.
 
         Args:
             queries: ``boxes`` ``[B, L, 4]`` pixel cxcywh and ``attn_mask`` ``[B * num_heads, L, L]``.
             features: P2..P5, ``[B, d, H_l, W_l]`` each.
             image_sizes: ``[B, 2]`` ``(h, w)`` of the resized, unpadded images.
+            level_table: the levels as one table (fixed budgets; see :class:`RoIPooling`).
 
         Returns:
             :class:`ProposalOutput`: logits ``[B, L, C]``, proposals ``[B, L, 4]`` normalised cxcywh
@@ -95,7 +99,7 @@ class ProposalStage(nn.Module):
         """
         batch, length = queries.boxes.shape[:2]
         boxes_xyxy_px = box_convert(queries.boxes.detach(), "cxcywh", "xyxy")  # [B, L, 4]
-        pooled = self.roi_align(features, boxes_xyxy_px, image_sizes)  # [B * L, d, S, S]
+        pooled = self.roi_align(features, boxes_xyxy_px, image_sizes, level_table)  # [B * L, d, S, S]
         content = self.tokens_norm1(self.roi(pooled.reshape(batch, length, -1)))  # [B, L, d]
         xyzr = xyxy_to_xyzr(boxes_xyxy_px, self.xyzr_stride)  # [B, L, 4]
         content = iof_self_attention(

@@ -5,7 +5,10 @@ GPU and cannot be captured in a CUDA graph or exported with fixed shapes. The fu
 the same greedy NMS on ``[B, M]`` rows with masks and loops whose length is fixed by the caller:
 
 * :func:`fixed_budget_nms` picks, per row, the first ``max_kept`` boxes torchvision's greedy NMS keeps
-  (a loop of ``max_kept`` steps: take the best live box, suppress its overlaps);
+  (a loop of ``max_kept`` steps: take the best live box, suppress its overlaps); with ``max_kept=None``
+  the data sizes the loop: it runs in rounds (:data:`DATA_ROUND` steps, then twice as many each time)
+  until no candidate is left, reading the rows' counts back from the device after each round (the kept
+  boxes are then exactly torchvision's);
 * :func:`sorted_nms_keep` marks which boxes of a row already sorted by descending score survive (a loop
   over the ``M`` columns), for the class-wise NMS after the top-k of post-processing.
 
@@ -24,20 +27,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# Greedy steps of the first round when the data sizes the NMS (``max_kept=None``); each later round is
+# twice as long. One round covers the release's speed path (at most 15 patches per image and level,
+# docs/inference.md); a level with up to 48 kept boxes per image needs two host reads.
+DATA_ROUND = 16
+
 
 @dataclass
 class FixedNMS:
-    """Result of :func:`fixed_budget_nms` for ``B`` rows and a budget of ``T`` kept boxes.
+    """Result of :func:`fixed_budget_nms` for ``B`` rows and ``T`` kept-box slots.
 
     index: ``[B, T]`` int64 column of the t-th kept box (meaningless where ``kept`` is False).
     kept: ``[B, T]`` bool, True for the slots holding a kept box (a prefix of each row).
     overflow: ``[B]`` bool, True where greedy NMS would have kept more than ``T`` boxes (the budget
         bound: the kept boxes are then the ``T`` best-scored survivors).
+    counts: kept boxes per row, read back to the host, when the data sized ``T`` (None otherwise).
     """
 
     index: Tensor
     kept: Tensor
     overflow: Tensor
+    counts: list[int] | None = None
 
 
 def float32_threshold(threshold: float) -> float:
@@ -70,7 +80,8 @@ def iou_against(box: Tensor, area: Tensor, boxes: Tensor, areas: Tensor) -> Tens
 
 
 def fixed_budget_nms(
-    boxes: Tensor, scores: Tensor, candidates: Tensor, iou_threshold: float, max_kept: int
+    boxes: Tensor, scores: Tensor, candidates: Tensor, iou_threshold: float, max_kept: int | None,
+    limit: int | None = None,
 ) -> FixedNMS:
     """The first ``max_kept`` boxes of greedy NMS in every row, with fixed shapes and no host reads.
 
@@ -80,11 +91,15 @@ def fixed_budget_nms(
     and every live box whose IoU with it exceeds ``iou_threshold``.
 
     Args:
-        boxes: ``[B, M, 4]`` xyxy (any frame, one frame per row).
+        boxes: ``[B, M, 4]`` xyxy (any frame, one frame per row; an expanded view is fine).
         scores: ``[B, M]`` finite scores.
         candidates: ``[B, M]`` bool, the boxes taking part.
         iou_threshold: boxes overlapping a kept box by more than this are suppressed.
-        max_kept: ``T``, the budget of kept boxes per row (the loop length).
+        max_kept: ``T``, the budget of kept boxes per row (the loop length); None: sized by the data,
+            steps in rounds (:data:`DATA_ROUND` steps, doubling) until no row has a live candidate (or
+            ``limit`` steps ran), one host read per round; ``T`` is then the largest count and ``counts``
+            is filled.
+        limit: with ``max_kept=None``, the most boxes kept per row (None: no limit).
     Returns:
         :class:`FixedNMS` with ``[B, T]`` columns in greedy (descending score) order.
     """
@@ -92,18 +107,46 @@ def fixed_budget_nms(
     columns = torch.arange(boxes.shape[1], device=boxes.device)[None]  # [1, M]
     threshold = float32_threshold(iou_threshold)
     live = candidates.clone()
+    picks = [torch.zeros(boxes.shape[0], 0, dtype=torch.int64, device=boxes.device)]
+    kept = [picks[0].bool()]
+    done, counts = 0, None
+    while (steps := _round_length(done, max_kept, limit)) > 0:
+        round_picks, round_kept, live = _greedy_steps(boxes, areas, scores, live, columns, threshold, steps)
+        picks.append(round_picks)
+        kept.append(round_kept)
+        done += steps
+        if max_kept is None:  # one host read per round: the rows' counts and whether any is unfinished
+            state = torch.cat([sum(k.sum(dim=1) for k in kept), live.any(dim=1).long()]).tolist()
+            counts, unfinished = state[:len(state) // 2], any(state[len(state) // 2:])
+            if not unfinished:
+                break
+    width = done if counts is None else max(counts, default=0)  # the data's budget: the largest count
+    index, kept_mask = torch.cat(picks[1:] or picks, dim=1), torch.cat(kept[1:] or kept, dim=1)
+    return FixedNMS(index[:, :width], kept_mask[:, :width], live.any(dim=1), counts)
+
+
+def _round_length(done: int, max_kept: int | None, limit: int | None) -> int:
+    """Steps of the next round: the rest of a fixed budget; else :data:`DATA_ROUND` steps more than all
+    rounds so far (16, 32, 64, ...), within ``limit``."""
+    if max_kept is not None:
+        return max_kept - done
+    steps = DATA_ROUND + done
+    return steps if limit is None else max(min(steps, limit - done), 0)
+
+
+def _greedy_steps(boxes: Tensor, areas: Tensor, scores: Tensor, live: Tensor, columns: Tensor,
+                  threshold: float, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``steps`` greedy NMS steps from the ``[B, M]`` bool ``live`` candidates: ``[B, steps]`` picked
+    columns, ``[B, steps]`` bool kept (False once a row has no candidate left) and the live mask after."""
     picks, kept = [], []
-    for _ in range(max_kept):
+    for _ in range(steps):
         best = scores.masked_fill(~live, float("-inf")).argmax(dim=1, keepdim=True)  # [B, 1]
         picks.append(best)
         kept.append(live.gather(1, best))  # [B, 1]; False once no candidate is left
         box = boxes.gather(1, best[..., None].expand(-1, -1, 4))  # [B, 1, 4]
         iou = iou_against(box, areas.gather(1, best), boxes, areas)  # [B, M]
         live = live & ~(iou > threshold) & (columns != best)
-    if max_kept == 0:
-        empty = torch.zeros(boxes.shape[0], 0, dtype=torch.int64, device=boxes.device)
-        return FixedNMS(empty, empty.bool(), live.any(dim=1))
-    return FixedNMS(torch.cat(picks, dim=1), torch.cat(kept, dim=1), live.any(dim=1))
+    return torch.cat(picks, dim=1), torch.cat(kept, dim=1), live
 
 
 def sorted_nms_keep(boxes: Tensor, groups: Tensor, candidates: Tensor, iou_threshold: float) -> Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asag.modeling.blocks import MLP, branch, init_prior_bias, init_xavier, init_zero, iof_self_attention
+from asag.modeling.roi_pooling import LevelTable
 from asag.ops.boxes import XYZR_STRIDE, normalized_cxcywh_from_xyzr, refine_xyzr
 from asag.ops.constants import constant
 from asag.structures import HeadOutput, ProposalOutput
@@ -229,7 +230,7 @@ class AdaMixerStage(nn.Module):
         num_reg_layers: depth of the regression branch (3, spec section 5).
         num_cls_layers: depth of the classification branch (1, spec section 5).
 
-    ``forward(proposals, features, image_sizes, attn_mask) -> HeadOutput``: see :meth:`forward`.
+    ``forward(proposals, features, image_sizes, attn_mask, level_table) -> HeadOutput``: see :meth:`forward`.
     """
 
     def __init__(
@@ -273,6 +274,7 @@ class AdaMixerStage(nn.Module):
         features: Sequence[Tensor],
         image_sizes: Tensor,
         attn_mask: Tensor | None = None,
+        level_table: LevelTable | None = None,
     ) -> HeadOutput:
         """Refine the proposals once.
 
@@ -283,6 +285,7 @@ class AdaMixerStage(nn.Module):
             image_sizes: ``[B, 2]`` ``(h, w)`` of the unpadded images.
             attn_mask: ``[B*heads, N, N]`` bool, True = row may not attend to column, batch-major
                 (``b * heads + h``); None = no mask.
+            level_table: unused (this head samples the levels directly; RoI-pooling heads read it).
 
         Returns:
             :class:`HeadOutput`: logits ``[B, N, C]`` and boxes ``[B, N, 4]`` normalised cxcywh.

@@ -27,6 +27,7 @@ from asag.modeling.deformable_attention import (
     valid_ratios,
 )
 from asag.modeling.deformable_encoder import ENCODER_STRIDES
+from asag.modeling.roi_pooling import LevelTable
 from asag.structures import HeadOutput, ProposalOutput
 
 # Clamp of the inverse sigmoid used by the box refinement (Deformable DETR's inverse_sigmoid eps).
@@ -104,7 +105,7 @@ class DeformableStage(nn.Module):
         num_reg_layers: depth of the regression branch (3, spec section 5).
         num_cls_layers: depth of the classification branch (1, spec section 5).
 
-    ``forward(proposals, features, image_sizes, attn_mask) -> HeadOutput``: see :meth:`forward`.
+    ``forward(proposals, features, image_sizes, attn_mask, level_table) -> HeadOutput``: see :meth:`forward`.
     """
 
     def __init__(
@@ -167,6 +168,7 @@ class DeformableStage(nn.Module):
         features: Sequence[Tensor],
         image_sizes: Tensor,
         attn_mask: Tensor | None = None,
+        level_table: LevelTable | None = None,
     ) -> HeadOutput:
         """Refine the proposals once.
 
@@ -177,6 +179,7 @@ class DeformableStage(nn.Module):
             image_sizes: ``[B, 2]`` ``(h, w)`` of the unpadded images.
             attn_mask: ``[B*heads, N, N]`` bool, True = row may not attend to column, batch-major
                 (``b * heads + h``); None = no mask.
+            level_table: unused (this head samples the levels directly; RoI-pooling heads read it).
 
         Returns:
             :class:`HeadOutput`: logits ``[B, N, C]`` and boxes ``[B, N, 4]`` normalised cxcywh.

@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from asag.modeling.roi_pooling import LevelTable
 from asag.structures import HeadOutput, ProposalOutput
 
 # Head containers and embedding names, ours first, then the authors' (spec 7.1, Appendix B).
@@ -33,8 +34,8 @@ class ParallelHeads(nn.Module):
 
     Args:
         heads: the stages (e.g. :class:`~asag.modeling.decoders.adamixer.AdaMixerStage` or
-            :class:`~asag.modeling.decoders.sparse_rcnn.SparseRCNNStage`), all taking
-            ``(proposals, features, image_sizes, attn_mask)`` and returning a :class:`HeadOutput`.
+            :class:`~asag.modeling.decoders.sparse_rcnn.SparseRCNNStage`), all taking ``(proposals,
+            features, image_sizes, attn_mask, level_table)`` and returning a :class:`HeadOutput`.
         hidden_dim: content width ``d``.
 
     ``head_embedding`` is an ``[L, d]`` parameter initialised N(0, 1), like the weight of the authors'
@@ -55,6 +56,7 @@ class ParallelHeads(nn.Module):
         features: Sequence[Tensor],
         image_sizes: Tensor,
         attn_mask: Tensor | None = None,
+        level_table: LevelTable | None = None,
     ) -> list[HeadOutput]:
         """Run every head on the same proposals.
 
@@ -64,6 +66,7 @@ class ParallelHeads(nn.Module):
             features: P2..P5, ``[B, d, H_l, W_l]`` of the padded batch.
             image_sizes: ``[B, 2]`` ``(h, w)`` of the unpadded images.
             attn_mask: ``[B*heads, L, L]`` bool, True = blocked (batch-major); None = no mask.
+            level_table: the levels as one table, for RoI-pooling heads (fixed budgets).
 
         Returns:
             one :class:`HeadOutput` per head (logits ``[B, L, C]``, boxes ``[B, L, 4]`` normalised
@@ -72,7 +75,7 @@ class ParallelHeads(nn.Module):
         outputs = []
         for k, head in enumerate(self.heads):
             head_input = replace(proposals, content=proposals.content + self.head_embedding[k])
-            outputs.append(head(head_input, features, image_sizes, attn_mask))
+            outputs.append(head(head_input, features, image_sizes, attn_mask, level_table))
         return outputs
 
 

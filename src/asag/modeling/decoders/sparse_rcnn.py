@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from asag.modeling.blocks import RoIFeatureExtractor, branch, init_prior_bias, init_xavier, init_zero
+from asag.modeling.blocks import branch, init_prior_bias, init_xavier, init_zero
+from asag.modeling.roi_pooling import LevelTable, RoIPooling
 from asag.ops.boxes import whwh
 from asag.ops.constants import constant
 from asag.structures import HeadOutput, ProposalOutput
@@ -115,10 +116,11 @@ class SparseRCNNStage(nn.Module):
         roi_size: RoIAlign output side (7).
         sampling_ratio: RoIAlign samples per bin side (2).
         strides: pixel strides of the pooled levels P2..P5.
+        roi_pooling: RoI pooling kind (:class:`~asag.modeling.roi_pooling.RoIPooling`).
         num_reg_layers: depth of the regression branch (3, spec section 5).
         num_cls_layers: depth of the classification branch (1, spec section 5).
 
-    ``forward(proposals, features, image_sizes, attn_mask) -> HeadOutput``: see :meth:`forward`.
+    ``forward(proposals, features, image_sizes, attn_mask, level_table) -> HeadOutput``: see :meth:`forward`.
     """
 
     def __init__(
@@ -133,9 +135,10 @@ class SparseRCNNStage(nn.Module):
         strides: Sequence[int] = DEFAULT_FEATMAP_STRIDES,
         num_reg_layers: int = 3,
         num_cls_layers: int = 1,
+        roi_pooling: str = "torchvision",
     ) -> None:
         super().__init__()
-        self.roi_extractor = RoIFeatureExtractor(tuple(strides), roi_size, sampling_ratio)
+        self.roi_extractor = RoIPooling(tuple(strides), roi_size, sampling_ratio, roi_pooling)
         self.self_attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=0.0)
         self.inst_interact = DynamicConv(hidden_dim, dim_dynamic, roi_size * roi_size)
         self.linear1 = nn.Linear(hidden_dim, ffn_dim)
@@ -156,12 +159,12 @@ class SparseRCNNStage(nn.Module):
         init_zero(self.bboxes_delta)
 
     def pool_roi_tokens(
-        self, boxes_cxcywh: Tensor, features: Sequence[Tensor], image_sizes: Tensor
+        self, boxes_cxcywh: Tensor, features: Sequence[Tensor], image_sizes: Tensor,
+        level_table: LevelTable | None = None,
     ) -> Tensor:
         """RoI tokens ``[B*N, S*S, d]`` (row-major bins) for normalised cxcywh boxes ``[B, N, 4]``."""
         boxes_xyxy_px = box_convert(boxes_cxcywh, "cxcywh", "xyxy") * whwh(image_sizes).to(boxes_cxcywh)
-        levels = features if isinstance(features, list) else list(features)  # keeps a LevelRows table
-        rois = self.roi_extractor(levels, boxes_xyxy_px, image_sizes)  # [B*N, d, S, S]
+        rois = self.roi_extractor(list(features), boxes_xyxy_px, image_sizes, level_table)  # [B*N, d, S, S]
         return rois.flatten(2).transpose(1, 2)  # [B*N, S*S, d]
 
     def forward(
@@ -170,6 +173,7 @@ class SparseRCNNStage(nn.Module):
         features: Sequence[Tensor],
         image_sizes: Tensor,
         attn_mask: Tensor | None = None,
+        level_table: LevelTable | None = None,
     ) -> HeadOutput:
         """Refine the proposals once.
 
@@ -180,13 +184,14 @@ class SparseRCNNStage(nn.Module):
             image_sizes: ``[B, 2]`` ``(h, w)`` of the unpadded images.
             attn_mask: ``[B*heads, N, N]`` bool, True = row may not attend to column, batch-major
                 (``b * heads + h``); None = no mask.
+            level_table: the levels as one table (fixed budgets; see :class:`RoIPooling`).
 
         Returns:
             :class:`HeadOutput`: logits ``[B, N, C]`` and boxes ``[B, N, 4]`` normalised cxcywh.
         """
         boxes = proposals.prediction.boxes.detach()
         batch, num, dim = proposals.content.shape
-        roi_tokens = self.pool_roi_tokens(boxes, features, image_sizes)  # [B*N, S*S, d]
+        roi_tokens = self.pool_roi_tokens(boxes, features, image_sizes, level_table)  # [B*N, S*S, d]
         x = proposals.content.transpose(0, 1)  # [N, B, d]
         x = self.norm1(x + self.self_attn(x, x, x, attn_mask=attn_mask, need_weights=False)[0])
         content = x.transpose(0, 1).reshape(batch * num, dim)  # [B*N, d]

@@ -4,6 +4,7 @@ parallel decoder heads."""
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,21 @@ from asag.modeling.budgets import DATA_BUDGETS, STATIC_PATCHES_PER_LEVEL, Budget
 from asag.modeling.queries import build_queries
 from asag.modeling.roi_pooling import LevelTable
 from asag.structures import DetectionBatch, Detections, ImageTargets, ModelOutput
+
+
+@dataclass(frozen=True)
+class FeatureFormat:
+    """How the backbone and the neck compute: the images are converted to this before the backbone, and
+    the levels come out as float32 in whatever layout the neck produced.
+
+    dtype: the backbone's and neck's dtype (None: the images' own, float32); memory_format: the images'
+    layout (``torch.preserve_format``: as given, e.g. the trainer's channels-last batches).
+    The default converts nothing. :func:`asag.modeling.fast.optimize_for_inference` sets it to the
+    layout and precision it cast the backbone and neck to.
+    """
+
+    dtype: torch.dtype | None = None
+    memory_format: torch.memory_format = torch.preserve_format
 
 
 class ASAG(nn.Module):
@@ -47,7 +63,9 @@ class ASAG(nn.Module):
 
     :attr:`budgets` (:class:`~asag.modeling.budgets.Budgets`) is what :meth:`forward` passes to the
     data-dependent steps unless a call passes its own: from the data (the default, the release's
-    results) or fixed (static mode). :attr:`inference_settings` is set on the copies that
+    results) or fixed (static mode). :attr:`feature_format` (:class:`FeatureFormat`) is the dtype and
+    layout the backbone and the neck run in (default: the input's). :attr:`inference_settings` is set on
+    the copies that
     :func:`asag.modeling.fast.optimize_for_inference` makes (None otherwise): such a copy runs every
     :meth:`forward` under ``torch.inference_mode`` and cannot train (its batch norms are folded).
 
@@ -128,6 +146,7 @@ class ASAG(nn.Module):
         if not self.static_budgets.static:
             raise ValueError(f"static_budgets must fix both budgets, got {self.static_budgets}")
         self.budgets = DATA_BUDGETS
+        self.feature_format = FeatureFormat()
         self.inference_settings: dict | None = None
         if static:
             self.eval().set_static(True)
@@ -135,8 +154,11 @@ class ASAG(nn.Module):
     def extract_features(self, images: Tensor, image_sizes: Tensor | None = None) -> list[Tensor]:
         """``[B, 3, Hp, Wp]`` -> the neck's levels as float32: FPN ``[P2, P3, P4, P5]`` or ASAG-D encoder
         ``[P3, P4, P5, P6]``. ``image_sizes`` ``[B, 2]`` ``(h, w)`` tells a size-aware neck which cells are
-        padding (None: the whole padded batch is image); the FPN ignores it."""
-        backbone_features = self.backbone(images)
+        padding (None: the whole padded batch is image); the FPN ignores it. The images are first converted
+        to :attr:`feature_format`."""
+        fmt = self.feature_format
+        backbone_features = self.backbone(images.to(dtype=fmt.dtype or images.dtype,
+                                                    memory_format=fmt.memory_format))
         if self.neck_uses_image_sizes:
             return [p.float() for p in self.neck(backbone_features, image_sizes)]
         return [p.float() for p in self.neck(backbone_features)]

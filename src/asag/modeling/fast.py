@@ -36,7 +36,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
 
 from asag.errors import ConfigError
 from asag.modeling.backbone import FrozenBatchNorm2d
-from asag.modeling.detector import ASAG
+from asag.modeling.detector import ASAG, FeatureFormat
 from asag.modeling.roi_pooling import RoIPooling
 
 # ``--precision`` names -> dtype of the backbone and FPN (None = float32, no cast).
@@ -167,32 +167,7 @@ def fold_batch_norms(module: nn.Module) -> int:
     return folded + _fold_pairs_of(module)
 
 
-def contiguous_features(module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook of a decoder that samples with ``grid_sample`` (AdaMixer): FPN levels in the
-    default layout, converted once for all heads (argument 1 of ``decoder(proposals, features, ...)``)."""
-    features = [f.contiguous() for f in args[1]]
-    return (args[0], features, *args[2:])
-
-
 # ------------------------------------------------------------------------------------ fast model
-
-
-class CastInput:
-    """Forward pre-hook of the backbone: images to the backbone's dtype and memory format."""
-
-    def __init__(self, dtype: torch.dtype | None, memory_format: torch.memory_format) -> None:
-        self.dtype = dtype
-        self.memory_format = memory_format
-
-    def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        images = args[0]
-        return (images.to(dtype=self.dtype or images.dtype, memory_format=self.memory_format), *args[1:])
-
-
-def float32_levels(module: nn.Module, args: tuple, levels: list[Tensor]) -> list[Tensor]:
-    """Forward hook of the FPN: levels back to float32 (layout kept; everything after the FPN runs in
-    float32, as in the release)."""
-    return [p.float() for p in levels]
 
 
 def _compile_options(device_type: str) -> dict:
@@ -202,23 +177,21 @@ def _compile_options(device_type: str) -> dict:
 
 def _prepare_features(model: ASAG, fold_bn: bool, memory_format: torch.memory_format,
                       dtype: torch.dtype | None) -> None:
-    """Fold, cast and re-layout backbone and FPN in place; hooks adapt their input and output."""
+    """Fold, cast and re-layout backbone and FPN in place; the model's :class:`FeatureFormat` converts the
+    images to match (the levels leave :meth:`ASAG.extract_features` as float32)."""
     if fold_bn:
         fold_batch_norms(model.backbone)
     for part in (model.backbone, model.neck):
         part.to(dtype=dtype, memory_format=memory_format)
-    model.backbone.register_forward_pre_hook(CastInput(dtype, memory_format))
-    model.neck.register_forward_hook(float32_levels)
+    model.feature_format = FeatureFormat(dtype, memory_format)
 
 
-def _prepare_channels_last_consumers(model: ASAG) -> None:
-    """RoI pooling gathers from the channels-last levels (kind ``gather``); a decoder without RoI pooling
-    (AdaMixer's ``grid_sample``) gets them in the default layout."""
+def _gather_from_channels_last(model: ASAG) -> None:
+    """RoI pooling gathers channel vectors straight from the channels-last levels (kind ``gather``); heads
+    without RoI pooling get the levels in the default layout from :class:`ParallelHeads` itself."""
     for pooling in model.modules():
         if isinstance(pooling, RoIPooling):
             pooling.kind = "gather"
-    if not any(isinstance(m, RoIPooling) for m in model.decoder.modules()):
-        model.decoder.register_forward_pre_hook(contiguous_features)
 
 
 def optimize_for_inference(
@@ -256,7 +229,7 @@ def optimize_for_inference(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     _prepare_features(fast, fold_bn, memory_format, feature_dtype)
     if channels_last:
-        _prepare_channels_last_consumers(fast)
+        _gather_from_channels_last(fast)
     fast.inference_settings = {"fold_bn": fold_bn, "channels_last": channels_last, "compile": compile,
                                "dtype": str(feature_dtype or torch.float32).removeprefix("torch.")}
     if compile:

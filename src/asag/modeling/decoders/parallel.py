@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from asag.modeling.roi_pooling import LevelTable
+from asag.modeling.roi_pooling import LevelTable, RoIPooling
 from asag.structures import HeadOutput, ProposalOutput
 
 # Head containers and embedding names, ours first, then the authors' (spec 7.1, Appendix B).
@@ -38,6 +38,11 @@ class ParallelHeads(nn.Module):
             features, image_sizes, attn_mask, level_table)`` and returning a :class:`HeadOutput`.
         hidden_dim: content width ``d``.
 
+    Heads without RoI pooling sample the levels with ``grid_sample`` (AdaMixer, deformable attention), which
+    reads a level as ``[B * G, C / G, H, W]``: they get the levels in the default layout, converted once for
+    all heads (a no-op unless the neck ran channels-last, :func:`asag.modeling.fast.optimize_for_inference`);
+    RoI-pooling heads gather channel vectors and read any layout as it is.
+
     ``head_embedding`` is an ``[L, d]`` parameter initialised N(0, 1), like the weight of the authors'
     ``nn.Embedding`` ``decoder_embedding``, which is not re-initialised (spec 7.1 / section 13, quirk 5).
     """
@@ -46,6 +51,7 @@ class ParallelHeads(nn.Module):
         super().__init__()
         self.heads = nn.ModuleList(heads)
         self.head_embedding = nn.Parameter(torch.randn(len(self.heads), hidden_dim))
+        self.contiguous_features = not any(isinstance(m, RoIPooling) for m in self.heads.modules())
 
     def __len__(self) -> int:
         return len(self.heads)
@@ -72,6 +78,8 @@ class ParallelHeads(nn.Module):
             one :class:`HeadOutput` per head (logits ``[B, L, C]``, boxes ``[B, L, 4]`` normalised
             cxcywh), ordered ``aux_0 .. aux_{L-2}``, main (last).
         """
+        if self.contiguous_features:
+            features = [f.contiguous() for f in features]
         outputs = []
         for k, head in enumerate(self.heads):
             head_input = replace(proposals, content=proposals.content + self.head_embedding[k])

@@ -54,6 +54,7 @@ from asag.engine.checkpoint import EXPORTED_SUFFIXES, one_line
 from asag.errors import CheckpointError, ConfigError, DataError
 from asag.modeling.detector import ASAG
 from asag.outputs import atomic_write
+from asag.portable import check_portable
 from asag.structures import DetectionBatch, Detections
 
 EXPORT_FORMATS = tuple(suffix.lstrip(".") for suffix in EXPORTED_SUFFIXES)  # ("onnx", "pt2")
@@ -171,18 +172,61 @@ def export_metadata(cfg: Config, label_map: LabelMap, size: tuple[int, int], bat
             "batch_size": batch_size, "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES}
 
 
-def _sort_stable_onnx(self, *, stable=None, dim: int = -1, descending: bool = False):
-    """``aten.sort.stable`` for ONNX: ``TopK`` over the whole axis keeps the lower index first among
-    equal keys (ONNX specification), which is the stable order; non-float keys sort as int64."""
+def _stable_order_onnx(self, axis: int, descending: bool):
+    """ONNX indices that sort ``self`` along ``axis`` stably (equal keys keep their index order), without
+    relying on how a runtime breaks ties.
+
+    The ONNX specification has ``TopK`` order equal keys by index, but OpenVINO (2026.4) does not: a sort
+    written as one ``TopK`` comes back with ties in any order there. So ties are broken explicitly: a
+    first ``TopK`` over the whole axis orders the keys (ties in any order); ``group`` numbers the runs of
+    equal sorted keys (``CumSum`` of "differs from the previous key"); a second ``TopK`` (ascending) over
+    the distinct integer keys ``group * n + index`` puts each run in index order. Non-float keys sort as
+    int64. Returns ``[..., n, ...]`` int64 indices, as ``torch.sort(stable=True)`` gives them."""
     import onnxscript
     from onnxscript import opset18 as op
 
-    axis = dim % len(self.shape)
     keys = self
     if self.dtype not in (onnxscript.FLOAT.dtype, onnxscript.DOUBLE.dtype, onnxscript.INT64.dtype):
         keys = op.Cast(self, to=onnxscript.INT64.dtype)
-    _, indices = op.TopK(keys, op.Shape(self, start=axis, end=axis + 1), axis=axis,
-                         largest=1 if descending else 0, sorted=1)
+    length = op.Shape(self, start=axis, end=axis + 1)  # [1] n
+    values, first = op.TopK(keys, length, axis=axis, largest=1 if descending else 0, sorted=1)
+    axes = op.Constant(value_ints=[axis])
+    previous = op.Concat(op.Slice(values, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), axes),
+                         op.Slice(values, op.Constant(value_ints=[0]), op.Constant(value_ints=[-1]), axes),
+                         axis=axis)  # each key's predecessor in sorted order (the first: itself)
+    starts = op.Cast(op.Not(op.Equal(values, previous)), to=onnxscript.INT64.dtype)
+    group = op.CumSum(starts, op.Constant(value_int=axis))  # [..., n, ...] 0, 0, 1, 1, 1, 2, ...
+    distinct = op.Add(op.Mul(group, length), first)  # unique per position: no ties left for TopK
+    _, within = op.TopK(distinct, length, axis=axis, largest=0, sorted=1)
+    return op.GatherElements(first, within, axis=axis)
+
+
+def _sort_onnx(self, dim: int = -1, descending: bool = False, stable=None):
+    """``aten.sort.default`` for ONNX: the stable sort of :func:`_stable_order_onnx` (one valid result of
+    an unstable sort, and the one every runtime gives)."""
+    from onnxscript import opset18 as op
+
+    axis = dim % len(self.shape)
+    indices = _stable_order_onnx(self, axis, descending)
+    return op.GatherElements(self, indices, axis=axis), indices
+
+
+def _sort_stable_onnx(self, *, stable=None, dim: int = -1, descending: bool = False):
+    """``aten.sort.stable`` for ONNX: :func:`_stable_order_onnx`."""
+    return _sort_onnx(self, dim, descending)
+
+
+def _topk_onnx(self, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+    """``aten.topk.default`` for ONNX: the first ``k`` of the stable sort (:func:`_stable_order_onnx`), so
+    that among equal values the lower indices are taken, in index order, in every runtime (the ONNX
+    ``TopK``'s own rule, which OpenVINO does not follow). Always sorted (``sorted=False`` leaves the
+    order unspecified, so sorted is one valid answer)."""
+    from onnxscript import opset18 as op
+
+    axis = dim % len(self.shape)
+    order = _stable_order_onnx(self, axis, largest)
+    indices = op.Slice(order, op.Constant(value_ints=[0]), op.Constant(value_ints=[k]),
+                       op.Constant(value_ints=[axis]))
     return op.GatherElements(self, indices, axis=axis), indices
 
 
@@ -195,6 +239,11 @@ def _where_onnx(condition, self, other):
     if self.dtype == onnxscript.BOOL.dtype and other.dtype == onnxscript.BOOL.dtype:
         return op.Or(op.And(condition, self), op.And(op.Not(condition), other))
     return op.Where(condition, self, other)
+
+
+# ATen operators that the ONNX export writes with asag's translations instead of the exporter's own.
+ONNX_TRANSLATIONS = {torch.ops.aten.sort.stable: _sort_stable_onnx, torch.ops.aten.sort.default: _sort_onnx,
+                     torch.ops.aten.topk.default: _topk_onnx, torch.ops.aten.where.self: _where_onnx}
 
 
 def export_model(model: ASAG, cfg: Config, label_map: LabelMap, out: str | Path, *, size: tuple[int, int],
@@ -261,14 +310,14 @@ def _pt2_bytes(module: nn.Module, inputs: tuple[Tensor, ...], metadata: dict) ->
 
 def _onnx_bytes(module: nn.Module, inputs: tuple[Tensor, ...], metadata: dict) -> bytes:
     """An ONNX model of ``module`` (weights inside the file, never external data) with the metadata
-    property ``asag`` = ``metadata`` plus its checksum, checked with ``onnx.checker``."""
+    property ``asag`` = ``metadata`` plus its checksum, checked with ``onnx.checker`` and for portability
+    (:func:`asag.portable.check_portable`)."""
     onnx = require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
     program = torch.onnx.export(
         module, inputs, dynamo=True, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
         opset_version=ONNX_OPSET, verbose=False,
-        custom_translation_table={torch.ops.aten.sort.stable: _sort_stable_onnx,
-                                  torch.ops.aten.where.self: _where_onnx},
+        custom_translation_table=ONNX_TRANSLATIONS,
     )
     proto = program.model_proto
     del proto.metadata_props[:]
@@ -279,6 +328,7 @@ def _onnx_bytes(module: nn.Module, inputs: tuple[Tensor, ...], metadata: dict) -
                           ) from None
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps({**metadata, CHECKSUM_KEY: checksum})})
     onnx.checker.check_model(proto, full_check=True)
+    check_portable(proto, "asag export")
     return proto.SerializeToString()
 
 

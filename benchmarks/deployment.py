@@ -11,10 +11,13 @@ box differences (and whether labels and validity masks are identical), then time
   ``postprocess`` -- the baseline of the ratios;
 * ``static``: the eager static model's ``detect`` (plain, not folded: the exported graph);
 * ``onnxruntime``: the ONNX file in ONNX Runtime (CPU provider, ``--threads`` intra-op threads);
+* ``openvino`` / ``openvino_bf16``: the same ONNX file compiled by OpenVINO (``--threads`` threads,
+  latency hint) at fp32 / bf16 (bf16 only on a CPU with native bf16; docs/deployment.md);
 * ``pt2``: the ``.pt2`` program (``torch.export.load(...).module()``).
 
     python benchmarks/deployment.py [--preset asag_a_r50_speed] [--size 800x1216] [--repeats 5]
-        [--threads 2] [--out-dir runs/deployment] [--settings fast static onnxruntime pt2]
+        [--threads 2] [--out-dir runs/deployment]
+        [--settings fast static onnxruntime openvino openvino_bf16 pt2]
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ from asag.export import ExportedModel, export_model
 from asag.modeling.fast import optimize_for_inference
 from asag.structures import DetectionBatch
 
-SETTINGS = ("fast", "static", "onnxruntime", "pt2")
+SETTINGS = ("fast", "static", "onnxruntime", "openvino", "openvino_bf16", "pt2")
+# Settings that run the ONNX file: (runtime, precision) of ExportedModel.
+ONNX_SETTINGS = {"onnxruntime": ("onnxruntime", "fp32"), "openvino": ("openvino", "fp32"),
+                 "openvino_bf16": ("openvino", "bf16")}
 BASELINE = "fast"
 
 
@@ -71,14 +77,17 @@ def main(argv: list[str] | None = None) -> None:
     labels = LabelMap.from_dict({"category_ids": list(range(1, cfg.model.num_classes + 1)),
                                  "names": [f"class_{i}" for i in range(1, cfg.model.num_classes + 1)]})
     runners = {}
-    for fmt in ("onnx", "pt2"):
-        if {"onnx": "onnxruntime", "pt2": "pt2"}[fmt] not in args.settings:
+    for fmt, names in (("onnx", list(ONNX_SETTINGS)), ("pt2", ["pt2"])):
+        names = [name for name in names if name in args.settings]
+        if not names:
             continue
         start = time.perf_counter()
         path = export_model(static, cfg, labels, out_dir / f"{args.preset}.{fmt}", size=size, batch_size=1)
         print(f"exported {fmt} in {time.perf_counter() - start:.0f} s -> {path} "
               f"({path.stat().st_size / 2**20:.0f} MiB)")
-        runners["onnxruntime" if fmt == "onnx" else "pt2"] = ExportedModel(path)
+        for name in names:
+            runtime, precision = ONNX_SETTINGS.get(name, ("onnxruntime", "fp32"))  # the defaults for .pt2
+            runners[name] = ExportedModel(path, runtime=runtime, precision=precision)
 
     inputs = random_inputs(1, size, seed=1)
     images, sizes = inputs.images, inputs.image_sizes
@@ -91,8 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     calls = {
         "fast": lambda: fast.postprocess(fast(images, sizes), sizes),
         "static": lambda: static.detect(images, sizes, sizes),
-        "onnxruntime": lambda: runners["onnxruntime"].run(images, sizes, sizes),
-        "pt2": lambda: runners["pt2"].run(images, sizes, sizes),
+        **{name: (lambda run=runner.run: run(images, sizes, sizes)) for name, runner in runners.items()},
     }
     names = [n for n in SETTINGS if n in args.settings]
     times: dict[str, list[float]] = {n: [] for n in names}

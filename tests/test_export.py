@@ -1,6 +1,8 @@
 """``asag export`` and exported models: ASAG-A / S / D (tiny widths, anchor generator probing P4 and P3)
-exported to ONNX and ``.pt2`` give the eager static model's detections; ``Detector.from_exported`` and
-``asag predict FILE.onnx|FILE.pt2`` give the checkpoint's; clear errors for what cannot be exported.
+exported to ONNX and ``.pt2`` give the eager static model's detections; the ONNX graphs are portable
+(:mod:`asag.portable`) and OpenVINO gives the same detections in the same order as ONNX Runtime;
+``Detector.from_exported`` and ``asag predict FILE.onnx|FILE.pt2`` give the checkpoint's; clear errors for
+what cannot be exported.
 
 The default run exports ASAG-A in both formats (the file is made once per module); ASAG-S and ASAG-D
 take as long each and run with ``-m slow``."""
@@ -21,6 +23,8 @@ from asag.engine.benchmark import craft_probing_biases
 from asag.engine.checkpoint import save_checkpoint
 from asag.errors import CheckpointError, ConfigError, DataError
 from asag.export import DeployedDetector, ExportedModel, export_model, require
+from asag.portable import portability_problems
+from asag.structures import DetectionBatch
 
 VARIANTS = {
     "ASAG-A": ["model.decoder.type=adamixer"],
@@ -33,6 +37,8 @@ CASES = [
     pytest.param(variant, fmt, marks=[] if variant == "ASAG-A" else [pytest.mark.slow], id=f"{variant}-{fmt}")
     for variant in VARIANTS for fmt in ("onnx", "pt2")
 ]
+ONNX_CASES = [pytest.param(variant, marks=[] if variant == "ASAG-A" else [pytest.mark.slow], id=variant)
+              for variant in VARIANTS]
 LABELS = LabelMap.from_dict({"category_ids": [1, 2, 3, 5, 8], "names": ["a", "b", "c", "d", "e"]})
 
 
@@ -96,10 +102,41 @@ def test_exported_model_gives_the_eager_static_detections(exported, variant, fmt
     assert {"P4", "P3"} <= levels, "the crafted generator probes P4 and P3"
     got = ExportedModel(path).run(images, sizes, orig)
     assert got.boxes.shape == (BATCH, expected.boxes.shape[1], 4) and got.labels.dtype == torch.int64
+    assert_same_detections(got, expected)
+
+
+def assert_same_detections(got: DetectionBatch, expected: DetectionBatch) -> None:
+    """The same detections in the same order: equal valid masks and labels, scores within 1e-4, boxes
+    within 0.01 px."""
     assert torch.equal(got.valid, expected.valid) and expected.valid.sum() > 0
     assert torch.equal(got.labels, expected.labels)
     assert (got.scores - expected.scores).abs().max() <= 1e-4
     assert (got.boxes - expected.boxes).abs().max() <= 1e-2
+
+
+@pytest.mark.parametrize("variant", ONNX_CASES)
+def test_onnx_export_is_portable_and_openvino_gives_the_same_detections_in_order(exported, variant):
+    """OpenVINO fp32 = ONNX Runtime = the eager static model, in the same order (OpenVINO's TopK orders
+    equal keys arbitrarily; a sort written as one TopK came back out of order there)."""
+    pytest.importorskip("openvino")
+    onnx = pytest.importorskip("onnx")
+    ckpt, path = exported(variant, "onnx")
+    assert portability_problems(onnx.load(str(path))) == []
+    model, _, _ = eager_static(ckpt)
+    images, sizes, orig = probe_batch()
+    with torch.no_grad():
+        expected = model.detect(images, sizes, orig)
+    for row, valid in zip(expected.scores, expected.valid):  # a meaningful order: distinct scores
+        assert valid.sum() >= 10 and row[valid].unique().numel() >= valid.sum() // 2
+    onnxruntime = ExportedModel(path).run(images, sizes, orig)
+    openvino = ExportedModel(path, runtime="openvino").run(images, sizes, orig)
+    assert_same_detections(onnxruntime, expected)
+    assert_same_detections(openvino, expected)
+    assert torch.equal(openvino.labels, onnxruntime.labels)
+    assert (openvino.scores - onnxruntime.scores).abs().max() <= 1e-4
+    assert (openvino.boxes - onnxruntime.boxes).abs().max() <= 1e-2
+    for row, valid in zip(openvino.scores, openvino.valid):  # the output contract
+        assert valid[:valid.sum()].all() and (row[valid].diff() <= 0).all() and (row[~valid] == 0).all()
 
 
 def write_images(folder) -> list:
@@ -132,6 +169,29 @@ def test_from_exported_and_predict_give_the_checkpoint_detections(exported, fmt,
     records = json.loads((out / "predictions.json").read_text())
     assert [len(r["detections"]) for r in records] == [min(len(d), 100) for d in got]
     assert records[0]["detections"][0] == got[0][0].to_dict()
+
+
+def test_predict_with_openvino_gives_the_onnxruntime_predictions(exported, tmp_path):
+    ov = pytest.importorskip("openvino")
+    _, path = exported("ASAG-A", "onnx")
+    images = write_images(tmp_path)
+    runs = {"onnxruntime": [], "openvino": []}
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        runs["openvino-bf16"] = ["--precision", "bf16"]
+    records = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        runtime = name.split("-")[0]
+        assert main(["predict", str(path), *map(str, images), "--out", str(out), "--score-threshold", "0",
+                     "--runtime", runtime, *extra]) == 0
+        records[name] = [r["detections"] for r in json.loads((out / "predictions.json").read_text())]
+    for got, ref in zip(records["openvino"], records["onnxruntime"]):
+        assert len(got) == len(ref) > 0
+        assert [d["category_id"] for d in got] == [d["category_id"] for d in ref]
+        assert np.allclose([d["score"] for d in got], [d["score"] for d in ref], atol=1e-4)
+        assert np.allclose([d["box_xyxy"] for d in got], [d["box_xyxy"] for d in ref], atol=2e-2)
+    for dets in records.get("openvino-bf16", []):  # bf16 changes the numbers, not the contract
+        assert dets and all(a["score"] >= b["score"] for a, b in zip(dets, dets[1:]))
 
 
 def test_predict_refuses_options_of_the_checkpoint_path(exported, tmp_path, capsys):

@@ -575,3 +575,98 @@ def _only_buffers(load):
         return load(f, **kwargs)
 
     return checked
+
+
+# ------------------------------------------------------------------------- runtimes and precision
+
+
+def test_runtime_and_precision_combinations_are_refused_in_one_line(exported, tiny_checkpoint, tmp_path,
+                                                                      capsys):
+    onnx_path, pt2_path = exported("onnx"), exported("pt2")
+    cases = [
+        (lambda: ExportedModel(onnx_path, precision="bf16"),
+         f"{onnx_path}: precision bf16 needs runtime openvino (ONNX Runtime runs the exported float32 graph"),
+        (lambda: ExportedModel(pt2_path, precision="bf16"),
+         f"{pt2_path}: precision bf16 needs runtime openvino (torch runs"),
+        (lambda: ExportedModel(pt2_path, runtime="openvino"),
+         f"{pt2_path}: runtime openvino runs .onnx files; a .pt2 file runs with torch"),
+        (lambda: ExportedModel(onnx_path, runtime="tensorrt"),
+         "runtime 'tensorrt': choose onnxruntime or openvino"),
+        (lambda: ExportedModel(onnx_path, runtime="openvino", precision="fp16"),
+         "precision 'fp16': an exported model runs in fp32 or bf16 (bf16 with runtime openvino)"),
+        (lambda: ExportedModel(onnx_path, "cuda", runtime="openvino"),
+         f"{onnx_path}: runtime openvino runs on the CPU, not on device cuda"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+    image = write_image(tmp_path / "img.png", 320, 320)
+    out = str(tmp_path / "out")
+    assert main(["predict", str(onnx_path), str(image), "--out", out, "--precision", "bf16"]) == 2
+    assert "precision bf16 needs runtime openvino" in capsys.readouterr().err
+    ckpt = str(tiny_checkpoint / "ckpt.pth")
+    assert main(["predict", ckpt, str(image), "--out", out, "--runtime", "openvino"]) == 2
+    expected = f"asag predict: error: {ckpt}: --runtime chooses the runtime of an exported model (.onnx)"
+    assert capsys.readouterr().err.strip() == f"{expected}; a checkpoint runs with torch"
+
+
+def test_openvino_missing_is_one_line_naming_its_extra(exported, monkeypatch):
+    import importlib
+
+    path = exported("onnx")
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a: (_ for _ in ()).throw(ImportError(name)) if name == "openvino"
+                        else real(name, *a))
+    with pytest.raises(ConfigError) as err:
+        ExportedModel(path, runtime="openvino")
+    assert str(err.value) == ("running an ONNX model with OpenVINO needs the 'openvino' package: "
+                              'pip install "asag[openvino]"')
+
+
+def test_openvino_compiles_the_checked_bytes_with_the_configured_threads(exported, monkeypatch):
+    """The safety checks run before OpenVINO sees the file, and OpenVINO compiles the bytes that were
+    checked, with torch's thread count, the latency hint and float32."""
+    ov = pytest.importorskip("openvino")
+    path = exported("onnx")
+    read = []
+
+    class RecordingCore(ov.Core):
+        def read_model(self, model, *args):
+            read.append(model)
+            return super().read_model(model, *args)
+
+    monkeypatch.setattr(ov, "Core", RecordingCore)
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(str(path))
+    raw = bytearray(proto.graph.initializer[0].raw_data)
+    raw[len(raw) // 2] ^= 0xFF
+    proto.graph.initializer[0].raw_data = bytes(raw)
+    damaged = path.with_name("damaged.onnx")
+    onnx.save(proto, str(damaged))
+    assert one_line_error(lambda: ExportedModel(damaged, runtime="openvino")) == mismatch(damaged)
+    assert read == []
+    torch.set_num_threads(1)
+    runner = ExportedModel(path, runtime="openvino")
+    assert read == [path.read_bytes()]
+    compiled = runner.request.get_compiled_model()
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert str(compiled.get_property("PERFORMANCE_HINT")) == "LATENCY"
+    assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    images, sizes, orig = example_inputs(BATCH, SIZE)
+    expected = ExportedModel(path).run(images, sizes, orig)
+    got = runner.run(images, sizes, orig)
+    assert got.labels.dtype == torch.int64 and got.valid.dtype == torch.bool
+    for name in ("boxes", "scores", "labels", "valid"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-5, rtol=0)
+
+
+def test_bf16_is_refused_on_a_cpu_without_native_bf16(exported, monkeypatch):
+    pytest.importorskip("openvino")
+    path = exported("onnx")
+    monkeypatch.setattr(asag.export, "openvino_native_bf16", lambda core: False)
+    with pytest.raises(ConfigError) as err:
+        ExportedModel(path, runtime="openvino", precision="bf16")
+    assert str(err.value) == (f"{path}: precision bf16: this CPU has no native bfloat16 support "
+                              "(AVX512-BF16/AMX), OpenVINO would emulate it; use fp32")

@@ -231,16 +231,22 @@ class Detector:
         return cls(model, cfg, label_map, resolved)
 
     @classmethod
-    def from_exported(cls, path: str | Path, device: str = "auto") -> Detector:
-        """A detector running a file of ``asag export`` (``.onnx`` with ONNX Runtime, ``.pt2`` with
-        ``torch.export.load``): the same preprocessing and :class:`Detection` output as the checkpoint;
-        images are padded to the exported size (docs/inference.md, "Deployment"). The file is checked
-        before anything runs (checksum, metadata, and for ``.pt2`` that it holds nothing that could run
-        code); see :class:`asag.export.ExportedModel`."""
+    def from_exported(cls, path: str | Path, device: str = "auto", runtime: str = "onnxruntime",
+                      precision: str = "fp32") -> Detector:
+        """A detector running a file of ``asag export`` (``.onnx`` with ONNX Runtime or OpenVINO, ``.pt2``
+        with ``torch.export.load``): the same preprocessing and :class:`Detection` output as the
+        checkpoint; images are padded to the exported size (docs/inference.md, "Deployment"). The file is
+        checked before anything runs (checksum, metadata, and for ``.pt2`` that it holds nothing that
+        could run code); see :class:`asag.export.ExportedModel`.
+
+        ``runtime``: ``"onnxruntime"`` or ``"openvino"`` (``.onnx`` only; OpenVINO runs on the CPU, so
+        ``device="auto"`` is the CPU there). ``precision``: ``"fp32"``, or ``"bf16"`` with OpenVINO on a
+        CPU with native bfloat16 (docs/deployment.md)."""
         from asag.export import ExportedModel
 
-        resolved = resolve_device(device)
-        exported = ExportedModel(path, resolved)
+        cpu_only = runtime == "openvino" and device == "auto"
+        resolved = torch.device("cpu") if cpu_only else resolve_device(device)
+        exported = ExportedModel(path, resolved, runtime=runtime, precision=precision)
         detector = cls.__new__(cls)
         detector.model, detector.cfg, detector.device = exported, exported.cfg, resolved
         detector.label_map = exported.label_map

@@ -54,6 +54,7 @@ from asag.engine.checkpoint import EXPORTED_SUFFIXES, one_line
 from asag.errors import CheckpointError, ConfigError, DataError
 from asag.modeling.detector import ASAG
 from asag.outputs import atomic_write
+from asag.portable import check_portable
 from asag.structures import DetectionBatch, Detections
 
 EXPORT_FORMATS = tuple(suffix.lstrip(".") for suffix in EXPORTED_SUFFIXES)  # ("onnx", "pt2")
@@ -69,6 +70,13 @@ CHECKSUM_PATTERN = re.compile(r"[0-9a-f]{64}")
 ONNX_RECORD = "model.onnx"  # name of the ONNX model's record in its checksum (file_checksum)
 EXPORT_EXTRA = "export"
 EXTRA_HINT = extras.install_hint(EXPORT_EXTRA)
+# Runtimes of an .onnx file (ExportedModel's ``runtime``); OpenVINO comes with its own extra.
+RUNTIMES = ("onnxruntime", "openvino")
+OPENVINO_EXTRA = "openvino"
+# ``precision`` of an exported model -> OpenVINO's INFERENCE_PRECISION_HINT; ONNX Runtime and torch run
+# the float32 graph as it is (fp32 only).
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+OPENVINO_DEVICE = "CPU"
 # Sides of the padded input must be multiples of this (the batch padding of the data pipeline, and the
 # coarsest FPN stride).
 SIZE_DIVISIBILITY = 32
@@ -171,18 +179,61 @@ def export_metadata(cfg: Config, label_map: LabelMap, size: tuple[int, int], bat
             "batch_size": batch_size, "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES}
 
 
-def _sort_stable_onnx(self, *, stable=None, dim: int = -1, descending: bool = False):
-    """``aten.sort.stable`` for ONNX: ``TopK`` over the whole axis keeps the lower index first among
-    equal keys (ONNX specification), which is the stable order; non-float keys sort as int64."""
+def _stable_order_onnx(self, axis: int, descending: bool):
+    """ONNX indices that sort ``self`` along ``axis`` stably (equal keys keep their index order), without
+    relying on how a runtime breaks ties.
+
+    The ONNX specification has ``TopK`` order equal keys by index, but OpenVINO (2026.4) does not: a sort
+    written as one ``TopK`` comes back with ties in any order there. So ties are broken explicitly: a
+    first ``TopK`` over the whole axis orders the keys (ties in any order); ``group`` numbers the runs of
+    equal sorted keys (``CumSum`` of "differs from the previous key"); a second ``TopK`` (ascending) over
+    the distinct integer keys ``group * n + index`` puts each run in index order. Non-float keys sort as
+    int64. Returns ``[..., n, ...]`` int64 indices, as ``torch.sort(stable=True)`` gives them."""
     import onnxscript
     from onnxscript import opset18 as op
 
-    axis = dim % len(self.shape)
     keys = self
     if self.dtype not in (onnxscript.FLOAT.dtype, onnxscript.DOUBLE.dtype, onnxscript.INT64.dtype):
         keys = op.Cast(self, to=onnxscript.INT64.dtype)
-    _, indices = op.TopK(keys, op.Shape(self, start=axis, end=axis + 1), axis=axis,
-                         largest=1 if descending else 0, sorted=1)
+    length = op.Shape(self, start=axis, end=axis + 1)  # [1] n
+    values, first = op.TopK(keys, length, axis=axis, largest=1 if descending else 0, sorted=1)
+    axes = op.Constant(value_ints=[axis])
+    previous = op.Concat(op.Slice(values, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), axes),
+                         op.Slice(values, op.Constant(value_ints=[0]), op.Constant(value_ints=[-1]), axes),
+                         axis=axis)  # each key's predecessor in sorted order (the first: itself)
+    starts = op.Cast(op.Not(op.Equal(values, previous)), to=onnxscript.INT64.dtype)
+    group = op.CumSum(starts, op.Constant(value_int=axis))  # [..., n, ...] 0, 0, 1, 1, 1, 2, ...
+    distinct = op.Add(op.Mul(group, length), first)  # unique per position: no ties left for TopK
+    _, within = op.TopK(distinct, length, axis=axis, largest=0, sorted=1)
+    return op.GatherElements(first, within, axis=axis)
+
+
+def _sort_onnx(self, dim: int = -1, descending: bool = False, stable=None):
+    """``aten.sort.default`` for ONNX: the stable sort of :func:`_stable_order_onnx` (one valid result of
+    an unstable sort, and the one every runtime gives)."""
+    from onnxscript import opset18 as op
+
+    axis = dim % len(self.shape)
+    indices = _stable_order_onnx(self, axis, descending)
+    return op.GatherElements(self, indices, axis=axis), indices
+
+
+def _sort_stable_onnx(self, *, stable=None, dim: int = -1, descending: bool = False):
+    """``aten.sort.stable`` for ONNX: :func:`_stable_order_onnx`."""
+    return _sort_onnx(self, dim, descending)
+
+
+def _topk_onnx(self, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+    """``aten.topk.default`` for ONNX: the first ``k`` of the stable sort (:func:`_stable_order_onnx`), so
+    that among equal values the lower indices are taken, in index order, in every runtime (the ONNX
+    ``TopK``'s own rule, which OpenVINO does not follow). Always sorted (``sorted=False`` leaves the
+    order unspecified, so sorted is one valid answer)."""
+    from onnxscript import opset18 as op
+
+    axis = dim % len(self.shape)
+    order = _stable_order_onnx(self, axis, largest)
+    indices = op.Slice(order, op.Constant(value_ints=[0]), op.Constant(value_ints=[k]),
+                       op.Constant(value_ints=[axis]))
     return op.GatherElements(self, indices, axis=axis), indices
 
 
@@ -195,6 +246,11 @@ def _where_onnx(condition, self, other):
     if self.dtype == onnxscript.BOOL.dtype and other.dtype == onnxscript.BOOL.dtype:
         return op.Or(op.And(condition, self), op.And(op.Not(condition), other))
     return op.Where(condition, self, other)
+
+
+# ATen operators that the ONNX export writes with asag's translations instead of the exporter's own.
+ONNX_TRANSLATIONS = {torch.ops.aten.sort.stable: _sort_stable_onnx, torch.ops.aten.sort.default: _sort_onnx,
+                     torch.ops.aten.topk.default: _topk_onnx, torch.ops.aten.where.self: _where_onnx}
 
 
 def export_model(model: ASAG, cfg: Config, label_map: LabelMap, out: str | Path, *, size: tuple[int, int],
@@ -261,14 +317,14 @@ def _pt2_bytes(module: nn.Module, inputs: tuple[Tensor, ...], metadata: dict) ->
 
 def _onnx_bytes(module: nn.Module, inputs: tuple[Tensor, ...], metadata: dict) -> bytes:
     """An ONNX model of ``module`` (weights inside the file, never external data) with the metadata
-    property ``asag`` = ``metadata`` plus its checksum, checked with ``onnx.checker``."""
+    property ``asag`` = ``metadata`` plus its checksum, checked with ``onnx.checker`` and for portability
+    (:func:`asag.portable.check_portable`)."""
     onnx = require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
     program = torch.onnx.export(
         module, inputs, dynamo=True, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
         opset_version=ONNX_OPSET, verbose=False,
-        custom_translation_table={torch.ops.aten.sort.stable: _sort_stable_onnx,
-                                  torch.ops.aten.where.self: _where_onnx},
+        custom_translation_table=ONNX_TRANSLATIONS,
     )
     proto = program.model_proto
     del proto.metadata_props[:]
@@ -279,6 +335,7 @@ def _onnx_bytes(module: nn.Module, inputs: tuple[Tensor, ...], metadata: dict) -
                           ) from None
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps({**metadata, CHECKSUM_KEY: checksum})})
     onnx.checker.check_model(proto, full_check=True)
+    check_portable(proto, "asag export")
     return proto.SerializeToString()
 
 
@@ -339,6 +396,13 @@ def metadata_problem(meta: object) -> str | None:
     return None
 
 
+def _onnx_signature(proto: Any) -> tuple[dict[str, tuple], list[str]]:
+    """``({input name: shape}, [output names])`` of an ONNX model (unknown dimensions are 0)."""
+    inputs = {value.name: tuple(dim.dim_value for dim in value.type.tensor_type.shape.dim)
+              for value in proto.graph.input}
+    return inputs, [value.name for value in proto.graph.output]
+
+
 @contextlib.contextmanager
 def _quiet_logger(name: str) -> Iterator[None]:
     """Logger ``name`` silent (above CRITICAL) inside the block."""
@@ -354,8 +418,35 @@ def _quiet_logger(name: str) -> Iterator[None]:
 # ---------------------------------------------------------------------------------- exported models
 
 
+def check_runtime(path: Path, fmt: str, runtime: str, precision: str, device: torch.device) -> None:
+    """The ``runtime`` and ``precision`` that run an exported file of format ``fmt`` on ``device``: an
+    ``.onnx`` file with ``onnxruntime`` (fp32, CPU or CUDA) or ``openvino`` (fp32 or bf16, CPU), a
+    ``.pt2`` file with torch (fp32; ``runtime`` left at its default). One ConfigError otherwise."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime {runtime!r}: choose {' or '.join(RUNTIMES)}")
+    if precision not in OPENVINO_PRECISIONS:
+        choices = " or ".join(OPENVINO_PRECISIONS)
+        raise ConfigError(f"precision {precision!r}: an exported model runs in {choices} (bf16 with runtime "
+                          "openvino)")
+    if runtime == "openvino" and fmt != "onnx":
+        raise ConfigError(f"{path}: runtime openvino runs .onnx files; a .{fmt} file runs with torch "
+                          "(export an .onnx file for OpenVINO)")
+    if precision != "fp32" and runtime != "openvino":
+        engine = "ONNX Runtime" if fmt == "onnx" else "torch"
+        raise ConfigError(f"{path}: precision {precision} needs runtime openvino ({engine} runs the exported "
+                          "float32 graph as it is)")
+    if runtime == "openvino" and device.type != "cpu":
+        raise ConfigError(f"{path}: runtime openvino runs on the CPU, not on device {device}")
+
+
+def openvino_native_bf16(core: Any) -> bool:
+    """Whether OpenVINO reports native bfloat16 kernels on this CPU (``BF16`` among the CPU device's
+    ``OPTIMIZATION_CAPABILITIES``: AVX512-BF16 or AMX)."""
+    return "BF16" in core.get_property(OPENVINO_DEVICE, "OPTIMIZATION_CAPABILITIES")
+
+
 class ExportedModel:
-    """An exported file run by ONNX Runtime (``.onnx``) or ``torch.export.load`` (``.pt2``).
+    """An exported file run by ONNX Runtime or OpenVINO (``.onnx``) or ``torch.export.load`` (``.pt2``).
 
     ``predict(images, image_sizes, orig_sizes)`` takes a padded batch as the checkpoint model does
     (``[n, 3, h, w]`` with ``h <= H``, ``w <= W``, any ``n``), pads it to the exported ``B x 3 x H x W``,
@@ -368,14 +459,24 @@ class ExportedModel:
     a file without one, exported before it existed, loads with an :class:`ExportWarning`); the stored
     configuration and label map are valid; the graph's inputs and outputs match the metadata. The file
     is read once: the checked bytes are the ones that run.
+
+    ``runtime`` (``.onnx`` only): ``"onnxruntime"`` (CPU, or CUDA with onnxruntime-gpu) or ``"openvino"``
+    (CPU; ``INFERENCE_NUM_THREADS`` = ``torch.get_num_threads()``, ``PERFORMANCE_HINT`` LATENCY).
+    ``precision``: ``"fp32"``, or ``"bf16"`` with OpenVINO (its ``INFERENCE_PRECISION_HINT``; refused on a
+    CPU without native bfloat16). Wrong combinations are refused before the file is read
+    (:func:`check_runtime`).
     """
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu", runtime: str = "onnxruntime",
+                 precision: str = "fp32") -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: exported model not found")
         self.format = format_of(self.path)
         self.device = torch.device(device)
+        check_runtime(self.path, self.format, runtime, precision, self.device)
+        self.runtime = runtime if self.format == "onnx" else "torch"
+        self.precision = precision
         data = self.path.read_bytes()
         meta = self._load_onnx(data) if self.format == "onnx" else self._load_pt2(data)
         self.metadata = meta
@@ -384,7 +485,10 @@ class ExportedModel:
 
     def _load_onnx(self, data: bytes) -> dict:
         onnx = require("onnx", "checking an ONNX model")
-        ort = require("onnxruntime", "running an ONNX model")
+        if self.runtime == "openvino":
+            engine = extras.require("openvino", "running an ONNX model with OpenVINO", OPENVINO_EXTRA)
+        else:
+            engine = require("onnxruntime", "running an ONNX model")
         try:
             proto = onnx.ModelProto.FromString(data)
         except Exception as err:  # google.protobuf.message.DecodeError, RuntimeWarning ...
@@ -396,8 +500,18 @@ class ExportedModel:
         for entry in entries:
             proto.metadata_props.remove(entry)
         self._verify(meta, [(ONNX_RECORD, proto.SerializeToString())])
-        del proto
         self._configure(meta)
+        if self.runtime == "openvino":
+            self._check_signature(*_onnx_signature(proto))
+            del proto
+            self._compile_openvino(engine, data)
+        else:
+            del proto
+            self._start_onnxruntime(engine, data)
+        return meta
+
+    def _start_onnxruntime(self, ort: Any, data: bytes) -> None:
+        """An ONNX Runtime session of the checked bytes ``data`` (CUDA first when the device is CUDA)."""
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -411,7 +525,27 @@ class ExportedModel:
             raise CheckpointError(f"{self.path}: ONNX Runtime cannot load it ({one_line(err)})") from None
         inputs = {node.name: tuple(node.shape) for node in self.session.get_inputs()}
         self._check_signature(inputs, [node.name for node in self.session.get_outputs()])
-        return meta
+
+    def _compile_openvino(self, ov: Any, data: bytes) -> None:
+        """The checked bytes ``data`` compiled by OpenVINO for the CPU: ``precision`` as its inference
+        precision, ``torch.get_num_threads()`` threads, latency hint. (The signature is checked on the
+        ONNX graph: OpenVINO drops inputs that the graph does not use, and :meth:`run` feeds only the
+        inputs it kept.)"""
+        core = ov.Core()
+        if self.precision == "bf16" and not openvino_native_bf16(core):
+            raise ConfigError(f"{self.path}: precision bf16: this CPU has no native bfloat16 support "
+                              "(AVX512-BF16/AMX), OpenVINO would emulate it; use fp32")
+        config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[self.precision],
+                  "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+        try:
+            compiled = core.compile_model(core.read_model(data), OPENVINO_DEVICE, config)
+        except Exception as err:  # OpenVINO raises RuntimeError and its own exception types
+            raise CheckpointError(f"{self.path}: OpenVINO cannot load it ({one_line(err)})") from None
+        if [port.get_any_name() for port in compiled.outputs] != OUTPUT_NAMES:
+            raise CheckpointError(f"{self.path}: OpenVINO compiled it with the outputs "
+                                  f"{[port.get_any_name() for port in compiled.outputs]}, not {OUTPUT_NAMES}")
+        self.openvino_inputs = [port.get_any_name() for port in compiled.inputs]
+        self.request = compiled.create_infer_request()
 
     def _load_pt2(self, data: bytes) -> dict:
         try:
@@ -580,6 +714,9 @@ class ExportedModel:
             return DetectionBatch(*out)
         feeds = {"images": images.float().cpu().numpy(), "image_sizes": image_sizes.cpu().numpy(),
                  "orig_sizes": orig_sizes.cpu().numpy()}
+        if self.runtime == "openvino":
+            results = self.request.infer({name: feeds[name] for name in self.openvino_inputs})  # copies
+            return DetectionBatch(*(torch.from_numpy(results[name]) for name in OUTPUT_NAMES))
         outs = [torch.from_numpy(o) for o in self.session.run(OUTPUT_NAMES, feeds)]
         return DetectionBatch(*outs)
 

@@ -37,6 +37,7 @@ from asag.config import FRACTION, POSITIVE, POSITIVE_REAL, field_option, option_
 from asag.data.formats import IMAGE_SUFFIXES
 from asag.engine.checkpoint import EXPORTED_SUFFIXES
 from asag.errors import ConfigError, DataError
+from asag.export import RUNTIMES
 from asag.modeling.fast import add_inference_arguments
 from asag.outputs import atomic_write_text, removed_if_unused, results_dir, unique_stems
 from asag.tiling import DEFAULT_MERGE_IOU, DEFAULT_TILE_OVERLAP, TILE_OVERLAP_RANGE, TILE_RANGE
@@ -95,6 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--inference-level", choices=["P3P6", "P4P6", "P5P6"],
                         help="probing depth (default: the stored inference_level)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--runtime", choices=list(RUNTIMES), default=None,
+                        help="runtime of an exported .onnx model (default: onnxruntime); openvino runs on "
+                             "the CPU, also with --precision bf16 (docs/deployment.md)")
     add_inference_arguments(parser)
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay CUDA graphs of the static model, one per input-size bucket (CUDA only)")
@@ -127,23 +131,27 @@ def expand_images(specs: list[str]) -> list[Path]:
 
 
 def load_detector(args: argparse.Namespace) -> Detector:
-    """A checkpoint's detector, or an exported model's (``.onnx`` / ``.pt2`` of ``asag export``; warnings
-    while it loads, e.g. that it has no checksum, are one line each on stderr)."""
+    """A checkpoint's detector, or an exported model's (``.onnx`` / ``.pt2`` of ``asag export``, run by
+    ``--runtime`` at ``--precision``; warnings while it loads, e.g. that it has no checksum, are one line
+    each on stderr)."""
     if Path(args.checkpoint).suffix.lower() not in EXPORTED_SUFFIXES:
+        if args.runtime is not None:
+            raise ConfigError(f"{args.checkpoint}: --runtime chooses the runtime of an exported model "
+                              "(.onnx); a checkpoint runs with torch")
         return Detector.from_checkpoint(args.checkpoint, device=args.device, used_head=args.used_head,
                                         inference_level=args.inference_level, fast=args.fast,
                                         compile=args.compile, dtype=args.precision, static=args.static,
                                         cuda_graph=args.cuda_graph)
     fixed = {"--used-head": args.used_head, "--inference-level": args.inference_level, "--fast": args.fast,
-             "--compile": args.compile, "--precision": args.precision != "fp32",
-             "--cuda-graph": args.cuda_graph}
+             "--compile": args.compile, "--cuda-graph": args.cuda_graph}
     given = [name for name, value in fixed.items() if value]
     if given:
         raise ConfigError(f"{args.checkpoint}: {', '.join(given)} cannot change an exported model "
                           "(choose them at `asag export`)")
     with warnings.catch_warnings(record=True) as caught:  # e.g. asag.export.ExportWarning (no checksum)
         warnings.simplefilter("always")
-        detector = Detector.from_exported(args.checkpoint, device=args.device)
+        detector = Detector.from_exported(args.checkpoint, device=args.device,
+                                          runtime=args.runtime or RUNTIMES[0], precision=args.precision)
     for warning in caught:
         print(f"asag predict: warning: {warning.message}", file=sys.stderr)
     return detector

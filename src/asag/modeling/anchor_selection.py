@@ -219,9 +219,16 @@ def pack_queries(selections: list[StageSelection], image_sizes: Tensor, max_anch
     q = queries if queries is not None else int(counts.clamp(max=max_anchors).max())  # the data's budget
     slots = output_slots(flat, counts, max_anchors)
     kept = flat.chosen & (slots < min(q, max_anchors))
-    column = flat.image_idx * (q + 1) + torch.where(kept, slots, q)  # [M]; column q of each row: the rest
-    boxes = full_image_boxes_cxcywh_px(image_sizes, q + 1).clone()  # [B, Q + 1, 4]
-    boxes.view(-1, 4).index_copy_(0, column, flat.anchors[:, :4].to(boxes.dtype))
-    valid = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)  # [B, Q + 1]
-    valid.view(-1).index_copy_(0, column, kept)
-    return PackedQueries(boxes[:, :q].contiguous(), valid[:, :q].contiguous(), flat, counts > q)
+    # Row of every entry in a table of the B * Q query slots followed by one spare row per entry: the kept
+    # entries fill their slots, each other entry its own spare row. The rows are distinct, so that the
+    # copy is defined in every runtime (an ONNX ScatterND with duplicate indices is not).
+    num_slots = num_images * q
+    spare = num_slots + torch.arange(len(kept), device=kept.device)  # [M]
+    row = torch.where(kept, flat.image_idx * q + slots, spare)  # [M]
+    padding = full_image_boxes_cxcywh_px(image_sizes, q).reshape(num_slots, 4)
+    boxes = torch.cat([padding, padding.new_zeros(len(kept), 4)])  # [B * Q + M, 4]
+    boxes.index_copy_(0, row, flat.anchors[:, :4].to(boxes.dtype))
+    valid = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)  # [B * Q + M]
+    valid.index_copy_(0, row, kept)
+    return PackedQueries(boxes[:num_slots].view(num_images, q, 4), valid[:num_slots].view(num_images, q),
+                         flat, counts > q)

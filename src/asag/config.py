@@ -244,9 +244,10 @@ class RuntimeConfig:
     # errors, where an op has none; cuDNN autotuning off). false: seeds only, cuDNN autotuning on.
     deterministic: bool = True
     # Memory layout of the training images entering the backbone (the backbone and FPN follow; the same
-    # numbers up to float rounding). auto: channels_last on CUDA (tensor-core convolutions), contiguous
-    # on the CPU (oneDNN's channels-last convolution backward measured slower there; docs/training.md).
-    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    # numbers up to float rounding). auto: channels_last on CUDA; on the CPU channels_last for bf16 and
+    # for fp32 on a CPU with AMX, else contiguous (a fixed rule, measured per CPU in docs/training.md);
+    # probe: time both layouts at the start (CUDA: channels_last). A resumed run keeps its checkpoint's.
+    memory_format: Literal["auto", "probe", "channels_last", "contiguous"] = "auto"
 
 
 @dataclass

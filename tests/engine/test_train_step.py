@@ -9,6 +9,7 @@ from asag.config import load_config
 from asag.engine.benchmark import StageTimer
 from asag.engine.optim import build_optimizer
 from asag.engine.trainer import STEP_PARTS, StepResult, use_channels_last
+from asag.modeling.fast import cpu_has_amx
 from asag.modeling.roi_pooling import RoIPooling
 
 # The release's exact path: torchvision's RoIAlign, default memory layout, one AdamW update per tensor.
@@ -54,7 +55,8 @@ def one_step(decoder: str, overrides: list[str], epoch: int = 0):
 
 @pytest.mark.parametrize("decoder", ["adamixer", "sparse_rcnn"])
 @pytest.mark.parametrize(("fast", "grad_rtol"), [
-    ([], DEFAULT_GRAD_RTOL),
+    # the default layout is channels-last in fp32 on a CPU with AMX (runtime.memory_format=auto)
+    ([], CHANNELS_LAST_GRAD_RTOL if use_channels_last("auto", "cpu") else DEFAULT_GRAD_RTOL),
     pytest.param(["runtime.memory_format=channels_last", "schedule.optimizer_kernel=foreach",
                   "model.roi_pooling=gather"], CHANNELS_LAST_GRAD_RTOL, marks=pytest.mark.slow),
 ], ids=["default", "channels_last+foreach"])
@@ -98,8 +100,9 @@ def test_roi_pooling_kind_follows_the_configuration():
 def test_optimizer_kernel_and_memory_format_follow_the_configuration():
     trainer = build("adamixer", [])
     assert trainer.optimizer.defaults["fused"] is True
-    assert trainer.channels_last is False  # auto on the CPU
+    assert trainer.channels_last is cpu_has_amx()  # auto on the CPU in fp32: channels-last with AMX
     assert use_channels_last("auto", "cuda") and use_channels_last("channels_last", "cpu")
+    assert use_channels_last("auto", "cpu", "bf16")
     assert not use_channels_last("contiguous", "cuda")
     release = build("adamixer", RELEASE_PATH)
     assert release.optimizer.defaults["foreach"] is False and not release.optimizer.defaults["fused"]

@@ -270,19 +270,22 @@ def timing_stats(seconds: list[float]) -> TimingStats:
 @dataclass
 class StageTimer:
     """Records the synchronised wall time of every stage call: as a :data:`Wrap` (``timer(name, fn)``,
-    the training step's parts) or as a :class:`StageProbe` (``begin`` / ``end``, :func:`run_stages`)."""
+    the training step's parts) or as a :class:`StageProbe` (``begin`` / ``end``, :func:`run_stages`).
+    ``clock``: :func:`time.perf_counter` (wall time), or e.g. :func:`time.process_time` (CPU time of all
+    the process's threads: the work done, insensitive to other processes sharing the cores)."""
 
     device: torch.device
     seconds: dict[str, list[float]] = field(default_factory=dict)
     _started: dict[str, float] = field(default_factory=dict)
+    clock: Callable[[], float] = time.perf_counter
 
     def begin(self, name: str) -> None:
         synchronize(self.device)
-        self._started[name] = time.perf_counter()
+        self._started[name] = self.clock()
 
     def end(self, name: str) -> None:
         synchronize(self.device)
-        self.seconds.setdefault(name, []).append(time.perf_counter() - self._started.pop(name))
+        self.seconds.setdefault(name, []).append(self.clock() - self._started.pop(name))
 
     def __call__(self, name: str, fn: Callable[[], T]) -> T:
         self.begin(name)

@@ -235,6 +235,9 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 42
     amp: Literal["none", "fp16", "bf16", "auto"] = "auto"  # auto: fp16 on CUDA, none on CPU
+    # What autocast covers: the backbone and FPN (the release), or the decoder heads too (changes the
+    # numbers beyond the release's autocast; faster on CPUs with native bf16, docs/training.md).
+    amp_scope: Literal["backbone", "heads"] = "backbone"
     output_dir: str = "runs/asag"
     eval_every: int = 1
     checkpoint_every: int = 5

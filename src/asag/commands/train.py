@@ -39,7 +39,7 @@ from asag.engine.memory_format import (
     probe_layouts,
     recorded_layout,
 )
-from asag.engine.trainer import FitResult, autocast_context, fit, make_grad_scaler
+from asag.engine.trainer import FitResult, autocast_context, fit, make_grad_scaler, set_amp_scope
 from asag.errors import ConfigError
 from asag.modeling.detector import STATIC_TRAINING_ERROR
 from asag.modeling.fast import cpu_supports_bf16
@@ -164,6 +164,7 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
         criterion = build_criterion(cfg).to(device)
         optimizer, scheduler = build_optimizer_and_schedule(model, cfg.schedule)
         amp = resolve_amp(cfg, device)
+        set_amp_scope(model, rt.amp_scope)
         layout = training_layout(cfg, model, device, amp, resume=resume)
         if is_main_process():
             log(layout.line())

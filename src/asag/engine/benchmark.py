@@ -18,6 +18,7 @@ import contextlib
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -550,6 +551,16 @@ class BenchmarkResult:
             data[key] = asdict(data[key]) if data[key] is not None else None
         data["stage_ms"] = {k: asdict(v) for k, v in self.stage_ms.items()}
         return data
+
+
+def cpu_name() -> str:
+    """The processor's model name (``lscpu``'s "Model name"; ``platform`` where lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        out = ""
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
+    return names[0] if names else platform.processor() or platform.machine() or "cpu"
 
 
 def _device_name(device: torch.device) -> str:

@@ -41,6 +41,8 @@ from asag.structures import Batch, ImageTargets
 DEFAULT_CLIP_MAX_NORM = 0.1
 DEFAULT_LOG_EVERY = 20
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# runtime.amp_scope: what autocast covers (set_amp_scope).
+AMP_SCOPES = ("backbone", "heads")
 LAST_CHECKPOINT, BEST_CHECKPOINT = "last.pth", "best.pth"
 
 
@@ -80,6 +82,22 @@ def autocast_context(device: torch.device | str, amp: str | None) -> contextlib.
     if amp is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
+
+
+def set_amp_scope(model: nn.Module, scope: str) -> None:
+    """Apply ``runtime.amp_scope`` to ``model`` (a DDP wrapper is unwrapped): ``"backbone"`` (the
+    release: autocast covers backbone and FPN) or ``"heads"`` (the decoder heads follow the forward's
+    autocast too, :attr:`asag.modeling.detector.ASAG.autocast_heads`). Without autocast (fp32) neither
+    changes anything."""
+    if scope not in AMP_SCOPES:
+        raise ConfigError(f"runtime.amp_scope must be one of {list(AMP_SCOPES)}, got {scope!r}")
+    target = unwrap_model(model)
+    if not hasattr(target, "autocast_heads"):
+        if scope == "heads":
+            raise ConfigError(f"runtime.amp_scope=heads: {type(target).__name__} has no decoder heads to "
+                              f"autocast")
+        return
+    target.autocast_heads = scope == "heads"
 
 
 def use_channels_last(memory_format: str, device: torch.device | str, amp: str | None = None) -> bool:

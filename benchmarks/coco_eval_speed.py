@@ -27,13 +27,13 @@ import argparse
 import contextlib
 import io
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 from pycocotools.coco import COCO
 
+from asag.engine.benchmark import cpu_name
 from asag.engine.coco_eval import BACKENDS, CocoMetrics, run_coco_eval
 
 IMAGE_SIZE = (640, 480)  # width, height of every image
@@ -115,18 +115,6 @@ def coco_index(data: dict) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-def cpu_name() -> str:
-    """``lscpu``'s model name (``platform`` fallback where lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        import platform
-
-        return platform.processor() or platform.machine()
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else "unknown"
 
 
 def largest_difference(a: CocoMetrics, b: CocoMetrics) -> tuple[float, float]:

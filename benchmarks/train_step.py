@@ -1,21 +1,32 @@
-"""Training-step time: the release's exact path against the default (fp32) and bf16 autocast.
+"""Training-step time: the release's exact path against the default, both layouts, and bf16 autocast.
 
-For each preset (ASAG-A and ASAG-S, R50, four heads, random weights) three trainers are built from the
-same seed with :func:`asag.build.build_trainer` and stepped through the public step API
+For each preset (ASAG-A and ASAG-S, R50, four heads, random weights) one trainer per variant is built
+from the same seed with :func:`asag.build.build_trainer` and stepped through the public step API
 (``Trainer.train_step``) on the same random batch (``--batch`` images of ``--size`` with random boxes):
 
 * ``release``: ``model.roi_pooling=torchvision runtime.memory_format=contiguous
-  schedule.optimizer_kernel=for_loop`` -- the step before this change, the release's numbers exactly;
-* ``default``: the configuration's defaults (``auto`` RoIAlign and memory format, fused AdamW), fp32;
-* ``bf16``: the default with ``runtime.amp=bf16`` (autocast of backbone and FPN; only on a CPU with
-  native bf16, or with ``--bf16``).
+  schedule.optimizer_kernel=for_loop``, fp32 -- the release's numbers exactly;
+* ``default``: the configuration's defaults (``auto`` RoIAlign, ``auto`` memory format -- its rule for
+  fp32 on this CPU --, fused AdamW), fp32;
+* ``fp32-other``: the default in the layout ``auto`` did not pick (``fp32-cl`` or ``fp32-contig``);
+* ``bf16``: the default with ``runtime.amp=bf16`` (autocast of backbone and FPN; ``auto`` picks
+  channels-last for it);
+* ``bf16-contig``: the same, contiguous;
+* ``bf16-heads``: ``runtime.amp_scope=heads`` too (the decoder heads autocast as well; changes the
+  numbers beyond the release's autocast).
 
-Each round steps every trainer once (round-robin, so drifts of a shared machine hit all alike) and
-times forward, loss, backward and optimizer step (clip + AdamW) separately. Prints medians, the ratio
-of every part to the release path, and the load average before and after.
+The bf16 variants run only on a CPU with native bf16 (AVX512-BF16 or AMX), or with ``--bf16``
+(emulated, slow); ``--variants`` picks a subset. Each round steps every trainer once (round-robin, so
+drifts of a shared machine hit all alike) and times forward, loss, backward and optimizer step (clip +
+AdamW) separately. ``--clock wall`` (default) measures wall time -- what a run takes, on a quiet
+machine; ``--clock cpu`` the CPU time of all the process's threads -- the work each variant does, far
+less sensitive to other processes sharing the cores (set ``OMP_WAIT_POLICY=PASSIVE`` so that idle
+OpenMP threads do not spin into it). Prints the CPU (model name, native bf16, AMX), the threads, the
+load average before and after, and a table of medians with every part's ratio to the release path.
 
     python benchmarks/train_step.py [--presets asag_a_r50_1x_100q asag_s_r50_3x_100q] [--size 512x640]
-                                    [--batch 2] [--repeats 3] [--warmup 1] [--threads 2] [--epoch 0] [--bf16]
+                                    [--batch 2] [--repeats 5] [--warmup 1] [--threads 2] [--epoch 0]
+                                    [--clock wall|cpu] [--variants release default bf16 ...] [--bf16]
 """
 
 from __future__ import annotations
@@ -23,22 +34,26 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import time
 
 import torch
 
 from asag.build import build_trainer
 from asag.commands.benchmark import parse_size
 from asag.config import load_config
-from asag.engine.benchmark import StageTimer, random_inputs, timing_stats
-from asag.engine.trainer import STEP_PARTS
-from asag.modeling.fast import cpu_supports_bf16
+from asag.engine.benchmark import StageTimer, cpu_name, random_inputs, timing_stats
+from asag.engine.trainer import STEP_PARTS, use_channels_last
+from asag.modeling.fast import cpu_has_amx, cpu_supports_bf16
 from asag.structures import ImageTargets
 
 PRESETS = ["asag_a_r50_1x_100q", "asag_s_r50_3x_100q"]
 # The step before this change: the release's RoIAlign, memory layout and per-tensor AdamW.
 RELEASE_PATH = ["model.roi_pooling=torchvision", "runtime.memory_format=contiguous",
                 "schedule.optimizer_kernel=for_loop"]
+CONTIGUOUS, CHANNELS_LAST = "runtime.memory_format=contiguous", "runtime.memory_format=channels_last"
+BF16_VARIANTS = ("bf16", "bf16-contig", "bf16-heads")
 OBJECTS_PER_IMAGE = (7, 4, 9, 3)  # cycled over the batch
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def random_targets(image_sizes: torch.Tensor, num_classes: int, seed: int = 2) -> list[ImageTargets]:
@@ -53,26 +68,48 @@ def random_targets(image_sizes: torch.Tensor, num_classes: int, seed: int = 2) -
     return out
 
 
-def variants(bf16: bool) -> dict[str, tuple[list[str], str | None]]:
-    out = {"release": (RELEASE_PATH, None), "default": ([], None)}
-    if bf16:
-        out["bf16"] = ([], "bf16")
-    return out
+def all_variants() -> dict[str, tuple[list[str], str | None]]:
+    """name -> (configuration overrides, amp); ``fp32-other`` is the layout fp32 ``auto`` leaves out."""
+    fp32_cl = use_channels_last("auto", "cpu")
+    return {
+        "release": (RELEASE_PATH, None),
+        "default": ([], None),
+        "fp32-contig" if fp32_cl else "fp32-cl": ([CONTIGUOUS if fp32_cl else CHANNELS_LAST], None),
+        "bf16": ([], "bf16"),
+        "bf16-contig": ([CONTIGUOUS], "bf16"),
+        "bf16-heads": (["runtime.amp_scope=heads"], "bf16"),
+    }
+
+
+def chosen_variants(args: argparse.Namespace) -> dict[str, tuple[list[str], str | None]]:
+    variants = all_variants()
+    names = args.variants or list(variants)
+    unknown = [n for n in names if n not in variants and n not in ("fp32-cl", "fp32-contig")]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(variants)}")
+    if not (args.bf16 or cpu_supports_bf16()):
+        names = [n for n in names if n not in BF16_VARIANTS]
+    if "release" not in names:
+        names.insert(0, "release")  # the reference of every ratio
+    return {n: variants[n] for n in names if n in variants}
 
 
 def time_preset(preset: str, args: argparse.Namespace) -> dict[str, StageTimer]:
     inputs = random_inputs(args.batch, args.size, seed=1)
     trainers, timers = {}, {}
-    for name, (overrides, amp) in variants(args.bf16 or cpu_supports_bf16()).items():
+    for name, (overrides, amp) in chosen_variants(args).items():
         cfg = load_config(preset, overrides)
         cfg.model.backbone.weights = None
         torch.manual_seed(0)
         trainers[name] = build_trainer(cfg, amp=amp)
-        timers[name] = StageTimer(torch.device("cpu"))
+        timers[name] = StageTimer(torch.device("cpu"), clock=CLOCKS[args.clock])
+        layout = "channels_last" if trainers[name].channels_last else "contiguous"
+        print(f"  {name}: {' '.join(overrides) or 'defaults'}, amp {amp or 'fp32'}, layout {layout}")
     targets = random_targets(inputs.image_sizes, cfg.model.num_classes)
     for r in range(args.warmup + args.repeats):
         for name, trainer in trainers.items():
-            wrap = timers[name] if r >= args.warmup else StageTimer(torch.device("cpu"))
+            warm_up = StageTimer(torch.device("cpu"), clock=CLOCKS[args.clock])
+            wrap = timers[name] if r >= args.warmup else warm_up
             torch.manual_seed(r)
             trainer.train_step(inputs.images, inputs.image_sizes, targets, epoch=args.epoch, wrap=wrap)
             times = " ".join(f"{part} {wrap.seconds[part][-1]:.2f}" for part in STEP_PARTS)
@@ -84,18 +121,22 @@ def time_preset(preset: str, args: argparse.Namespace) -> dict[str, StageTimer]:
     return timers
 
 
-def report(preset: str, timers: dict[str, StageTimer]) -> None:
+def report(preset: str, timers: dict[str, StageTimer], clock: str) -> None:
+    steps = {name: [sum(t.seconds[p][i] for p in STEP_PARTS) for i in range(len(t.seconds["forward"]))]
+             for name, t in timers.items()}
     medians = {name: {part: timing_stats(t.seconds[part]).median for part in STEP_PARTS}
                for name, t in timers.items()}
-    for m in medians.values():
-        m["step"] = sum(m[part] for part in STEP_PARTS)
-    parts = [*STEP_PARTS, "step"]
-    print(f"\n{preset}: median ms per part (ratio to release)")
-    print(f"  {'variant':>8} " + " ".join(f"{p:>18}" for p in parts))
-    base = medians["release"]
     for name, m in medians.items():
-        cells = [f"{m[p]:>9.0f} ({m[p] / base[p]:.2f}x)" for p in parts]
-        print(f"  {name:>8} " + " ".join(f"{c:>18}" for c in cells))
+        m["step"] = timing_stats(steps[name]).median  # the median step, not the sum of part medians
+    parts = [*STEP_PARTS, "step"]
+    base = medians["release"]
+    print(f"\n{preset}: median {clock} ms (ratio to release), {len(steps['release'])} rounds\n")
+    print("| variant | " + " | ".join(parts) + " |")
+    print("|---|" + "---|" * len(parts))
+    for name, m in medians.items():
+        cells = [f"{m[p]:.0f} ({m[p] / base[p]:.2f}x)" for p in parts]
+        cells[-1] = f"**{cells[-1]}**"
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -104,20 +145,27 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=PRESETS)
     parser.add_argument("--size", type=parse_size, default=(512, 640), help="HEIGHTxWIDTH of every image")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epoch", type=int, default=0, help="0: GT-derived patches (teacher forcing)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall time (a quiet machine) or the process's CPU time (a shared one)")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="a subset of release, default, fp32-cl / fp32-contig, bf16, bf16-contig, "
+                             "bf16-heads (release is always timed: the ratios' reference)")
     parser.add_argument("--bf16", action="store_true",
-                        help="time bf16 autocast even without native CPU bf16 (emulated; default: only "
+                        help="time the bf16 variants even without native CPU bf16 (emulated; default: only "
                              "with it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
-          f"{args.size[0]}x{args.size[1]}, epoch {args.epoch}, {args.repeats} rounds after {args.warmup} "
-          f"warm-up; cpu bf16: {cpu_supports_bf16()}; load average {os.getloadavg()}")
+    print(f"CPU: {cpu_name()}; native bf16: {'yes' if cpu_supports_bf16() else 'no'}, AMX: "
+          f"{'yes' if cpu_has_amx() else 'no'}; torch {torch.__version__}, {args.threads} threads, "
+          f"{args.clock} clock")
+    print(f"batch {args.batch}, {args.size[0]}x{args.size[1]}, epoch {args.epoch}, {args.repeats} rounds "
+          f"after {args.warmup} warm-up; load average {os.getloadavg()}")
     for preset in args.presets:
-        report(preset, time_preset(preset, args))
+        report(preset, time_preset(preset, args), args.clock)
     print(f"\nload average at the end {os.getloadavg()}")
 
 

@@ -35,7 +35,7 @@ from asag.engine.finetune import (
 )
 from asag.engine.optim import build_optimizer
 from asag.engine.schedule import WarmupMultiStepLR
-from asag.engine.trainer import Trainer, use_channels_last
+from asag.engine.trainer import Trainer, set_amp_scope, use_channels_last
 from asag.errors import ConfigError, DataError
 from asag.modeling.anchor_generator import AnchorGenerator
 from asag.modeling.backbone import RESNET_STRIDES, Backbone
@@ -343,12 +343,17 @@ def build_optimizer_and_schedule(model: nn.Module, cfg: ScheduleConfig):
 
 
 def build_trainer(cfg: Config, *, model: nn.Module | None = None, device: torch.device | str = "cpu",
-                  amp: str | None = None) -> Trainer:
+                  amp: str | None = None, channels_last: bool | None = None) -> Trainer:
     """A :class:`~asag.engine.trainer.Trainer` for ``cfg``: the model (built here unless given; moved to
     ``device``), criterion, AdamW and warm-up schedule, clipping and memory layout of the configuration.
-    ``amp``: None (fp32), ``"bf16"`` or ``"fp16"`` (resolve ``runtime.amp`` first, as ``asag train`` does)."""
+    ``amp``: None (fp32), ``"bf16"`` or ``"fp16"`` (resolve ``runtime.amp`` first, as ``asag train`` does);
+    ``runtime.amp_scope`` decides what it covers. ``channels_last``: the layout (None:
+    ``runtime.memory_format`` for ``amp`` on ``device``; ``probe`` follows ``auto``'s rule here, only
+    ``asag train`` probes: ``asag.commands.train.training_layout``)."""
     model = (model if model is not None else build_model(cfg)).to(device)
+    set_amp_scope(model, cfg.runtime.amp_scope)
     optimizer, scheduler = build_optimizer_and_schedule(model, cfg.schedule)
+    if channels_last is None:
+        channels_last = use_channels_last(cfg.runtime.memory_format, device, amp)
     return Trainer(model, build_criterion(cfg).to(device), optimizer, scheduler, device=device, amp=amp,
-                   clip_max_norm=cfg.schedule.clip_max_norm,
-                   channels_last=use_channels_last(cfg.runtime.memory_format, device))
+                   clip_max_norm=cfg.schedule.clip_max_norm, channels_last=channels_last)

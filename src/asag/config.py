@@ -235,6 +235,9 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 42
     amp: Literal["none", "fp16", "bf16", "auto"] = "auto"  # auto: fp16 on CUDA, none on CPU
+    # What autocast covers: the backbone and FPN (the release), or the decoder heads too (changes the
+    # numbers beyond the release's autocast; faster on CPUs with native bf16, docs/training.md).
+    amp_scope: Literal["backbone", "heads"] = "backbone"
     output_dir: str = "runs/asag"
     eval_every: int = 1
     checkpoint_every: int = 5
@@ -244,9 +247,10 @@ class RuntimeConfig:
     # errors, where an op has none; cuDNN autotuning off). false: seeds only, cuDNN autotuning on.
     deterministic: bool = True
     # Memory layout of the training images entering the backbone (the backbone and FPN follow; the same
-    # numbers up to float rounding). auto: channels_last on CUDA (tensor-core convolutions), contiguous
-    # on the CPU (oneDNN's channels-last convolution backward measured slower there; docs/training.md).
-    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    # numbers up to float rounding). auto: channels_last on CUDA; on the CPU channels_last for bf16 and
+    # for fp32 on a CPU with AMX, else contiguous (a fixed rule, measured per CPU in docs/training.md);
+    # probe: time both layouts at the start (CUDA: channels_last). A resumed run keeps its checkpoint's.
+    memory_format: Literal["auto", "probe", "channels_last", "contiguous"] = "auto"
 
 
 @dataclass

@@ -76,6 +76,31 @@ def test_resume_with_workers_equals_the_uninterrupted_run(data_root, tmp_path):
     assert all(torch.equal(resumed["model"][key], value) for key, value in full["model"].items())
 
 
+@pytest.mark.slow  # two runs; tests/engine/test_memory_format.py checks the decision with a mocked probe
+def test_probed_layout_is_logged_recorded_and_kept_by_a_resume(data_root, tmp_path, capsys, monkeypatch):
+    """runtime.memory_format=probe times both layouts once, says so in one line and records the choice in
+    the checkpoint; the resumed run (auto) takes it from there without probing or applying its rule."""
+    import asag.commands.train as train_command
+
+    def train(*extra):
+        return main(["train", "tiny_cpu", f"data.root={data_root}", f"runtime.output_dir={tmp_path}",
+                     *SMALL_RUN, *extra])
+
+    assert train("schedule.epochs=1", "runtime.memory_format=probe") == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("runtime.memory_format"))
+    assert re.fullmatch(r"runtime.memory_format: (channels_last|contiguous) \(probe: contiguous \d+ ms, "
+                        r"channels_last \d+ ms \(median of 2 forward\+backward passes of backbone\+FPN\)\)",
+                        line), line
+    chosen = line.split()[1]
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["extra"]["memory_format"] == chosen
+    monkeypatch.setattr(train_command, "probe_layouts", lambda *a, **k: pytest.fail("probed again"))
+    monkeypatch.setattr("asag.engine.memory_format.cpu_layout_rule", lambda *a: pytest.fail("rule applied"))
+    assert train("schedule.epochs=2", "--resume", str(tmp_path / "last.pth")) == 0
+    assert f"runtime.memory_format: {chosen} (auto: the layout recorded in the resumed checkpoint)" in \
+        capsys.readouterr().out
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["extra"]["memory_format"] == chosen
+
+
 def test_eval_reports_coco_metrics(trained, data_root, tmp_path, capsys):
     code = main(["eval", str(trained / "last.pth"), f"data.root={data_root}", "--out", str(tmp_path),
                  "--batch-size", "2", "--inference-level", "P4P6"])

@@ -222,6 +222,7 @@ def test_fit_writes_checkpoints_and_metrics(tmp_path):
     assert last["epoch"] == 1 and last["iteration"] == 10
     assert last["config"] == {"schedule": {"epochs": 2}} and last["label_map"] == {"category_ids": [1, 3, 7]}
     assert last["extra"]["best_ap"] == result.best_ap and "eval" in last["extra"]
+    assert last["extra"]["memory_format"] == "contiguous"  # the layout trained in, for a resume
     assert load_checkpoint(tmp_path / "best.pth")["epoch"] == result.best_epoch
     assert set(result.evaluations) == {0, 1}
 

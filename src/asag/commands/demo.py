@@ -28,11 +28,11 @@ from asag.build import (
 )
 from asag.commands.eval import format_result
 from asag.commands.predict import drawing_file
-from asag.commands.train import build_evaluate_fn, resolve_amp, train
+from asag.commands.train import build_evaluate_fn, resolve_amp, train, training_layout
 from asag.config import Config, Range, apply_overrides, config_from_dict, load_config, option_type
 from asag.engine.budget import BUDGET_SAFETY, BudgetPacer, SchedulePlan, plan_schedule
 from asag.engine.checkpoint import seed_everything
-from asag.engine.trainer import make_grad_scaler, train_one_epoch, use_channels_last
+from asag.engine.trainer import make_grad_scaler, set_amp_scope, train_one_epoch
 from asag.outputs import atomic_write_text, check_output_dir, previous_run_files
 from asag.viz.draw import draw_detections
 
@@ -100,6 +100,8 @@ def measure_speed(cfg: Config, max_seconds: float) -> tuple[float, float, int]:
     optimizer, scheduler = build_optimizer_and_schedule(model, cfg.schedule)
     with contextlib.redirect_stdout(io.StringIO()):  # the training run prints its precision message
         amp = resolve_amp(cfg, device)
+    set_amp_scope(model, rt.amp_scope)
+    channels_last = training_layout(cfg, model, device, amp).channels_last  # (probe: the run probes again)
     loader = build_loader(train_set, cfg.data, train=True, seed=rt.seed)
     batches = iter(loader)
     steps = cfg.schedule.accumulate_steps  # batches per iteration (optimiser step)
@@ -108,7 +110,7 @@ def measure_speed(cfg: Config, max_seconds: float) -> tuple[float, float, int]:
         metrics = train_one_epoch(model, criterion, itertools.islice(batches, steps), optimizer, scheduler,
                                   epoch=0, device=device, amp=amp, scaler=make_grad_scaler(amp, device),
                                   clip_max_norm=cfg.schedule.clip_max_norm, log_every=0,
-                                  channels_last=use_channels_last(rt.memory_format, device),
+                                  channels_last=channels_last,
                                   accumulate_steps=steps)
         return metrics.seconds
 

@@ -31,7 +31,15 @@ from asag.engine.ema import ModelEma
 from asag.engine.evaluator import evaluate, evaluate_crowdhuman
 from asag.engine.finetune import INIT_REPORT, describe_trainable
 from asag.engine.logger import RunLogger
-from asag.engine.trainer import FitResult, fit, make_grad_scaler, use_channels_last
+from asag.engine.memory_format import (
+    LayoutChoice,
+    agree_across_ranks,
+    choose_memory_format,
+    probe_images,
+    probe_layouts,
+    recorded_layout,
+)
+from asag.engine.trainer import FitResult, autocast_context, fit, make_grad_scaler, set_amp_scope
 from asag.errors import ConfigError
 from asag.modeling.detector import STATIC_TRAINING_ERROR
 from asag.modeling.fast import cpu_supports_bf16
@@ -74,6 +82,25 @@ def resolve_amp(cfg: Config, device: torch.device) -> str | None:
         print("runtime.amp=bf16: this CPU has no native bf16 support; training in float32 instead")
         return None
     return None if amp == "none" else amp
+
+
+def training_layout(cfg: Config, model: torch.nn.Module, device: torch.device, amp: str | None, *,
+                    resume: str | Path | None = None) -> LayoutChoice:
+    """``runtime.memory_format`` of this run in precision ``amp``
+    (:func:`~asag.engine.memory_format.choose_memory_format`): ``auto`` and ``probe`` keep the layout
+    recorded in the ``resume`` checkpoint; else ``probe`` on the CPU has rank 0 time ``model``'s backbone
+    and FPN on a synthetic batch of ``data.batch_size`` images of the largest training scale (under
+    ``amp``). Every rank takes rank 0's choice."""
+    recorded = recorded_layout(load_checkpoint(resume, mmap=True)) if resume is not None else None
+    data = cfg.data
+
+    def probe() -> dict[str, list[float]]:
+        images = probe_images(data.batch_size, max(data.train_scales), data.train_max_size, device)
+        return probe_layouts(model, images, autocast=functools.partial(autocast_context, device, amp))
+
+    choice = choose_memory_format(cfg.runtime.memory_format, device, amp=amp, recorded=recorded,
+                                  probe=probe if is_main_process() else None)
+    return agree_across_ranks(choice)
 
 
 @dataclass
@@ -137,6 +164,10 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
         criterion = build_criterion(cfg).to(device)
         optimizer, scheduler = build_optimizer_and_schedule(model, cfg.schedule)
         amp = resolve_amp(cfg, device)
+        set_amp_scope(model, rt.amp_scope)
+        layout = training_layout(cfg, model, device, amp, resume=resume)
+        if is_main_process():
+            log(layout.line())
         train_model = wrap_ddp(model, device) if dist.distributed else model
         evaluate_fn = build_evaluate_fn(cfg, val_set, device=device, amp=amp,
                                         results_json=out / "val_results.json")
@@ -149,8 +180,7 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
             checkpoint_every=rt.checkpoint_every, clip_max_norm=cfg.schedule.clip_max_norm, amp=amp,
             scaler=make_grad_scaler(amp, device), logger=logger, resume=resume,
             max_iters=cfg.schedule.max_iters_per_epoch, epoch_iters=epoch_iters, log_every=rt.log_every,
-            channels_last=use_channels_last(rt.memory_format, device),
-            accumulate_steps=cfg.schedule.accumulate_steps, ema=ema,
+            channels_last=layout.channels_last, accumulate_steps=cfg.schedule.accumulate_steps, ema=ema,
         )
     except BaseException:
         with contextlib.suppress(OSError):  # the error that stopped the run is the one to report

@@ -18,6 +18,7 @@ import contextlib
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -270,19 +271,22 @@ def timing_stats(seconds: list[float]) -> TimingStats:
 @dataclass
 class StageTimer:
     """Records the synchronised wall time of every stage call: as a :data:`Wrap` (``timer(name, fn)``,
-    the training step's parts) or as a :class:`StageProbe` (``begin`` / ``end``, :func:`run_stages`)."""
+    the training step's parts) or as a :class:`StageProbe` (``begin`` / ``end``, :func:`run_stages`).
+    ``clock``: :func:`time.perf_counter` (wall time), or e.g. :func:`time.process_time` (CPU time of all
+    the process's threads: the work done, insensitive to other processes sharing the cores)."""
 
     device: torch.device
     seconds: dict[str, list[float]] = field(default_factory=dict)
     _started: dict[str, float] = field(default_factory=dict)
+    clock: Callable[[], float] = time.perf_counter
 
     def begin(self, name: str) -> None:
         synchronize(self.device)
-        self._started[name] = time.perf_counter()
+        self._started[name] = self.clock()
 
     def end(self, name: str) -> None:
         synchronize(self.device)
-        self.seconds.setdefault(name, []).append(time.perf_counter() - self._started.pop(name))
+        self.seconds.setdefault(name, []).append(self.clock() - self._started.pop(name))
 
     def __call__(self, name: str, fn: Callable[[], T]) -> T:
         self.begin(name)
@@ -547,6 +551,16 @@ class BenchmarkResult:
             data[key] = asdict(data[key]) if data[key] is not None else None
         data["stage_ms"] = {k: asdict(v) for k, v in self.stage_ms.items()}
         return data
+
+
+def cpu_name() -> str:
+    """The processor's model name (``lscpu``'s "Model name"; ``platform`` where lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        out = ""
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
+    return names[0] if names else platform.processor() or platform.machine() or "cpu"
 
 
 def _device_name(device: torch.device) -> str:

@@ -32,6 +32,7 @@ from asag.engine.checkpoint import (
 from asag.engine.distributed import all_gather_object, all_reduce_mean, barrier, get_rank, set_sampler_epoch
 from asag.engine.ema import ModelEma
 from asag.engine.logger import RunLogger
+from asag.engine.memory_format import RECORD_KEY, choose_memory_format, layout_name
 from asag.engine.schedule import WarmupMultiStepLR, evaluates
 from asag.errors import CheckpointError, ConfigError, NonFiniteError
 from asag.structures import Batch, ImageTargets
@@ -40,6 +41,8 @@ from asag.structures import Batch, ImageTargets
 DEFAULT_CLIP_MAX_NORM = 0.1
 DEFAULT_LOG_EVERY = 20
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# runtime.amp_scope: what autocast covers (set_amp_scope).
+AMP_SCOPES = ("backbone", "heads")
 LAST_CHECKPOINT, BEST_CHECKPOINT = "last.pth", "best.pth"
 
 
@@ -81,12 +84,27 @@ def autocast_context(device: torch.device | str, amp: str | None) -> contextlib.
     return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[amp])
 
 
-def use_channels_last(memory_format: str, device: torch.device | str) -> bool:
-    """``runtime.memory_format`` -> whether training images enter the backbone channels-last
-    (``"auto"``: on CUDA only)."""
-    if memory_format == "auto":
-        return torch.device(device).type == "cuda"
-    return memory_format == "channels_last"
+def set_amp_scope(model: nn.Module, scope: str) -> None:
+    """Apply ``runtime.amp_scope`` to ``model`` (a DDP wrapper is unwrapped): ``"backbone"`` (the
+    release: autocast covers backbone and FPN) or ``"heads"`` (the decoder heads follow the forward's
+    autocast too, :attr:`asag.modeling.detector.ASAG.autocast_heads`). Without autocast (fp32) neither
+    changes anything."""
+    if scope not in AMP_SCOPES:
+        raise ConfigError(f"runtime.amp_scope must be one of {list(AMP_SCOPES)}, got {scope!r}")
+    target = unwrap_model(model)
+    if not hasattr(target, "autocast_heads"):
+        if scope == "heads":
+            raise ConfigError(f"runtime.amp_scope=heads: {type(target).__name__} has no decoder heads to "
+                              f"autocast")
+        return
+    target.autocast_heads = scope == "heads"
+
+
+def use_channels_last(memory_format: str, device: torch.device | str, amp: str | None = None) -> bool:
+    """``runtime.memory_format`` -> whether training images enter the backbone channels-last when training
+    in ``amp`` on ``device``, without a probe or a resumed checkpoint
+    (:func:`asag.engine.memory_format.choose_memory_format`; ``asag train`` also passes those)."""
+    return choose_memory_format(memory_format, device, amp=amp).channels_last
 
 
 def make_grad_scaler(amp: str | None, device: torch.device | str) -> torch.amp.GradScaler | None:
@@ -667,8 +685,10 @@ def fit(
     epoch interrupted part way is trained again from its start). The loader's only state is the epoch
     set here: with :func:`~asag.engine.distributed.build_train_loader` the samples' order and
     augmentation depend only on its seed, the epoch and their position, so on a fixed seed the result
-    equals an uninterrupted run bit for bit, with any number of DataLoader workers. ``config`` and
-    ``label_map`` (plain data) are stored in every checkpoint.
+    equals an uninterrupted run bit for bit, with any number of DataLoader workers (and the same
+    ``channels_last``: every checkpoint records the layout, which ``runtime.memory_format=auto`` reuses,
+    :mod:`asag.engine.memory_format`). ``config`` and ``label_map`` (plain data) are stored in every
+    checkpoint.
     ``epoch_iters(epoch)``: called before each epoch, its result replaces ``max_iters`` for that epoch
     (e.g. a :class:`~asag.engine.budget.BudgetPacer`). ``ema``: the moving average of the weights
     (:class:`~asag.engine.ema.ModelEma`), updated after every optimiser step, evaluated instead of the
@@ -704,19 +724,24 @@ def fit(
         due = evaluate_fn is not None and evaluates(epoch, epochs, eval_every)
         # The epoch's weights are on disk before evaluating: a failing evaluation loses no training;
         # they are written again after it, with its result, so that a resume sees the same best AP.
-        save(names=_checkpoint_names(epoch, checkpoint_every, improved=False), extra=_extra(result, metrics))
+        extra = functools.partial(_extra, result, metrics, channels_last=channels_last)
+        save(names=_checkpoint_names(epoch, checkpoint_every, improved=False), extra=extra())
         evaluation = _evaluate_epoch(evaluate_fn, objects.evaluated, result, epoch, logger) if due else None
         if evaluation is not None:  # last.pth again, now with the evaluation (and best.pth)
             names = _checkpoint_names(epoch, checkpoint_every, improved=result.best_epoch == epoch)
-            save(names=names, extra=_extra(result, metrics, evaluation))
+            save(names=names, extra=extra(evaluation))
         done, left = epoch + 1 - result.start_epoch, epochs - epoch - 1
         eta = (time.perf_counter() - start) / done * left  # epochs so far, evaluations and checkpoints too
         logger.info(epoch_summary(metrics, evaluation, epochs, eta_seconds=eta))
     return result
 
 
-def _extra(result: FitResult, metrics: EpochMetrics, evaluation: EvalLike | None = None) -> dict:
-    extra = {"best_ap": result.best_ap, "best_epoch": result.best_epoch, "train": dataclasses.asdict(metrics)}
+def _extra(result: FitResult, metrics: EpochMetrics, evaluation: EvalLike | None = None, *,
+           channels_last: bool = False) -> dict:
+    """The checkpoint's ``extra``: best AP and epoch, the epoch's metrics, its evaluation, and the memory
+    layout trained in (a resume with ``runtime.memory_format=auto`` keeps it)."""
+    extra = {"best_ap": result.best_ap, "best_epoch": result.best_epoch, "train": dataclasses.asdict(metrics),
+             RECORD_KEY: layout_name(channels_last)}
     if evaluation is not None:
         extra["eval"] = _plain_eval(evaluation)
     return extra

@@ -71,7 +71,9 @@ class ASAG(nn.Module):
 
     The same :class:`~asag.structures.ModelOutput` is returned in training and evaluation; losses live
     in :mod:`asag.training`. The engine may run the forward under autocast: backbone and FPN follow it,
-    everything after them runs in float32 (as in the release).
+    everything after them runs in float32 (as in the release), unless the engine sets
+    :attr:`autocast_heads` (``runtime.amp_scope=heads``): then the decoder heads follow it too (anchor
+    generator and proposal stage stay float32).
 
     **Static mode** (fixed budgets: :meth:`set_static`, ``static=True`` of :func:`asag.api.load_model`,
     ``--static``, ``model.static``; inference only) fixes every shape by the input size and the budgets,
@@ -148,6 +150,7 @@ class ASAG(nn.Module):
         self.budgets = DATA_BUDGETS
         self.feature_format = FeatureFormat()
         self.inference_settings: dict | None = None
+        self.autocast_heads = False
         if static:
             self.eval().set_static(True)
 
@@ -227,7 +230,8 @@ class ASAG(nn.Module):
         inference_level: str | None = None,
         budgets: Budgets | None = None,
     ) -> ModelOutput:
-        """Everything after the neck, from :meth:`extract_features`' levels; always float32."""
+        """Everything after the neck, from :meth:`extract_features`' levels; float32 (the decoder heads
+        under the caller's autocast when :attr:`autocast_heads` is set)."""
         train_targets = targets if self.training else None
         budgets = budgets or self.budgets
         # fixed shapes: RoI pooling reads one table of all levels, built once for all its calls
@@ -248,6 +252,7 @@ class ASAG(nn.Module):
                 noise_scale=noise, num_heads=self.attention_heads,
             )
             proposals = self.proposal(queries, features, image_sizes, level_table)
+        with nullcontext() if self.autocast_heads else float32:
             heads = self.decoder(proposals, features, image_sizes, queries.attn_mask, level_table)
         return ModelOutput(anchors=anchors, queries=queries, proposals=proposals.prediction, heads=heads)
 

@@ -73,6 +73,12 @@ def cpu_supports_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def cpu_has_amx() -> bool:
+    """True when the processor has AMX tiles (Intel Sapphire Rapids and later)."""
+    is_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, but the only query torch has
+    return bool(is_supported is not None and is_supported())
+
+
 def check_precision(dtype: torch.dtype | None, device: torch.device | str) -> None:
     """Reject a precision the device cannot run fast (:class:`ConfigError` naming the option)."""
     device = torch.device(device)

@@ -5,10 +5,11 @@ GPU and cannot be captured in a CUDA graph or exported with fixed shapes. The fu
 the same greedy NMS on ``[B, M]`` rows with masks and loops whose length is fixed by the caller:
 
 * :func:`fixed_budget_nms` picks, per row, the first ``max_kept`` boxes torchvision's greedy NMS keeps
-  (a loop of ``max_kept`` steps: take the best live box, suppress its overlaps); with ``max_kept=None``
-  the data sizes the loop: it runs in rounds (:data:`DATA_ROUND` steps, then twice as many each time)
-  until no candidate is left, reading the rows' counts back from the device after each round (the kept
-  boxes are then exactly torchvision's);
+  (a loop of ``max_kept`` steps: take the best live box, suppress its overlaps; one graph loop in an
+  exported model, :func:`repeat_steps`, so that the graph does not grow with the budget); with
+  ``max_kept=None`` the data sizes the loop: it runs in rounds (:data:`DATA_ROUND` steps, then twice as
+  many each time) until no candidate is left, reading the rows' counts back from the device after each
+  round (the kept boxes are then exactly torchvision's);
 * :func:`sorted_nms_keep` marks which boxes of a row already sorted by descending score survive (a loop
   over the ``M`` columns), for the class-wise NMS after the top-k of post-processing.
 
@@ -21,6 +22,7 @@ float64 in an exported graph).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,16 +139,58 @@ def _round_length(done: int, max_kept: int | None, limit: int | None) -> int:
 def _greedy_steps(boxes: Tensor, areas: Tensor, scores: Tensor, live: Tensor, columns: Tensor,
                   threshold: float, steps: int) -> tuple[Tensor, Tensor, Tensor]:
     """``steps`` greedy NMS steps from the ``[B, M]`` bool ``live`` candidates: ``[B, steps]`` picked
-    columns, ``[B, steps]`` bool kept (False once a row has no candidate left) and the live mask after."""
-    picks, kept = [], []
-    for _ in range(steps):
+    columns, ``[B, steps]`` bool kept (False once a row has no candidate left) and the live mask after.
+
+    Run by :func:`repeat_steps`: a Python loop, or one graph loop when the model is being exported."""
+
+    def step(live: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         best = scores.masked_fill(~live, float("-inf")).argmax(dim=1, keepdim=True)  # [B, 1]
-        picks.append(best)
-        kept.append(live.gather(1, best))  # [B, 1]; False once no candidate is left
+        kept = live.gather(1, best)  # [B, 1]; False once no candidate is left
         box = boxes.gather(1, best[..., None].expand(-1, -1, 4))  # [B, 1, 4]
         iou = iou_against(box, areas.gather(1, best), boxes, areas)  # [B, M]
-        live = live & ~(iou > threshold) & (columns != best)
-    return torch.cat(picks, dim=1), torch.cat(kept, dim=1), live
+        return live & ~(iou > threshold) & (columns != best), best, kept
+
+    live, (picks, kept) = repeat_steps(step, live, steps)
+    return picks, kept, live
+
+
+def repeat_steps(step: Callable[[Tensor], tuple[Tensor, ...]], state: Tensor, steps: int
+                 ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``steps`` (at least one) applications of ``step``: ``state, *outputs = step(state)``, each output
+    ``[B, 1]``.
+
+    Returns the last state and each output of the steps side by side, ``[B, steps]`` (column ``t``: step
+    ``t``). Eagerly (and under ``torch.compile``) a Python loop; while the model is exported
+    (``torch.export``, ``torch.onnx.export(dynamo=True)``) one ``torch.while_loop``, an ONNX ``Loop``: the
+    graph holds ``step`` once whatever ``steps`` is (a Python loop would be unrolled ``steps`` times).
+    The state keeps its shape; the outputs keep theirs from step to step.
+    """
+    if torch.compiler.is_exporting():
+        return _graph_loop(step, state, steps)
+    columns: list[tuple[Tensor, ...]] = []
+    for _ in range(steps):
+        state, *outputs = step(state)
+        columns.append(tuple(outputs))
+    return state, tuple(torch.cat(side, dim=1) for side in zip(*columns))
+
+
+def _graph_loop(step: Callable[[Tensor], tuple[Tensor, ...]], state: Tensor, steps: int
+                ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """:func:`repeat_steps` as the first step, then one ``torch.while_loop`` over a step counter for the
+    others; step ``t`` writes its outputs into column ``t`` of ``[B, steps]`` buffers (with ``where``: a
+    loop body may not write in place), which the first step's outputs fill to begin with."""
+    state, *first = step(state)
+    buffers = tuple(out.repeat(1, steps) for out in first)  # [B, steps]
+    slots = torch.arange(steps, device=state.device)[None]  # [1, steps]
+
+    def body(t: Tensor, state: Tensor, *buffers: Tensor) -> tuple[Tensor, ...]:
+        state, *outputs = step(state)
+        here = slots == t  # [1, steps]
+        return t + 1, state, *(torch.where(here, out, buffer) for out, buffer in zip(outputs, buffers))
+
+    start = torch.ones((), dtype=torch.int64, device=state.device)
+    _, state, *buffers = torch.while_loop(lambda t, *_: t < steps, body, (start, state, *buffers))
+    return state, tuple(buffers)
 
 
 def sorted_nms_keep(boxes: Tensor, groups: Tensor, candidates: Tensor, iou_threshold: float) -> Tensor:

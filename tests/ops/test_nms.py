@@ -207,3 +207,11 @@ def test_exported_nms_runs_in_onnx_runtime_as_eager(exported_nms):
     session = ort.InferenceSession(exported_nms, providers=["CPUExecutionProvider"])
     names = [node.name for node in session.get_inputs()]
     runtime_outputs(lambda inputs: session.run(None, dict(zip(names, inputs))), export_problems(10))
+
+
+def test_exported_nms_runs_in_openvino_as_eager(exported_nms):
+    """Also with empty boxes: their NaN IoU must not suppress (OpenVINO's ``Greater(NaN, t)`` is True)."""
+    ov = pytest.importorskip("openvino")
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(exported_nms, b""), "CPU")
+    runtime_outputs(lambda inputs: [compiled(inputs)[out] for out in compiled.outputs], export_problems(10))

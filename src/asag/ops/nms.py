@@ -81,6 +81,15 @@ def iou_against(box: Tensor, area: Tensor, boxes: Tensor, areas: Tensor) -> Tens
     return inter / (area + areas - inter)
 
 
+def suppresses(iou: Tensor, threshold: float) -> Tensor:
+    """``iou > threshold`` (``threshold`` from :func:`float32_threshold`): False where ``iou`` is NaN (two
+    empty boxes, or NaN coordinates), as torch compares. An exported graph states that explicitly
+    (``& ~isnan``): OpenVINO's CPU plugin (2026.4) evaluates ONNX ``Greater(NaN, t)`` as True. Eagerly the
+    guard would change nothing and cost a tenth of a greedy step, so it is left out."""
+    hits = iou > threshold
+    return hits & ~iou.isnan() if torch.compiler.is_exporting() else hits
+
+
 def fixed_budget_nms(
     boxes: Tensor, scores: Tensor, candidates: Tensor, iou_threshold: float, max_kept: int | None,
     limit: int | None = None,
@@ -148,7 +157,7 @@ def _greedy_steps(boxes: Tensor, areas: Tensor, scores: Tensor, live: Tensor, co
         kept = live.gather(1, best)  # [B, 1]; False once no candidate is left
         box = boxes.gather(1, best[..., None].expand(-1, -1, 4))  # [B, 1, 4]
         iou = iou_against(box, areas.gather(1, best), boxes, areas)  # [B, M]
-        return live & ~(iou > threshold) & (columns != best), best, kept
+        return live & ~suppresses(iou, threshold) & (columns != best), best, kept
 
     live, (picks, kept) = repeat_steps(step, live, steps)
     return picks, kept, live
@@ -210,7 +219,8 @@ def sorted_nms_keep(boxes: Tensor, groups: Tensor, candidates: Tensor, iou_thres
     areas = box_areas(boxes)  # [B, M]
     iou = iou_against(boxes[:, :, None], areas[:, :, None], boxes[:, None], areas[:, None])  # [B, M, M]
     later = torch.ones(num, num, dtype=torch.bool, device=boxes.device).triu(diagonal=1)  # [M, M] i < j
-    hits = (iou > float32_threshold(iou_threshold)) & (groups[:, :, None] == groups[:, None, :]) & later
+    same_group = groups[:, :, None] == groups[:, None, :]
+    hits = suppresses(iou, float32_threshold(iou_threshold)) & same_group & later
     keep = candidates.clone()
     for i in range(num):
         keep = keep & ~(hits[:, i] & keep[:, i : i + 1])

@@ -1,4 +1,7 @@
-"""Fixed-shape greedy NMS against torchvision's ``nms`` / ``batched_nms`` (random boxes, ties included)."""
+"""Fixed-shape greedy NMS against torchvision's ``nms`` / ``batched_nms`` (random boxes, ties included),
+and its exported graphs (one loop whatever the budget) in ONNX Runtime and OpenVINO."""
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -215,3 +218,47 @@ def test_exported_nms_runs_in_openvino_as_eager(exported_nms):
     core = ov.Core()
     compiled = core.compile_model(core.read_model(exported_nms, b""), "CPU")
     runtime_outputs(lambda inputs: [compiled(inputs)[out] for out in compiled.outputs], export_problems(10))
+
+
+class SortedNMS(torch.nn.Module):
+    """``sorted_nms_keep`` (two groups) as a module of tensors: rows already sorted by descending score."""
+
+    def forward(self, boxes, groups, candidates):
+        return sorted_nms_keep(boxes, groups, candidates, EXPORT_THRESHOLD)
+
+
+def sorted_problem(problem, columns: int = EXPORT_COLUMNS) -> tuple[torch.Tensor, ...]:
+    """A problem of :func:`export_problems` (its first ``columns``) sorted by score, in two groups."""
+    boxes, scores, candidates = (t[:, :columns] for t in problem)
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+    return boxes, torch.arange(columns).expand(EXPORT_ROWS, -1) % 2, candidates
+
+
+def test_exported_sorted_nms_is_one_loop_that_runtimes_run_as_eager(tmp_path):
+    """The post-processing NMS loops over the top-k columns: one ONNX Loop / while_loop, as many graph
+    nodes for 8 columns as for 24; ONNX Runtime and OpenVINO (when installed) give the eager masks."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from asag.export import write_exported
+
+    first = export_problems(1)[0]
+    graphs = [torch.export.export(SortedNMS(), sorted_problem(first, columns), strict=False).graph
+              for columns in (8, EXPORT_COLUMNS)]
+    assert len(graphs[0].nodes) == len(graphs[1].nodes)
+    problems = [sorted_problem(problem) for problem in export_problems(10)]
+    data = write_exported(SortedNMS(), problems[0], tmp_path / "sorted.onnx", {}, "onnx").read_bytes()
+    assert [node.op_type for node in onnx.load_from_string(data).graph.node].count("Loop") == 1
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    names = [node.name for node in session.get_inputs()]
+    runtimes = [lambda inputs: session.run(None, dict(zip(names, inputs)))[0]]
+    with contextlib.suppress(ImportError):
+        import openvino
+
+        compiled = openvino.Core().compile_model(openvino.Core().read_model(data, b""), "CPU")
+        runtimes.append(lambda inputs: compiled(inputs)[compiled.outputs[0]])
+    for problem in problems:
+        expected = SortedNMS()(*problem)
+        for run in runtimes:
+            assert torch.equal(torch.from_numpy(np.asarray(run([t.numpy() for t in problem]))), expected)

@@ -11,7 +11,8 @@ the same greedy NMS on ``[B, M]`` rows with masks and loops whose length is fixe
   many each time) until no candidate is left, reading the rows' counts back from the device after each
   round (the kept boxes are then exactly torchvision's);
 * :func:`sorted_nms_keep` marks which boxes of a row already sorted by descending score survive (a loop
-  over the ``M`` columns), for the class-wise NMS after the top-k of post-processing.
+  over the ``M`` columns, one graph loop in an exported model), for the class-wise NMS after the top-k of
+  post-processing.
 
 Both reproduce ``torchvision.ops.nms`` on the CPU exactly: scores sorted descending with ties in index
 order (torchvision's stable sort), IoU computed with the same float32 operations
@@ -152,7 +153,7 @@ def _greedy_steps(boxes: Tensor, areas: Tensor, scores: Tensor, live: Tensor, co
 
     Run by :func:`repeat_steps`: a Python loop, or one graph loop when the model is being exported."""
 
-    def step(live: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def step(_: Tensor, live: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         best = scores.masked_fill(~live, float("-inf")).argmax(dim=1, keepdim=True)  # [B, 1]
         kept = live.gather(1, best)  # [B, 1]; False once no candidate is left
         box = boxes.gather(1, best[..., None].expand(-1, -1, 4))  # [B, 1, 4]
@@ -163,42 +164,44 @@ def _greedy_steps(boxes: Tensor, areas: Tensor, scores: Tensor, live: Tensor, co
     return picks, kept, live
 
 
-def repeat_steps(step: Callable[[Tensor], tuple[Tensor, ...]], state: Tensor, steps: int
+def repeat_steps(step: Callable[[Tensor, Tensor], tuple[Tensor, ...]], state: Tensor, steps: int
                  ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """``steps`` (at least one) applications of ``step``: ``state, *outputs = step(state)``, each output
+    """``steps`` (at least one) applications of ``step``: ``state, *outputs = step(t, state)`` for
+    ``t = 0 .. steps - 1`` (``[1]`` int64 on the state's device, e.g. for ``index_select``), each output
     ``[B, 1]``.
 
     Returns the last state and each output of the steps side by side, ``[B, steps]`` (column ``t``: step
     ``t``). Eagerly (and under ``torch.compile``) a Python loop; while the model is exported
-    (``torch.export``, ``torch.onnx.export(dynamo=True)``) one ``torch.while_loop``, an ONNX ``Loop``: the
-    graph holds ``step`` once whatever ``steps`` is (a Python loop would be unrolled ``steps`` times).
-    The state keeps its shape; the outputs keep theirs from step to step.
+    (``torch.export``, ``torch.onnx.export(dynamo=True)``) the first step and one ``torch.while_loop``
+    for the others (an ONNX ``Loop``): the graph holds ``step`` twice whatever ``steps`` is, where a
+    Python loop would be unrolled ``steps`` times. The state keeps its shape; the outputs keep theirs
+    from step to step.
     """
     if torch.compiler.is_exporting():
         return _graph_loop(step, state, steps)
     columns: list[tuple[Tensor, ...]] = []
-    for _ in range(steps):
-        state, *outputs = step(state)
+    for t in torch.arange(steps, device=state.device).split(1):
+        state, *outputs = step(t, state)
         columns.append(tuple(outputs))
     return state, tuple(torch.cat(side, dim=1) for side in zip(*columns))
 
 
-def _graph_loop(step: Callable[[Tensor], tuple[Tensor, ...]], state: Tensor, steps: int
+def _graph_loop(step: Callable[[Tensor, Tensor], tuple[Tensor, ...]], state: Tensor, steps: int
                 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """:func:`repeat_steps` as the first step, then one ``torch.while_loop`` over a step counter for the
-    others; step ``t`` writes its outputs into column ``t`` of ``[B, steps]`` buffers (with ``where``: a
-    loop body may not write in place), which the first step's outputs fill to begin with."""
-    state, *first = step(state)
+    """:func:`repeat_steps` as the first step, then one ``torch.while_loop`` over a step counter ``[1]``
+    for the others; step ``t`` writes its outputs into column ``t`` of ``[B, steps]`` buffers (with
+    ``where``: a loop body may not write in place), which the first step's outputs fill to begin with."""
+    start = torch.zeros(1, dtype=torch.int64, device=state.device)
+    state, *first = step(start, state)
     buffers = tuple(out.repeat(1, steps) for out in first)  # [B, steps]
     slots = torch.arange(steps, device=state.device)[None]  # [1, steps]
 
     def body(t: Tensor, state: Tensor, *buffers: Tensor) -> tuple[Tensor, ...]:
-        state, *outputs = step(state)
+        state, *outputs = step(t, state)
         here = slots == t  # [1, steps]
         return t + 1, state, *(torch.where(here, out, buffer) for out, buffer in zip(outputs, buffers))
 
-    start = torch.ones((), dtype=torch.int64, device=state.device)
-    _, state, *buffers = torch.while_loop(lambda t, *_: t < steps, body, (start, state, *buffers))
+    _, state, *buffers = torch.while_loop(lambda t, *_: (t < steps).all(), body, (start + 1, state, *buffers))
     return state, tuple(buffers)
 
 
@@ -208,7 +211,7 @@ def sorted_nms_keep(boxes: Tensor, groups: Tensor, candidates: Tensor, iou_thres
     Column ``j`` survives unless a surviving column ``i < j`` of the same group overlaps it by more than
     ``iou_threshold`` (torchvision's ``batched_nms`` on the candidates of each row, ties in column
     order). The loop runs over the ``M`` columns of a precomputed ``[B, M, M]`` overlap matrix: fixed
-    length, no host reads.
+    length, no host reads, one graph loop in an exported model (:func:`repeat_steps`).
 
     Args:
         boxes: ``[B, M, 4]`` xyxy; groups: ``[B, M]`` int (e.g. class labels); candidates: ``[B, M]`` bool.
@@ -216,12 +219,15 @@ def sorted_nms_keep(boxes: Tensor, groups: Tensor, candidates: Tensor, iou_thres
         ``[B, M]`` bool, True for the surviving candidates.
     """
     num = boxes.shape[1]
+    if num == 0:
+        return candidates.clone()
     areas = box_areas(boxes)  # [B, M]
     iou = iou_against(boxes[:, :, None], areas[:, :, None], boxes[:, None], areas[:, None])  # [B, M, M]
     later = torch.ones(num, num, dtype=torch.bool, device=boxes.device).triu(diagonal=1)  # [M, M] i < j
     same_group = groups[:, :, None] == groups[:, None, :]
     hits = suppresses(iou, float32_threshold(iou_threshold)) & same_group & later
-    keep = candidates.clone()
-    for i in range(num):
-        keep = keep & ~(hits[:, i] & keep[:, i : i + 1])
-    return keep
+
+    def step(i: Tensor, keep: Tensor) -> tuple[Tensor]:  # column i, if kept, suppresses its hits
+        return (keep & ~(hits.index_select(1, i)[:, 0] & keep.index_select(1, i)),)
+
+    return repeat_steps(step, candidates.clone(), num)[0]

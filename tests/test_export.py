@@ -42,10 +42,10 @@ ONNX_CASES = [pytest.param(variant, marks=[] if variant == "ASAG-A" else [pytest
 LABELS = LabelMap.from_dict({"category_ids": [1, 2, 3, 5, 8], "names": ["a", "b", "c", "d", "e"]})
 
 
-def checkpoint(variant: str, folder) -> str:
+def checkpoint(variant: str, folder, overrides: tuple[str, ...] = ()) -> str:
     """A tiny model of ``variant`` (one head) with crafted anchor biases, so that Adaptive Probing of P4
-    and P3 runs on any input, saved as a checkpoint."""
-    overrides = [*VARIANTS[variant], "model.decoder.num_heads=1", "model.decoder.used_head=main"]
+    and P3 runs on any input, saved as a checkpoint (``overrides``: more configuration overrides)."""
+    overrides = [*VARIANTS[variant], "model.decoder.num_heads=1", "model.decoder.used_head=main", *overrides]
     cfg = load_config("tiny_cpu", overrides)
     cfg.model.backbone.weights = None
     torch.manual_seed(0)
@@ -137,6 +137,37 @@ def test_onnx_export_is_portable_and_openvino_gives_the_same_detections_in_order
     assert (openvino.boxes - onnxruntime.boxes).abs().max() <= 1e-2
     for row, valid in zip(openvino.scores, openvino.valid):  # the output contract
         assert valid[:valid.sum()].all() and (row[valid].diff() <= 0).all() and (row[~valid] == 0).all()
+
+
+def onnx_nodes(graph) -> int:
+    """Nodes of an ONNX graph, those of its subgraphs (a Loop's body) included."""
+    import onnx
+
+    return sum(1 + sum(onnx_nodes(a.g) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+               for node in graph.node)
+
+
+@pytest.mark.slow  # one more export of the tiny model (two when run alone), 30 to 60 s
+def test_a_large_patch_budget_exports_the_same_graph_size_and_the_eager_detections(exported, tmp_path):
+    """The patch NMS is one ONNX Loop per probed level whatever ``static_patches_per_level`` is: 64 slots
+    (more than the P5 anchors of the input) give the default export's node count and the eager model's
+    detections."""
+    onnx = pytest.importorskip("onnx")
+    ckpt = checkpoint("ASAG-A", tmp_path, ("model.anchor_generator.static_patches_per_level=64",))
+    out = tmp_path / "large.onnx"
+    assert main(["export", ckpt, "--size", f"{SIZE[0]}x{SIZE[1]}", "--batch-size", str(BATCH),
+                 "--out", str(out)]) == 0
+    graph, default = (onnx.load(path).graph for path in (out, exported("ASAG-A", "onnx")[1]))
+    assert [node.op_type for node in graph.node].count("Loop") == 2  # P4 and P3
+    assert onnx_nodes(graph) == onnx_nodes(default)
+    model, _, _ = eager_static(ckpt)
+    images, sizes, orig = probe_batch()
+    with torch.no_grad():
+        expected = model.postprocess_fixed(model(images, sizes), orig)
+    got = ExportedModel(out).run(images, sizes, orig)
+    assert torch.equal(got.valid, expected.valid) and torch.equal(got.labels, expected.labels)
+    assert (got.scores - expected.scores).abs().max() <= 1e-4
+    assert (got.boxes - expected.boxes).abs().max() <= 1e-2
 
 
 def write_images(folder) -> list:

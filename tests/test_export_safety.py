@@ -169,6 +169,17 @@ def foreign_operator(records: dict[str, bytes], marker: Path) -> None:
     records["models/model.json"] = json.dumps(program).encode()
 
 
+def foreign_operator_in_a_loop(records: dict[str, bytes], marker: Path) -> None:
+    """A while_loop (allowed: the graph loop of the patch NMS) whose body graph calls a foreign operator."""
+    program = json.loads(records["models/model.json"])
+    body = {"inputs": [], "outputs": [], "nodes": [{"target": "torch.ops.load_library", "inputs": [],
+                                                     "outputs": [], "metadata": {}}]}
+    program["graph_module"]["graph"]["nodes"][0] = {
+        "target": "torch.ops.higher_order.while_loop", "outputs": [], "metadata": {},
+        "inputs": [{"name": "body_fn", "arg": {"as_graph": {"name": "body_graph_0", "graph": body}}}]}
+    records["models/model.json"] = json.dumps(program).encode()
+
+
 def symbolic_expression(records: dict[str, bytes], marker: Path) -> None:
     program = json.loads(records["models/model.json"])
     program["range_constraints"] = {f"__import__('pathlib').Path({str(marker)!r}).touch()": {}}
@@ -186,6 +197,7 @@ CRAFTED = {
     "legacy_weights_file": (legacy_weights_file, "an unexpected record"),
     "guard_code": (guard_code, "guard code"),
     "foreign_operator": (foreign_operator, "a call of 'torch.ops.load_library'"),
+    "foreign_operator_in_a_loop": (foreign_operator_in_a_loop, "a call of 'torch.ops.load_library'"),
     "symbolic_expression": (symbolic_expression, "symbolic shape constraints"),
     "compiled_library": (compiled_library, "an unexpected record"),
 }

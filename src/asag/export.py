@@ -106,9 +106,11 @@ PT2_PAYLOADS = (("data/weights/model_weights_config.json", "data/weights/", re.c
 PT2_REQUIRED = ("archive_version", PT2_MODEL, *(config for config, _, _ in PT2_PAYLOADS))
 # Records outside the checksum: the metadata that holds it, and the random id of each write.
 PT2_UNHASHED = (PT2_METADATA, ".data/serialization_id")
-# Operators a graph of `asag export` calls: ATen operators, and getitem on their tuple results. torch
-# resolves any other name under ``torch`` too (e.g. torch.ops.load_library) and calls it.
-PT2_TARGET = re.compile(r"torch\.ops\.aten\.\w+\.\w+|_operator\.getitem")
+# Operators a graph of `asag export` calls: ATen operators, getitem on their tuple results, and
+# while_loop (the graph loop of asag.ops.nms.repeat_steps), whose condition and body are nested graphs
+# held by the archive and checked like the rest. torch resolves any other name under ``torch`` too
+# (e.g. torch.ops.load_library) and calls it.
+PT2_TARGET = re.compile(r"torch\.ops\.aten\.\w+\.\w+|_operator\.getitem|torch\.ops\.higher_order\.while_loop")
 # Parts of a serialised program that torch runs as Python when loading it: guard code (exec) and
 # symbolic expressions (sympy, i.e. eval); a static export has neither.
 PT2_CODE_KEYS = {"guards_code": "guard code", "range_constraints": "symbolic shape constraints",

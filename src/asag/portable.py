@@ -8,7 +8,9 @@ graph after ONNX shape inference and names each such use; :func:`check_portable`
 ones. ``asag export`` runs it on every ONNX file it writes. What it checks:
 
 * the graph: shape inference (strict mode) succeeds; only operators of the default ONNX domain, no
-  model-local functions and no subgraphs (control flow is not checked, so it is refused);
+  model-local functions; subgraphs only as the bodies of the control-flow operators (:data:`CONTROL_FLOW`,
+  e.g. the ``Loop`` of the exported patch NMS), whose nodes are checked like the main graph's, with the
+  outer graph's names in scope;
 * ``GatherElements``: ``data`` and ``indices`` of known shapes and the same rank, equal in every
   dimension but ``axis`` (PyTorch's ``gather`` allows smaller ``indices``; the specification does not,
   and OpenVINO fails on it);
@@ -37,6 +39,8 @@ from asag.errors import ConfigError
 from asag.extras import require
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+# Operators whose graph attributes are bodies that every runtime runs (checked node by node).
+CONTROL_FLOW = ("Loop", "If", "Scan")
 FLOAT_TYPES = ("FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16")
 # Problems listed in the one-line error of check_portable (the rest are counted).
 SHOWN_PROBLEMS = 3
@@ -56,10 +60,21 @@ def portability_problems(model: Any) -> list[str]:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as err:  # onnx.shape_inference.InferenceError and the checker's errors
         return [*problems, f"shape inference fails: {' '.join(str(err).split())[:300]}"]
-    graph = _Graph(onnx, inferred.graph)
-    for node in inferred.graph.node:
+    return problems + _graph_problems(onnx, inferred.graph, None)
+
+
+def _graph_problems(onnx: Any, graph: Any, outer: _Graph | None) -> list[str]:
+    """The problems of ``graph``'s nodes and, recursively, of the bodies of its control-flow nodes."""
+    checked = _Graph(onnx, graph, outer)
+    problems = []
+    for node in graph.node:
         name = f"{node.name or '(unnamed)'} ({node.op_type})"
-        problems += [f"{name}: {problem}" for problem in graph.check(node)]
+        problems += [f"{name}: {problem}" for problem in checked.check(node)]
+        if node.op_type in CONTROL_FLOW:
+            for attr in node.attribute:
+                bodies = [attr.g] if attr.type == attr.GRAPH else list(attr.graphs)
+                for body in bodies:
+                    problems += _graph_problems(onnx, body, checked)
     return problems
 
 
@@ -75,17 +90,17 @@ def check_portable(model: Any, name: str) -> None:
 class _Graph:
     """Shapes and constants of an inferred graph, and the checks of one node."""
 
-    def __init__(self, onnx: Any, graph: Any) -> None:
+    def __init__(self, onnx: Any, graph: Any, outer: _Graph | None = None) -> None:
         self.onnx = onnx
-        self.shapes: dict[str, Shape] = {}
-        self.types: dict[str, str] = {}
+        self.shapes: dict[str, Shape] = dict(outer.shapes) if outer else {}
+        self.types: dict[str, str] = dict(outer.types) if outer else {}
         for info in [*graph.input, *graph.output, *graph.value_info]:
             tensor = info.type.tensor_type
             self.types[info.name] = onnx.TensorProto.DataType.Name(tensor.elem_type)
             if tensor.HasField("shape"):
                 self.shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None
                                                for d in tensor.shape.dim)
-        self.constants: dict[str, Any] = {}
+        self.constants: dict[str, Any] = dict(outer.constants) if outer else {}
         for tensor in graph.initializer:
             self._add_constant(tensor.name, tensor)
         for node in graph.node:
@@ -107,8 +122,9 @@ class _Graph:
         if node.domain not in DEFAULT_DOMAINS:
             yield f"operator of domain {node.domain!r}"
         attributes = _attributes(self.onnx, node)
-        if any(attr.type in (attr.GRAPH, attr.GRAPHS) for attr in node.attribute):
-            yield "holds a subgraph (control flow is not checked)"
+        if node.op_type not in CONTROL_FLOW and any(attr.type in (attr.GRAPH, attr.GRAPHS)
+                                                    for attr in node.attribute):
+            yield "holds a subgraph outside a control-flow operator"
         check = getattr(self, f"_check_{node.op_type}", None)
         if check is not None:
             yield from check(node, attributes)

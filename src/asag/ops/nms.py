@@ -5,12 +5,14 @@ GPU and cannot be captured in a CUDA graph or exported with fixed shapes. The fu
 the same greedy NMS on ``[B, M]`` rows with masks and loops whose length is fixed by the caller:
 
 * :func:`fixed_budget_nms` picks, per row, the first ``max_kept`` boxes torchvision's greedy NMS keeps
-  (a loop of ``max_kept`` steps: take the best live box, suppress its overlaps); with ``max_kept=None``
-  the data sizes the loop: it runs in rounds (:data:`DATA_ROUND` steps, then twice as many each time)
-  until no candidate is left, reading the rows' counts back from the device after each round (the kept
-  boxes are then exactly torchvision's);
+  (a loop of ``max_kept`` steps: take the best live box, suppress its overlaps; one graph loop in an
+  exported model, :func:`repeat_steps`, so that the graph does not grow with the budget); with
+  ``max_kept=None`` the data sizes the loop: it runs in rounds (:data:`DATA_ROUND` steps, then twice as
+  many each time) until no candidate is left, reading the rows' counts back from the device after each
+  round (the kept boxes are then exactly torchvision's);
 * :func:`sorted_nms_keep` marks which boxes of a row already sorted by descending score survive (a loop
-  over the ``M`` columns), for the class-wise NMS after the top-k of post-processing.
+  over the ``M`` columns, one graph loop in an exported model), for the class-wise NMS after the top-k of
+  post-processing.
 
 Both reproduce ``torchvision.ops.nms`` on the CPU exactly: scores sorted descending with ties in index
 order (torchvision's stable sort), IoU computed with the same float32 operations
@@ -21,6 +23,7 @@ float64 in an exported graph).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +80,15 @@ def iou_against(box: Tensor, area: Tensor, boxes: Tensor, areas: Tensor) -> Tens
     wh = (bottom_right - top_left).clamp(min=0.0)
     inter = wh[..., 0] * wh[..., 1]  # [B, M]
     return inter / (area + areas - inter)
+
+
+def suppresses(iou: Tensor, threshold: float) -> Tensor:
+    """``iou > threshold`` (``threshold`` from :func:`float32_threshold`): False where ``iou`` is NaN (two
+    empty boxes, or NaN coordinates), as torch compares. An exported graph states that explicitly
+    (``& ~isnan``): OpenVINO's CPU plugin (2026.4) evaluates ONNX ``Greater(NaN, t)`` as True. Eagerly the
+    guard would change nothing and cost a tenth of a greedy step, so it is left out."""
+    hits = iou > threshold
+    return hits & ~iou.isnan() if torch.compiler.is_exporting() else hits
 
 
 def fixed_budget_nms(
@@ -137,16 +149,60 @@ def _round_length(done: int, max_kept: int | None, limit: int | None) -> int:
 def _greedy_steps(boxes: Tensor, areas: Tensor, scores: Tensor, live: Tensor, columns: Tensor,
                   threshold: float, steps: int) -> tuple[Tensor, Tensor, Tensor]:
     """``steps`` greedy NMS steps from the ``[B, M]`` bool ``live`` candidates: ``[B, steps]`` picked
-    columns, ``[B, steps]`` bool kept (False once a row has no candidate left) and the live mask after."""
-    picks, kept = [], []
-    for _ in range(steps):
+    columns, ``[B, steps]`` bool kept (False once a row has no candidate left) and the live mask after.
+
+    Run by :func:`repeat_steps`: a Python loop, or one graph loop when the model is being exported."""
+
+    def step(_: Tensor, live: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         best = scores.masked_fill(~live, float("-inf")).argmax(dim=1, keepdim=True)  # [B, 1]
-        picks.append(best)
-        kept.append(live.gather(1, best))  # [B, 1]; False once no candidate is left
+        kept = live.gather(1, best)  # [B, 1]; False once no candidate is left
         box = boxes.gather(1, best[..., None].expand(-1, -1, 4))  # [B, 1, 4]
         iou = iou_against(box, areas.gather(1, best), boxes, areas)  # [B, M]
-        live = live & ~(iou > threshold) & (columns != best)
-    return torch.cat(picks, dim=1), torch.cat(kept, dim=1), live
+        return live & ~suppresses(iou, threshold) & (columns != best), best, kept
+
+    live, (picks, kept) = repeat_steps(step, live, steps)
+    return picks, kept, live
+
+
+def repeat_steps(step: Callable[[Tensor, Tensor], tuple[Tensor, ...]], state: Tensor, steps: int
+                 ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``steps`` (at least one) applications of ``step``: ``state, *outputs = step(t, state)`` for
+    ``t = 0 .. steps - 1`` (``[1]`` int64 on the state's device, e.g. for ``index_select``), each output
+    ``[B, 1]``.
+
+    Returns the last state and each output of the steps side by side, ``[B, steps]`` (column ``t``: step
+    ``t``). Eagerly (and under ``torch.compile``) a Python loop; while the model is exported
+    (``torch.export``, ``torch.onnx.export(dynamo=True)``) the first step and one ``torch.while_loop``
+    for the others (an ONNX ``Loop``): the graph holds ``step`` twice whatever ``steps`` is, where a
+    Python loop would be unrolled ``steps`` times. The state keeps its shape; the outputs keep theirs
+    from step to step.
+    """
+    if torch.compiler.is_exporting():
+        return _graph_loop(step, state, steps)
+    columns: list[tuple[Tensor, ...]] = []
+    for t in torch.arange(steps, device=state.device).split(1):
+        state, *outputs = step(t, state)
+        columns.append(tuple(outputs))
+    return state, tuple(torch.cat(side, dim=1) for side in zip(*columns))
+
+
+def _graph_loop(step: Callable[[Tensor, Tensor], tuple[Tensor, ...]], state: Tensor, steps: int
+                ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """:func:`repeat_steps` as the first step, then one ``torch.while_loop`` over a step counter ``[1]``
+    for the others; step ``t`` writes its outputs into column ``t`` of ``[B, steps]`` buffers (with
+    ``where``: a loop body may not write in place), which the first step's outputs fill to begin with."""
+    start = torch.zeros(1, dtype=torch.int64, device=state.device)
+    state, *first = step(start, state)
+    buffers = tuple(out.repeat(1, steps) for out in first)  # [B, steps]
+    slots = torch.arange(steps, device=state.device)[None]  # [1, steps]
+
+    def body(t: Tensor, state: Tensor, *buffers: Tensor) -> tuple[Tensor, ...]:
+        state, *outputs = step(t, state)
+        here = slots == t  # [1, steps]
+        return t + 1, state, *(torch.where(here, out, buffer) for out, buffer in zip(outputs, buffers))
+
+    _, state, *buffers = torch.while_loop(lambda t, *_: (t < steps).all(), body, (start + 1, state, *buffers))
+    return state, tuple(buffers)
 
 
 def sorted_nms_keep(boxes: Tensor, groups: Tensor, candidates: Tensor, iou_threshold: float) -> Tensor:
@@ -155,7 +211,7 @@ def sorted_nms_keep(boxes: Tensor, groups: Tensor, candidates: Tensor, iou_thres
     Column ``j`` survives unless a surviving column ``i < j`` of the same group overlaps it by more than
     ``iou_threshold`` (torchvision's ``batched_nms`` on the candidates of each row, ties in column
     order). The loop runs over the ``M`` columns of a precomputed ``[B, M, M]`` overlap matrix: fixed
-    length, no host reads.
+    length, no host reads, one graph loop in an exported model (:func:`repeat_steps`).
 
     Args:
         boxes: ``[B, M, 4]`` xyxy; groups: ``[B, M]`` int (e.g. class labels); candidates: ``[B, M]`` bool.
@@ -163,11 +219,15 @@ def sorted_nms_keep(boxes: Tensor, groups: Tensor, candidates: Tensor, iou_thres
         ``[B, M]`` bool, True for the surviving candidates.
     """
     num = boxes.shape[1]
+    if num == 0:
+        return candidates.clone()
     areas = box_areas(boxes)  # [B, M]
     iou = iou_against(boxes[:, :, None], areas[:, :, None], boxes[:, None], areas[:, None])  # [B, M, M]
     later = torch.ones(num, num, dtype=torch.bool, device=boxes.device).triu(diagonal=1)  # [M, M] i < j
-    hits = (iou > float32_threshold(iou_threshold)) & (groups[:, :, None] == groups[:, None, :]) & later
-    keep = candidates.clone()
-    for i in range(num):
-        keep = keep & ~(hits[:, i] & keep[:, i : i + 1])
-    return keep
+    same_group = groups[:, :, None] == groups[:, None, :]
+    hits = suppresses(iou, float32_threshold(iou_threshold)) & same_group & later
+
+    def step(i: Tensor, keep: Tensor) -> tuple[Tensor]:  # column i, if kept, suppresses its hits
+        return (keep & ~(hits.index_select(1, i)[:, 0] & keep.index_select(1, i)),)
+
+    return repeat_steps(step, candidates.clone(), num)[0]

@@ -156,3 +156,34 @@ def test_sorts_order_equal_keys_by_index_in_every_runtime(sorts_onnx):
         for k in range(4):
             np.testing.assert_array_equal(got[k], eager[k], err_msg=f"{runtime.__name__}, output {k}")
         np.testing.assert_array_equal(got[4], reference_topk, err_msg=runtime.__name__)
+
+
+def loop_with_gather(indices_shape):
+    """A ``Loop`` (two iterations) whose body gathers ``x`` (outer scope) with ``indices_shape``."""
+    body_nodes = [
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        helper.make_node("GatherElements", ["x", "i"], ["y"], name="inner_gather", axis=1),
+    ]
+    body = helper.make_graph(
+        body_nodes, "body",
+        [helper.make_tensor_value_info("iter", INT64, []), helper.make_tensor_value_info("cond_in",
+                                                                                          onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info("y", FLOAT, indices_shape)])
+    loop = helper.make_node("Loop", ["n", ""], ["ys"], name="loop", body=body)
+    return model([loop], [("x", FLOAT, [2, 7]), ("i", INT64, indices_shape)],
+                 [("ys", FLOAT, [2, *indices_shape])], [helper.make_tensor("n", INT64, [], [2])])
+
+
+def test_control_flow_bodies_are_checked_like_the_main_graph():
+    assert portability_problems(loop_with_gather([2, 3])) == []
+    problems = portability_problems(loop_with_gather([1, 3]))
+    assert len(problems) == 1 and problems[0].startswith("inner_gather (GatherElements): indices [1, 3]")
+
+
+def test_a_subgraph_outside_control_flow_is_refused():
+    body = helper.make_graph([], "b", [], [])
+    node = helper.make_node("Identity", ["x"], ["y"], name="odd", extra=body)
+    problems = [p for p in portability_problems(model([node], [("x", FLOAT, [2])], [("y", FLOAT, [2])]))
+                if "subgraph" in p]
+    assert problems == ["odd (Identity): holds a subgraph outside a control-flow operator"]

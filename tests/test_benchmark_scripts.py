@@ -113,3 +113,167 @@ def test_random_coco_case_is_seeded_and_varied():
     assert len(set(scores)) <= coco_eval_speed.SCORE_LEVELS + 1 < len(scores)  # ties
     per_image = np.bincount([r["image_id"] for r in results], minlength=201)[1:]
     assert (per_image == 0).any() and per_image.max() > 20
+
+
+# ------------------------------------------------------------------ benchmarks/deployment.py, runtimes.py
+
+import deployment  # noqa: E402
+import runtimes  # noqa: E402
+
+from asag.errors import ConfigError  # noqa: E402
+from asag.structures import Detections  # noqa: E402
+
+
+def _detections(boxes: list[list[float]], scores: list[float], labels: list[int]) -> Detections:
+    return Detections(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(scores),
+                      torch.tensor(labels, dtype=torch.int64))
+
+
+def test_match_detections_pairs_same_label_by_best_overlap_one_to_one():
+    ref = _detections([[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]], [0.9, 0.8, 0.7], [1, 1, 2])
+    # swapped near-tie (ranks 0/1 exchange boxes), a shifted box, a wrong label at the third place
+    got = _detections([[0, 0, 10, 12], [0, 0, 10, 10], [50, 50, 60, 60]], [0.9, 0.8, 0.7], [1, 1, 3])
+    assert deployment.match_detections(ref, got) == [(0, 1), (1, 0)]  # each got detection used once
+    assert deployment.match_detections(ref, got, iou=0.95) == [(0, 1)]
+    assert deployment.match_detections(ref, _detections([], [], [])) == []
+    points = _detections([[5, 5, 5, 5], [9, 9, 9, 9]], [0.9, 0.8], [1, 1])  # zero area: no IoU with itself
+    assert deployment.match_detections(points, points) == [(0, 0), (1, 1)]
+
+
+def test_agreement_counts_matched_share_and_differences_over_matched_pairs():
+    ref = [_detections([[0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.5], [0, 1])]
+    same = deployment.agreement(ref, ref)
+    assert (same.reference, same.detections, same.same_ranks, same.matched, same.score, same.box) == \
+        (2, 2, True, 1.0, 0.0, 0.0)
+    got = [_detections([[0, 0, 10, 12], [20, 20, 30, 30]], [0.85, 0.5], [0, 0])]
+    part = deployment.agreement(ref, got)
+    assert not part.same_ranks and part.matched == 0.5
+    assert part.score == pytest.approx(0.05) and part.box == pytest.approx(2.0)
+    assert deployment.agreement([_detections([], [], [])], [_detections([], [], [])]).matched == 1.0
+
+
+def test_markdown_table_ratios_to_fcos_in_the_same_setting_size_and_batch():
+    rows = [deployment.Row("asag", "onnxruntime", (512, 512), 4, 200.0, 190.0, 210.0),
+            deployment.Row(deployment.FCOS, "onnxruntime", (512, 512), 4, 400.0, 390.0, 410.0),
+            deployment.Row("asag", "pt2", (512, 512), 4, 300.0, 290.0, 310.0),
+            deployment.Row(deployment.FCOS, "onnxruntime", (512, 512), 1, 100.0, 90.0, 110.0)]
+    lines = deployment.markdown_table(rows).splitlines()
+    assert lines[2] == "| asag | 512x512 | 4 | onnxruntime | 200.0 | 190.0-210.0 | 50.0 | 20.00 | 0.50 |"
+    assert lines[3].endswith("| - |") and lines[4].endswith("| - |")  # FCOS itself; pt2 has no FCOS row
+
+
+def test_cached_export_reuses_a_file_only_with_the_same_fingerprint(tmp_path, capsys):
+    calls = []
+
+    def export(path):
+        calls.append(path)
+        path.write_bytes(b"model")
+
+    path = tmp_path / "m.onnx"
+    assert deployment.cached_export(path, "a", export) == path and len(calls) == 1
+    deployment.cached_export(path, "a", export)
+    assert len(calls) == 1 and "reusing" in capsys.readouterr().out
+    deployment.cached_export(path, "b", export)  # other weights / size / batch / torch
+    assert len(calls) == 2
+    (tmp_path / "m.onnx.json").unlink()  # an export that did not finish leaves no side file
+    deployment.cached_export(path, "b", export)
+    assert len(calls) == 3
+
+
+def test_digest_changes_with_weights_and_settings():
+    module = torch.nn.Linear(2, 2)
+    base = deployment.digest(module, {"size": [32, 32]})
+    assert base == deployment.digest(module, {"size": [32, 32]})
+    assert base != deployment.digest(module, {"size": [64, 32]})
+    with torch.no_grad():
+        module.bias.add_(1)
+    assert base != deployment.digest(module, {"size": [32, 32]})
+
+
+@pytest.mark.slow
+def test_fcos_deployed_returns_per_image_detections_and_its_fast_copy_the_same():
+    fcos = deployment.fcos_model()
+    fcos.fcos.score_thresh = 0.0  # random heads score below the default 0.05
+    images = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        outputs = fcos(images)
+        fast = deployment.fast_fcos(fcos)(images)
+    dets = deployment.fcos_detections(outputs)
+    assert len(dets) == 2 and all(len(d) == fcos.fcos.detections_per_img for d in dets)
+    assert all(d.boxes.shape == (len(d), 4) for d in dets)
+    same = deployment.agreement(dets, deployment.fcos_detections(fast))  # folded, channels-last
+    assert same.matched == 1.0 and same.score < 1e-4 and same.box < 1e-2
+
+
+@pytest.mark.parametrize(("name", "runtime", "precision", "message"), [
+    ("m.onnx", "torch", "fp32", "runtime torch does not run .onnx files"),
+    ("m.pt2", "openvino", "fp32", "runtime openvino does not run .pt2 files"),
+    ("m.onnx", "onnxruntime", "bf16", "runtime onnxruntime runs exported files in fp32 only"),
+    ("m.onnx", "tensorrt", "fp32", "runtime 'tensorrt': choose one of onnxruntime, openvino, torch"),
+    ("m.bin", None, "fp32", "an exported model ends in .onnx or .pt2"),
+])
+def test_load_exported_refuses_combinations_that_do_not_exist(tmp_path, name, runtime, precision, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        runtimes.load_exported(tmp_path / name, runtime, precision)
+
+
+def test_cpu_description_names_the_cpu_and_its_bf16_support():
+    line = runtimes.cpu_description()
+    assert line.startswith("CPU: ") and "bf16 flags present" in line and "native bf16 in PyTorch" in line
+
+
+def test_default_export_size_fits_every_validation_image():
+    from asag.config import load_config
+
+    assert precision_accuracy.default_export_size(load_config("demo")) == (384, 384)
+    larger = load_config("demo", ["data.val_max_size=400"])
+    assert precision_accuracy.default_export_size(larger) == (416, 416)
+
+
+def test_exported_detector_runs_the_file_in_postprocess():
+    class Recorder:
+        def predict(self, images, image_sizes, orig_sizes):
+            self.args = (images, image_sizes, orig_sizes)
+            return ["detections"]
+
+    recorder = Recorder()
+    model = precision_accuracy.ExportedDetector(recorder)
+    images, sizes, orig = torch.zeros(1, 3, 32, 64), torch.tensor([[32, 60]]), torch.tensor([[64, 120]])
+    assert model.postprocess(model(images, sizes), orig) == ["detections"]
+    assert recorder.args[0] is images and recorder.args[1] is sizes and recorder.args[2] is orig
+
+
+def test_results_table_compares_openvino_with_the_same_file_in_onnxruntime():
+    from types import SimpleNamespace
+
+    def result(ap):
+        return SimpleNamespace(ap=ap, ap50=ap, ap75=ap)
+
+    rows = [("plain", result(0.40)), ("fast_bf16", result(0.39)), ("onnxruntime", result(0.41)),
+            ("openvino_bf16", result(0.403))]
+    scores = {"plain": {1: torch.tensor([0.9])}, "fast_bf16": {1: torch.tensor([0.8])},
+              "onnxruntime": {1: torch.tensor([0.9])}, "openvino_bf16": {1: torch.tensor([0.88])}}
+    lines = precision_accuracy.results_table(rows, scores).splitlines()
+    assert lines[0].endswith("| AP change vs onnxruntime | score diff. vs onnxruntime |")
+    assert lines[1] == "|---" * 8 + "|"
+    assert lines[3] == "| fast_bf16 | 39.00 | 39.00 | 39.00 | -1.00 (more than 0.5) | 1.0e-01 |  |  |"
+    assert lines[5] == ("| openvino_bf16 | 40.30 | 40.30 | 40.30 | +0.30 | 2.0e-02 | -0.70 (more than 0.5) | "
+                        "2.0e-02 |")
+    without = precision_accuracy.results_table(rows[:2], scores).splitlines()
+    assert without[0].endswith("| max abs. detection-score diff. |") and without[1] == "|---" * 6 + "|"
+
+
+@pytest.mark.slow
+def test_precision_accuracy_evaluates_exported_settings(tiny_checkpoint, capsys):
+    """The checkpoint exported to ONNX (minutes) and run in ONNX Runtime and OpenVINO (float32): the
+    same scores in both runtimes; the eager static model gives the plain model's."""
+    ckpt = str(tiny_checkpoint / "ckpt.pth")
+    precision_accuracy.main([ckpt, "--device", "cpu", "--settings", "plain", "static", "onnxruntime",
+                             "openvino"])
+    out = capsys.readouterr().out
+    assert "exported the static model at 256x256, batch 1" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows.keys() == {"setting", "plain", "static", "onnxruntime", "openvino"}
+    assert float(rows["static"][3]) == 0.0 and float(rows["static"][4]) < 1e-4
+    assert float(rows["openvino"][5]) == 0.0 and float(rows["openvino"][6]) < 1e-4

@@ -158,6 +158,9 @@ def test_sorts_order_equal_keys_by_index_in_every_runtime(sorts_onnx):
         np.testing.assert_array_equal(got[4], reference_topk, err_msg=runtime.__name__)
 
 
+BOOL = onnx.TensorProto.BOOL
+
+
 def loop_with_gather(indices_shape):
     """A ``Loop`` (two iterations) whose body gathers ``x`` (outer scope) with ``indices_shape``."""
     body_nodes = [
@@ -166,9 +169,8 @@ def loop_with_gather(indices_shape):
     ]
     body = helper.make_graph(
         body_nodes, "body",
-        [helper.make_tensor_value_info("iter", INT64, []), helper.make_tensor_value_info("cond_in",
-                                                                                          onnx.TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+        [helper.make_tensor_value_info("iter", INT64, []), helper.make_tensor_value_info("cond_in", BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", BOOL, []),
          helper.make_tensor_value_info("y", FLOAT, indices_shape)])
     loop = helper.make_node("Loop", ["n", ""], ["ys"], name="loop", body=body)
     return model([loop], [("x", FLOAT, [2, 7]), ("i", INT64, indices_shape)],

@@ -447,6 +447,14 @@ def openvino_native_bf16(core: Any) -> bool:
     return "BF16" in core.get_property(OPENVINO_DEVICE, "OPTIMIZATION_CAPABILITIES")
 
 
+def openvino_config(precision: str = "fp32") -> dict:
+    """OpenVINO's CPU settings for an exported model: ``precision`` (``fp32`` / ``bf16``) as its inference
+    precision (always explicit: OpenVINO's own default is bf16 on CPUs that have it),
+    ``torch.get_num_threads()`` threads, latency hint."""
+    return {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+
+
 class ExportedModel:
     """An exported file run by ONNX Runtime or OpenVINO (``.onnx``) or ``torch.export.load`` (``.pt2``).
 
@@ -537,10 +545,9 @@ class ExportedModel:
         if self.precision == "bf16" and not openvino_native_bf16(core):
             raise ConfigError(f"{self.path}: precision bf16: this CPU has no native bfloat16 support "
                               "(AVX512-BF16/AMX), OpenVINO would emulate it; use fp32")
-        config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[self.precision],
-                  "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
         try:
-            compiled = core.compile_model(core.read_model(data), OPENVINO_DEVICE, config)
+            model = core.read_model(data)
+            compiled = core.compile_model(model, OPENVINO_DEVICE, openvino_config(self.precision))
         except Exception as err:  # OpenVINO raises RuntimeError and its own exception types
             raise CheckpointError(f"{self.path}: OpenVINO cannot load it ({one_line(err)})") from None
         if [port.get_any_name() for port in compiled.outputs] != OUTPUT_NAMES:

@@ -169,7 +169,8 @@ def loop_with_gather(indices_shape):
     ]
     body = helper.make_graph(
         body_nodes, "body",
-        [helper.make_tensor_value_info("iter", INT64, []), helper.make_tensor_value_info("cond_in", BOOL, [])],
+        [helper.make_tensor_value_info("iter", INT64, []),
+         helper.make_tensor_value_info("cond_in", BOOL, [])],
         [helper.make_tensor_value_info("cond_out", BOOL, []),
          helper.make_tensor_value_info("y", FLOAT, indices_shape)])
     loop = helper.make_node("Loop", ["n", ""], ["ys"], name="loop", body=body)

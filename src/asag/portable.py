@@ -135,23 +135,28 @@ class _Graph:
             return None, f"the shape of {what} is unknown after shape inference"
         return shape, None
 
-    def _check_GatherElements(self, node: Any, attributes: dict) -> Iterator[str]:
+    def _data_indices_axis(self, node: Any, attributes: dict) -> tuple[Any, Any, int, str | None]:
+        """Shapes of inputs 0 (data) and 1 (indices) and the ``axis`` of a gather / scatter of elements,
+        or the problem that leaves them unknown."""
         data, problem = self._known(node.input[0], "data")
         indices, problem = (None, problem) if problem else self._known(node.input[1], "indices")
         if problem:
+            return None, None, 0, problem
+        return data, indices, attributes.get("axis", 0) % len(data), None
+
+    def _check_GatherElements(self, node: Any, attributes: dict) -> Iterator[str]:
+        data, indices, axis, problem = self._data_indices_axis(node, attributes)
+        if problem:
             yield problem
             return
-        axis = attributes.get("axis", 0) % len(data)
         if len(indices) != len(data) or any(i != d for i, d in _off_axis(indices, data, axis)):
             yield f"indices {list(indices)} differ from data {list(data)} off axis {axis}"
 
     def _check_ScatterElements(self, node: Any, attributes: dict) -> Iterator[str]:
-        data, problem = self._known(node.input[0], "data")
-        indices, problem = (None, problem) if problem else self._known(node.input[1], "indices")
+        data, indices, axis, problem = self._data_indices_axis(node, attributes)
         if problem:
             yield problem
             return
-        axis = attributes.get("axis", 0) % len(data)
         if self.shapes.get(node.input[2]) != indices:
             yield f"updates {self.shapes.get(node.input[2])} and indices {list(indices)} differ in shape"
         if len(indices) != len(data) or any(i > d for i, d in _off_axis(indices, data, axis)):

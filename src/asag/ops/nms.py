@@ -86,7 +86,7 @@ def suppresses(iou: Tensor, threshold: float) -> Tensor:
     """``iou > threshold`` (``threshold`` from :func:`float32_threshold`): False where ``iou`` is NaN (two
     empty boxes, or NaN coordinates), as torch compares. An exported graph states that explicitly
     (``& ~isnan``): OpenVINO's CPU plugin (2026.4) evaluates ONNX ``Greater(NaN, t)`` as True. Eagerly the
-    guard would change nothing and cost a tenth of a greedy step, so it is left out."""
+    guard would change nothing but add two operations to each greedy step, so it is left out."""
     hits = iou > threshold
     return hits & ~iou.isnan() if torch.compiler.is_exporting() else hits
 
@@ -153,7 +153,7 @@ def _greedy_steps(boxes: Tensor, areas: Tensor, scores: Tensor, live: Tensor, co
 
     Run by :func:`repeat_steps`: a Python loop, or one graph loop when the model is being exported."""
 
-    def step(_: Tensor, live: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def step(_: int | Tensor, live: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         best = scores.masked_fill(~live, float("-inf")).argmax(dim=1, keepdim=True)  # [B, 1]
         kept = live.gather(1, best)  # [B, 1]; False once no candidate is left
         box = boxes.gather(1, best[..., None].expand(-1, -1, 4))  # [B, 1, 4]
@@ -164,35 +164,39 @@ def _greedy_steps(boxes: Tensor, areas: Tensor, scores: Tensor, live: Tensor, co
     return picks, kept, live
 
 
-def repeat_steps(step: Callable[[Tensor, Tensor], tuple[Tensor, ...]], state: Tensor, steps: int
+def repeat_steps(step: Callable[[int | Tensor, Tensor], tuple[Tensor, ...]], state: Tensor, steps: int
                  ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """``steps`` (at least one) applications of ``step``: ``state, *outputs = step(t, state)`` for
-    ``t = 0 .. steps - 1`` (``[1]`` int64 on the state's device, e.g. for ``index_select``), each output
-    ``[B, 1]``.
+    ``t = 0 .. steps - 1``, each output ``[B, 1]``.
 
     Returns the last state and each output of the steps side by side, ``[B, steps]`` (column ``t``: step
-    ``t``). Eagerly (and under ``torch.compile``) a Python loop; while the model is exported
-    (``torch.export``, ``torch.onnx.export(dynamo=True)``) the first step and one ``torch.while_loop``
-    for the others (an ONNX ``Loop``): the graph holds ``step`` twice whatever ``steps`` is, where a
-    Python loop would be unrolled ``steps`` times. The state keeps its shape; the outputs keep theirs
-    from step to step.
+    ``t``). Eagerly (and under ``torch.compile``) a Python loop, ``t`` an int; while the model is exported
+    (``torch.export``, ``torch.onnx.export(dynamo=True)``) the first step and one ``torch.while_loop`` for
+    the others (an ONNX ``Loop``), ``t`` then a ``[1]`` int64 tensor after the first step (read a column
+    with :func:`step_column`): the graph holds ``step`` twice whatever ``steps`` is, where a Python loop
+    would be unrolled ``steps`` times. The state keeps its shape; the outputs keep theirs from step to step.
     """
     if torch.compiler.is_exporting():
         return _graph_loop(step, state, steps)
     columns: list[tuple[Tensor, ...]] = []
-    for t in torch.arange(steps, device=state.device).split(1):
+    for t in range(steps):
         state, *outputs = step(t, state)
         columns.append(tuple(outputs))
     return state, tuple(torch.cat(side, dim=1) for side in zip(*columns))
 
 
-def _graph_loop(step: Callable[[Tensor, Tensor], tuple[Tensor, ...]], state: Tensor, steps: int
+def step_column(x: Tensor, t: int | Tensor) -> Tensor:
+    """``x[:, t]`` for the step index ``t`` of :func:`repeat_steps`: a view eagerly, an ``index_select``
+    in the graph loop (a tensor index of a loop counter)."""
+    return x[:, t] if isinstance(t, int) else x.index_select(1, t).squeeze(1)
+
+
+def _graph_loop(step: Callable[[int | Tensor, Tensor], tuple[Tensor, ...]], state: Tensor, steps: int
                 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """:func:`repeat_steps` as the first step, then one ``torch.while_loop`` over a step counter ``[1]``
     for the others; step ``t`` writes its outputs into column ``t`` of ``[B, steps]`` buffers (with
     ``where``: a loop body may not write in place), which the first step's outputs fill to begin with."""
-    start = torch.zeros(1, dtype=torch.int64, device=state.device)
-    state, *first = step(start, state)
+    state, *first = step(0, state)
     buffers = tuple(out.repeat(1, steps) for out in first)  # [B, steps]
     slots = torch.arange(steps, device=state.device)[None]  # [1, steps]
 
@@ -201,7 +205,8 @@ def _graph_loop(step: Callable[[Tensor, Tensor], tuple[Tensor, ...]], state: Ten
         here = slots == t  # [1, steps]
         return t + 1, state, *(torch.where(here, out, buffer) for out, buffer in zip(outputs, buffers))
 
-    _, state, *buffers = torch.while_loop(lambda t, *_: (t < steps).all(), body, (start + 1, state, *buffers))
+    start = torch.ones(1, dtype=torch.int64, device=state.device)
+    _, state, *buffers = torch.while_loop(lambda t, *_: (t < steps).all(), body, (start, state, *buffers))
     return state, tuple(buffers)
 
 
@@ -227,7 +232,7 @@ def sorted_nms_keep(boxes: Tensor, groups: Tensor, candidates: Tensor, iou_thres
     same_group = groups[:, :, None] == groups[:, None, :]
     hits = suppresses(iou, float32_threshold(iou_threshold)) & same_group & later
 
-    def step(i: Tensor, keep: Tensor) -> tuple[Tensor]:  # column i, if kept, suppresses its hits
-        return (keep & ~(hits.index_select(1, i)[:, 0] & keep.index_select(1, i)),)
+    def step(i: int | Tensor, keep: Tensor) -> tuple[Tensor]:  # column i, if kept, suppresses its hits
+        return (keep & ~(step_column(hits, i) & step_column(keep, i)[:, None]),)
 
     return repeat_steps(step, candidates.clone(), num)[0]

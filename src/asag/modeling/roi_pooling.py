@@ -15,8 +15,13 @@ mapper with the scales fixed by the strides, spec section 15 quirk 17).
 
 With fixed budgets (the static mode) the detector passes a :class:`LevelTable`, all levels as the rows of
 one table built once per forward: every RoI is then pooled by one gather from that table, whatever the
-kind, with fixed shapes and no host read. When exporting to ONNX the gather is written as one gather per
-sample tap (ONNX has no weighted ``embedding_bag``; its exporter would write a slow loop).
+kind, with fixed shapes and no host read. Where the sizes come from the data the per-level counts are
+read instead (one host read per call) and each level is gathered from its own map, in place: the table
+is one copy of all levels (at 800x1216, d = 256: 83 MB, 32 ms on 2 Zen 4 cores), which would double the
+``gather`` pooling of a channels-last ``--fast`` forward (500 RoIs: 24 ms reading the maps in place,
+54 ms through the table). Both read their rows with :func:`pool_rows`. When exporting to ONNX the
+gather is written as one gather per sample tap (ONNX has no weighted ``embedding_bag``; its exporter
+would write a slow loop).
 """
 
 from __future__ import annotations

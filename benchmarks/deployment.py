@@ -6,8 +6,8 @@ random weights with calibrated frozen-BN statistics and crafted anchor biases (a
 ``inference_speed.py``), so that Adaptive Probing of P4 and P3 runs as in a trained model on a crowded
 image. For every input size ``HxW`` and batch size ``B`` (a group) it is exported with the library's
 :func:`asag.export.export_model` (ONNX and ``.pt2`` of batch ``B`` at ``HxW``; cached in ``--out-dir``
-and reused while the weights, configuration, size, batch and torch version are the same, since an R50
-export takes minutes), and these settings run ``B`` random images of ``HxW``:
+and reused while the weights, configuration, size, batch, torch version and asag sources are the same,
+since an R50 export takes minutes), and these settings run ``B`` random images of ``HxW``:
 
 * ``fast``: the dynamic model through ``optimize_for_inference`` (``--fast``), ``model(...)`` +
   ``postprocess``;
@@ -82,6 +82,7 @@ from torchvision.models.detection import fcos_resnet50_fpn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
+import asag
 from asag.commands.benchmark import parse_size
 from asag.config import load_config
 from asag.data import LabelMap
@@ -265,9 +266,20 @@ def agreement(ref: list[Detections], got: list[Detections]) -> Agreement:
 # ---------------------------------------------------------------------------------------- exports
 
 
+def source_digest() -> str:
+    """SHA-256 of the installed ``asag`` package's Python sources: an export made by other code is stale."""
+    h = hashlib.sha256()
+    root = Path(asag.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def digest(module: nn.Module, extra: dict) -> str:
-    """SHA-256 of a module's state (names and bytes) and of ``extra`` (JSON): what an export depends on."""
-    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    """SHA-256 of a module's state (names and bytes), of ``extra`` (JSON) and of the library's sources:
+    what an export depends on."""
+    h = hashlib.sha256(json.dumps({**extra, "asag": source_digest()}, sort_keys=True).encode())
     for name, tensor in module.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -279,7 +291,7 @@ def cached_export(path: Path, fingerprint: str, export: Callable[[Path], object]
     file ``path + ".json"`` (written after a successful export); prints the export time or the reuse."""
     side = path.with_name(path.name + ".json")
     if path.is_file() and side.is_file() and json.loads(side.read_text()).get("fingerprint") == fingerprint:
-        print(f"reusing {path} (same weights, configuration, size, batch, torch)", flush=True)
+        print(f"reusing {path} (same weights, configuration, size, batch, torch, asag sources)", flush=True)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     side.unlink(missing_ok=True)

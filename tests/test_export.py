@@ -43,9 +43,11 @@ LABELS = LabelMap.from_dict({"category_ids": [1, 2, 3, 5, 8], "names": ["a", "b"
 
 
 def checkpoint(variant: str, folder, overrides: tuple[str, ...] = ()) -> str:
-    """A tiny model of ``variant`` (one head) with crafted anchor biases, so that Adaptive Probing of P4
-    and P3 runs on any input, saved as a checkpoint (``overrides``: more configuration overrides)."""
-    overrides = [*VARIANTS[variant], "model.decoder.num_heads=1", "model.decoder.used_head=main", *overrides]
+    """A tiny model of ``variant`` (one head, class-wise NMS in the post-processing) with crafted anchor
+    biases, so that Adaptive Probing of P4 and P3 runs on any input, saved as a checkpoint
+    (``overrides``: more configuration overrides)."""
+    overrides = [*VARIANTS[variant], "model.decoder.num_heads=1", "model.decoder.used_head=main",
+                 "model.postprocess.nms=true", *overrides]  # class-wise NMS, as the 300-query presets
     cfg = load_config("tiny_cpu", overrides)
     cfg.model.backbone.weights = None
     torch.manual_seed(0)

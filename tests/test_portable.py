@@ -59,6 +59,12 @@ def float_mod(**attributes):
     return model([node], [("a", FLOAT, [3]), ("b", FLOAT, [3])], [("y", FLOAT, [3])])
 
 
+def sequence_concat():
+    nodes = [helper.make_node("SequenceConstruct", ["x", "x"], ["s"], name="seq"),
+             helper.make_node("ConcatFromSequence", ["s"], ["y"], name="cat", axis=0)]
+    return model(nodes, [("x", FLOAT, [3])], [("y", FLOAT, [6])])
+
+
 PROBLEMS = {
     "gather_smaller_indices": (gather_elements([1, 3]), r"gather \(GatherElements\): indices \[1, 3\] differ "
                                r"from data \[2, 7\] off axis 1"),
@@ -68,6 +74,7 @@ PROBLEMS = {
     "scatter_nd_duplicates": (scatter_nd([1, -1], data_len=2), "constant indices with duplicates"),
     "scatter_elements_more_entries": (scatter_elements(4), "4 entries scattered into 3 along axis 1"),
     "float_mod": (float_mod(), "floating-point Mod without fmod=1"),
+    "tensor_sequence": (sequence_concat(), r"seq \(SequenceConstruct\): a tensor sequence operator"),
     "custom_domain": (model([helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")],
                             [("x", FLOAT, [3])], [("y", FLOAT, [3])],
                             opsets=(("", ONNX_OPSET), ("com.microsoft", 1))), "domain 'com.microsoft'"),
@@ -190,3 +197,17 @@ def test_a_subgraph_outside_control_flow_is_refused():
     problems = [p for p in portability_problems(model([node], [("x", FLOAT, [2])], [("y", FLOAT, [2])]))
                 if "subgraph" in p]
     assert problems == ["odd (Identity): holds a subgraph outside a control-flow operator"]
+
+
+def test_an_export_traced_by_the_exporter_s_fallback_is_refused(monkeypatch):
+    """``torch.onnx.export`` falls back to TorchDynamo when non-strict ``torch.export`` fails, and that
+    graph differs (the RoI pooling's ``embedding_bag`` became a tensor-sequence loop): refused."""
+    from asag import export
+
+    class Fallback:
+        _capture_strategy = "TorchExportStrictStrategy"
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: Fallback())
+    with pytest.raises(ConfigError, match=r"non-strict failed.*TorchExportStrictStrategy.*asag bug") as err:
+        export._onnx_bytes(nn.Identity(), (torch.zeros(1),), {})
+    assert "\n" not in str(err.value)

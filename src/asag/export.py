@@ -320,7 +320,13 @@ def _pt2_bytes(module: nn.Module, inputs: tuple[Tensor, ...], metadata: dict) ->
 def _onnx_bytes(module: nn.Module, inputs: tuple[Tensor, ...], metadata: dict) -> bytes:
     """An ONNX model of ``module`` (weights inside the file, never external data) with the metadata
     property ``asag`` = ``metadata`` plus its checksum, checked with ``onnx.checker`` and for portability
-    (:func:`asag.portable.check_portable`)."""
+    (:func:`asag.portable.check_portable`).
+
+    The model must be traced by ``torch.export`` in non-strict mode, the mode its export-time branches
+    are written for (``torch.onnx.is_in_onnx_export()`` in the RoI pooling, the graph loops of the NMS):
+    ``torch.onnx.export`` silently falls back to tracing with TorchDynamo when that fails, and the graph
+    it then writes differs (a weighted ``embedding_bag`` became a loop over tensor sequences that
+    OpenVINO cannot load), so a fallback is refused."""
     onnx = require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
     program = torch.onnx.export(
@@ -328,6 +334,11 @@ def _onnx_bytes(module: nn.Module, inputs: tuple[Tensor, ...], metadata: dict) -
         opset_version=ONNX_OPSET, verbose=False,
         custom_translation_table=ONNX_TRANSLATIONS,
     )
+    strategy = getattr(program, "_capture_strategy", None)
+    if strategy is not None and "NonStrict" not in strategy:
+        raise ConfigError(f"the model could not be traced as written (torch.export non-strict failed; the "
+                          f"exporter fell back to {strategy}, whose graph differs) — an asag bug: please "
+                          f"report it")
     proto = program.model_proto
     del proto.metadata_props[:]
     try:

@@ -21,7 +21,10 @@ ones. ``asag export`` runs it on every ONNX file it writes. What it checks:
   distinct;
 * ``TopK``: ``sorted=1`` written out (with ``sorted=0`` the order is undefined), a constant ``k``
   within the axis;
-* ``Mod`` of floating-point tensors: ``fmod=1`` (required for them by the specification).
+* ``Mod`` of floating-point tensors: ``fmod=1`` (required for them by the specification);
+* no tensor sequences (``SequenceEmpty``, ``SequenceInsert``, ``ConcatFromSequence``, ...): PyTorch's
+  exporter writes them for operators it can only express as a loop over rows (a weighted
+  ``embedding_bag``), and OpenVINO 2026.4 cannot type the values they feed inside a ``Loop``.
 
 What a static check cannot see: whether data-dependent scatter indices are distinct, and whether a
 result depends on how equal keys are ordered. ``TopK`` orders equal keys by index in the specification
@@ -42,6 +45,8 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 # Operators whose graph attributes are bodies that every runtime runs (checked node by node).
 CONTROL_FLOW = ("Loop", "If", "Scan")
 FLOAT_TYPES = ("FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16")
+SEQUENCE_OPERATORS = ("SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceAt", "SequenceErase",
+                      "SequenceLength", "SequenceMap", "ConcatFromSequence", "SplitToSequence")
 # Problems listed in the one-line error of check_portable (the rest are counted).
 SHOWN_PROBLEMS = 3
 
@@ -125,6 +130,8 @@ class _Graph:
         if node.op_type not in CONTROL_FLOW and any(attr.type in (attr.GRAPH, attr.GRAPHS)
                                                     for attr in node.attribute):
             yield "holds a subgraph outside a control-flow operator"
+        if node.op_type in SEQUENCE_OPERATORS:
+            yield "a tensor sequence operator (a loop over rows, which OpenVINO cannot type inside a Loop)"
         check = getattr(self, f"_check_{node.op_type}", None)
         if check is not None:
             yield from check(node, attributes)

@@ -187,8 +187,10 @@ def repeat_steps(step: Callable[[int | Tensor, Tensor], tuple[Tensor, ...]], sta
 
 def step_column(x: Tensor, t: int | Tensor) -> Tensor:
     """``x[:, t]`` for the step index ``t`` of :func:`repeat_steps`: a view eagerly, an ``index_select``
-    in the graph loop (a tensor index of a loop counter)."""
-    return x[:, t] if isinstance(t, int) else x.index_select(1, t).squeeze(1)
+    in the graph loop (a tensor index of a loop counter). The selected column is then taken with
+    ``[:, 0]``, not ``squeeze(1)``: ``torch.while_loop`` traces its body with symbolic sizes, where a
+    ``squeeze`` of a size not known to be 1 keeps the dimension and the body's state changes shape."""
+    return x[:, t] if isinstance(t, int) else x.index_select(1, t)[:, 0]
 
 
 def _graph_loop(step: Callable[[int | Tensor, Tensor], tuple[Tensor, ...]], state: Tensor, steps: int

@@ -1,3 +1,4 @@
+import signal
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     save_checkpoint(root / "ckpt.pth", model=build_model(cfg), optimizer=None, scheduler=None,
                     scaler=None, epoch=0, iteration=0, config=cfg.to_dict(), label_map={})
     return root
+
+
+@pytest.fixture
+def sigint_handler():
+    """Install a SIGINT handler for one test (pytest may run with SIGINT ignored, e.g. in the
+    background of a non-interactive shell); the one before is restored afterwards."""
+    before = signal.getsignal(signal.SIGINT)
+
+    def install(handler):
+        signal.signal(signal.SIGINT, handler)
+        return handler
+
+    yield install
+    signal.signal(signal.SIGINT, before)

@@ -484,7 +484,8 @@ def test_a_full_disk_keeps_the_earlier_export(tiny_checkpoint, tmp_path, tiny_gr
 
 
 def test_ctrl_c_during_the_write_leaves_a_whole_file(tiny_checkpoint, tmp_path, tiny_graph, monkeypatch,
-                                                     capsys):
+                                                     capsys, sigint_handler):
+    sigint_handler(signal.default_int_handler)  # also when pytest runs with SIGINT ignored
     out = tmp_path / "m.pt2"
     assert main(export_args(tiny_checkpoint, out)) == 0
     earlier = out.read_bytes()

@@ -174,20 +174,6 @@ def test_newer_format_rejected(tmp_path):
         load_checkpoint(path)
 
 
-@pytest.fixture
-def sigint_handler():
-    """Install a SIGINT handler for one test (pytest may run with SIGINT ignored, e.g. in the
-    background of a non-interactive shell); the one before is restored afterwards."""
-    before = signal.getsignal(signal.SIGINT)
-
-    def install(handler):
-        signal.signal(signal.SIGINT, handler)
-        return handler
-
-    yield install
-    signal.signal(signal.SIGINT, before)
-
-
 def test_ctrl_c_during_a_write_is_held_back_until_the_write_is_complete(tmp_path, monkeypatch,
                                                                         sigint_handler):
     sigint_handler(signal.default_int_handler)

@@ -277,3 +277,27 @@ def test_precision_accuracy_evaluates_exported_settings(tiny_checkpoint, capsys)
     assert rows.keys() == {"setting", "plain", "static", "onnxruntime", "openvino"}
     assert float(rows["static"][3]) == 0.0 and float(rows["static"][4]) < 1e-4
     assert float(rows["openvino"][5]) == 0.0 and float(rows["openvino"][6]) < 1e-4
+
+
+def test_before_after_imports_a_revision_beside_the_current_package(tmp_path):
+    """The revision's package is importable as ``asag_before``, every ``asag`` import rewritten, and its
+    presets are its own; the interleaving alternates the order every round."""
+    import before_after
+
+    from asag.config import load_config
+
+    if not (Path(before_after.REPO) / ".git").exists():
+        pytest.skip("not a git checkout")
+    before = before_after.import_revision("HEAD", tmp_path)
+    try:
+        assert before.__name__ == "asag_before" and before.build.__name__ == "asag_before.build"
+        sources = "".join(p.read_text() for p in (tmp_path / "src" / "asag_before").rglob("*.py"))
+        assert not re.search(r"\b(from|import) asag\b(?!_before)", sources)
+        assert before.config.load_config("tiny_cpu").model.variant == load_config("tiny_cpu").model.variant
+        calls = []
+        medians = before_after.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2)
+        assert calls == ["a", "b", "b", "a", "a", "b"] and set(medians) == {"a", "b"}
+    finally:
+        sys.path.remove(str(tmp_path / "src"))
+        for name in [m for m in sys.modules if m == "asag_before" or m.startswith("asag_before.")]:
+            del sys.modules[name]

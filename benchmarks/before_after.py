@@ -11,14 +11,15 @@ order alternates every round), and the ratio after / before.
 
     python benchmarks/before_after.py REV infer [--presets asag_a_r50_speed asag_s_r50_speed]
         [--settings fast fast_static] [--size 800x1216] [--rounds 10] [--threads 2]
-    python benchmarks/before_after.py REV train [--presets asag_a_r50_1x_100q] [--variants release default]
-        [--size 512x640] [--batch 2] [--rounds 8] [--threads 2]
+    python benchmarks/before_after.py REV train [--presets asag_a_r50_1x_100q]
+        [--variants release default bf16] [--size 512x640] [--batch 2] [--rounds 8] [--threads 2]
 
 ``infer``: ``fast`` is ``optimize_for_inference`` (``--fast``), ``fast_static`` the same in static mode,
 ``plain`` the model as built; each call is ``model(images, sizes)`` + ``postprocess`` on one random image
 batch, the crafted, calibrated weights of ``inference_speed.py``. ``train``: ``Trainer.train_step`` on
 the batch of ``train_step.py``, ``release`` = its release path, ``default`` = the configuration's
-defaults (fp32).
+defaults (fp32), ``bf16`` = the defaults with ``runtime.amp=bf16`` (each revision's own choice of memory
+layout for it).
 """
 
 from __future__ import annotations
@@ -118,12 +119,13 @@ def training(before, args) -> None:
     for preset in args.presets:
         for variant in args.variants:
             overrides = RELEASE_PATH if variant == "release" else []
+            amp = "bf16" if variant == "bf16" else None
             trainers = {}
             for tree, config, build in (("before", before.config, before.build), ("after", None, None)):
                 cfg = config.load_config(preset, overrides) if config else load_config(preset, overrides)
                 cfg.model.backbone.weights = None
                 torch.manual_seed(0)
-                trainers[tree] = build.build_trainer(cfg, amp=None) if build else build_trainer(cfg, amp=None)
+                trainers[tree] = build.build_trainer(cfg, amp=amp) if build else build_trainer(cfg, amp=amp)
             targets = random_targets(inputs.image_sizes, cfg.model.num_classes)
             earlier = [before.structures.ImageTargets(t.boxes, t.labels, t.image_id, t.size, t.orig_size)
                        for t in targets]
@@ -145,7 +147,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["fast", "fast_static"],
                         choices=["plain", "fast", "fast_static"])
     parser.add_argument("--variants", nargs="+", default=["release", "default"],
-                        choices=["release", "default"])
+                        choices=["release", "default", "bf16"])
     parser.add_argument("--size", type=parse_size)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rounds", type=int)

@@ -5,9 +5,11 @@ from the same seed with :func:`asag.build.build_trainer` and stepped through the
 (``Trainer.train_step``) on the same random batch (``--batch`` images of ``--size`` with random boxes):
 
 * ``release``: ``model.roi_pooling=torchvision runtime.memory_format=contiguous
-  schedule.optimizer_kernel=for_loop``, fp32 -- the release's numbers exactly;
+  schedule.optimizer_kernel=for_loop runtime.host_memory=system``, fp32 -- the release's numbers
+  exactly, with the C allocator as a plain process has it;
 * ``default``: the configuration's defaults (``auto`` RoIAlign, ``auto`` memory format -- its rule for
-  fp32 on this CPU --, fused AdamW), fp32;
+  fp32 on this CPU --, fused AdamW, ``auto`` host memory -- freed memory kept on the CPU), fp32;
+* ``default-sysmem``: the default with ``runtime.host_memory=system`` (what keeping freed memory saves);
 * ``fp32-other``: the default in the layout ``auto`` did not pick (``fp32-cl`` or ``fp32-contig``);
 * ``bf16``: the default with ``runtime.amp=bf16`` (autocast of backbone and FPN; ``auto`` picks
   channels-last for it);
@@ -16,25 +18,30 @@ from the same seed with :func:`asag.build.build_trainer` and stepped through the
   numbers beyond the release's autocast).
 
 The bf16 variants run only on a CPU with native bf16 (AVX512-BF16 or AMX), or with ``--bf16``
-(emulated, slow); ``--variants`` picks a subset. Each round steps every trainer once (round-robin, so
-drifts of a shared machine hit all alike) and times forward, loss, backward and optimizer step (clip +
-AdamW) separately. ``--clock wall`` (default) measures wall time -- what a run takes, on a quiet
-machine; ``--clock cpu`` the CPU time of all the process's threads -- the work each variant does, far
-less sensitive to other processes sharing the cores (set ``OMP_WAIT_POLICY=PASSIVE`` so that idle
-OpenMP threads do not spin into it). Prints the CPU (model name, native bf16, AMX), the threads, the
-load average before and after, and a table of medians with every part's ratio to the release path.
+(emulated, slow); ``--variants`` picks a subset. Every variant runs in blocks, each in a fresh process
+of its own (``runtime.host_memory`` sets the process's C allocator, so variants cannot share one):
+build, ``--warmup`` untimed steps (kept memory settles over the first steps), ``--repeats`` timed
+steps; the variants' blocks take turns for ``--rounds`` rounds, so that drifts of a shared machine hit
+all alike. Forward, loss, backward and optimizer step (clip + AdamW) are timed separately. ``--clock
+wall`` (default) measures wall time -- what a run takes, on a quiet machine; ``--clock cpu`` the CPU
+time of all the process's threads -- the work each variant does, far less sensitive to other processes
+sharing the cores (set ``OMP_WAIT_POLICY=PASSIVE`` so that idle OpenMP threads do not spin into it).
+Prints the CPU (model name, native bf16, AMX), the threads, the load average before and after, and a
+table of medians with every part's ratio to the release path.
 
     python benchmarks/train_step.py [--presets asag_a_r50_1x_100q asag_s_r50_3x_100q] [--size 512x640]
-                                    [--batch 2] [--repeats 5] [--warmup 1] [--threads 2] [--epoch 0]
+                                    [--batch 2] [--rounds 2] [--repeats 3] [--warmup 2] [--threads 2]
+                                    [--epoch 0]
                                     [--clock wall|cpu] [--variants release default bf16 ...] [--bf16]
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -42,6 +49,7 @@ from asag.build import build_trainer
 from asag.commands.benchmark import parse_size
 from asag.config import load_config
 from asag.engine.benchmark import StageTimer, cpu_name, random_inputs, timing_stats
+from asag.engine.host_memory import configure_host_memory, glibc
 from asag.engine.trainer import STEP_PARTS, use_channels_last
 from asag.modeling.fast import cpu_has_amx, cpu_supports_bf16
 from asag.structures import ImageTargets
@@ -49,7 +57,8 @@ from asag.structures import ImageTargets
 PRESETS = ["asag_a_r50_1x_100q", "asag_s_r50_3x_100q"]
 # The step before this change: the release's RoIAlign, memory layout and per-tensor AdamW.
 RELEASE_PATH = ["model.roi_pooling=torchvision", "runtime.memory_format=contiguous",
-                "schedule.optimizer_kernel=for_loop"]
+                "schedule.optimizer_kernel=for_loop", "runtime.host_memory=system"]
+SYSTEM_MEMORY = "runtime.host_memory=system"
 CONTIGUOUS, CHANNELS_LAST = "runtime.memory_format=contiguous", "runtime.memory_format=channels_last"
 BF16_VARIANTS = ("bf16", "bf16-contig", "bf16-heads")
 OBJECTS_PER_IMAGE = (7, 4, 9, 3)  # cycled over the batch
@@ -74,6 +83,7 @@ def all_variants() -> dict[str, tuple[list[str], str | None]]:
     return {
         "release": (RELEASE_PATH, None),
         "default": ([], None),
+        "default-sysmem": ([SYSTEM_MEMORY], None),
         "fp32-contig" if fp32_cl else "fp32-cl": ([CONTIGUOUS if fp32_cl else CHANNELS_LAST], None),
         "bf16": ([], "bf16"),
         "bf16-contig": ([CONTIGUOUS], "bf16"),
@@ -94,30 +104,46 @@ def chosen_variants(args: argparse.Namespace) -> dict[str, tuple[list[str], str 
     return {n: variants[n] for n in names if n in variants}
 
 
-def time_preset(preset: str, args: argparse.Namespace) -> dict[str, StageTimer]:
+def run_block(preset: str, overrides: list[str], amp: str | None, args: argparse.Namespace,
+              label: str) -> dict[str, list[float]]:
+    """One variant in a process of its own: apply its ``runtime.host_memory``, build its trainer (seed 0),
+    step it ``args.warmup`` times untimed and ``args.repeats`` times timed on the fixed batch; the seconds
+    of every part of the timed steps."""
+    torch.set_num_threads(args.threads)
+    cfg = load_config(preset, overrides)
+    cfg.model.backbone.weights = None
+    configure_host_memory(cfg.runtime.host_memory, "cpu")
+    torch.manual_seed(0)
+    trainer = build_trainer(cfg, amp=amp)
     inputs = random_inputs(args.batch, args.size, seed=1)
-    trainers, timers = {}, {}
-    for name, (overrides, amp) in chosen_variants(args).items():
-        cfg = load_config(preset, overrides)
-        cfg.model.backbone.weights = None
-        torch.manual_seed(0)
-        trainers[name] = build_trainer(cfg, amp=amp)
-        timers[name] = StageTimer(torch.device("cpu"), clock=CLOCKS[args.clock])
-        layout = "channels_last" if trainers[name].channels_last else "contiguous"
-        print(f"  {name}: {' '.join(overrides) or 'defaults'}, amp {amp or 'fp32'}, layout {layout}")
     targets = random_targets(inputs.image_sizes, cfg.model.num_classes)
+    timer = StageTimer(torch.device("cpu"), clock=CLOCKS[args.clock])
     for r in range(args.warmup + args.repeats):
-        for name, trainer in trainers.items():
-            warm_up = StageTimer(torch.device("cpu"), clock=CLOCKS[args.clock])
-            wrap = timers[name] if r >= args.warmup else warm_up
-            torch.manual_seed(r)
-            trainer.train_step(inputs.images, inputs.image_sizes, targets, epoch=args.epoch, wrap=wrap)
-            times = " ".join(f"{part} {wrap.seconds[part][-1]:.2f}" for part in STEP_PARTS)
-            print(f"  {preset} round {r + 1} {name}: {times} s", flush=True)
-        print(f"  {preset} round {r + 1}/{args.warmup + args.repeats}, load {os.getloadavg()[0]:.1f}",
-              flush=True)
-    del trainers
-    gc.collect()
+        wrap = timer if r >= args.warmup else StageTimer(torch.device("cpu"), clock=CLOCKS[args.clock])
+        torch.manual_seed(r)
+        trainer.train_step(inputs.images, inputs.image_sizes, targets, epoch=args.epoch, wrap=wrap)
+        times = " ".join(f"{part} {wrap.seconds[part][-1]:.2f}" for part in STEP_PARTS)
+        print(f"  {label} step {r + 1}{'' if r >= args.warmup else ' (warm-up)'}: {times} s", flush=True)
+    return timer.seconds
+
+
+def time_preset(preset: str, args: argparse.Namespace) -> dict[str, StageTimer]:
+    """Every variant's timed steps, ``args.rounds`` blocks each, the variants' blocks in turn."""
+    variants = chosen_variants(args)
+    for name, (overrides, amp) in variants.items():
+        keeps = load_config(preset, overrides).runtime.host_memory != "system"  # auto keeps it on the CPU
+        print(f"  {name}: {' '.join(overrides) or 'defaults'}, amp {amp or 'fp32'}, host memory "
+              f"{'kept' if keeps else 'system'}")
+    timers = {name: StageTimer(torch.device("cpu"), clock=CLOCKS[args.clock]) for name in variants}
+    spawn = multiprocessing.get_context("spawn")  # a fresh allocator and nothing shared per block
+    for r in range(args.rounds):
+        for name, (overrides, amp) in variants.items():
+            with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                label = f"{preset} round {r + 1}/{args.rounds} {name}"
+                seconds = pool.submit(run_block, preset, overrides, amp, args, label).result()
+            for part, values in seconds.items():
+                timers[name].seconds.setdefault(part, []).extend(values)
+        print(f"  {preset} round {r + 1}/{args.rounds}, load {os.getloadavg()[0]:.1f}", flush=True)
     return timers
 
 
@@ -130,7 +156,7 @@ def report(preset: str, timers: dict[str, StageTimer], clock: str) -> None:
         m["step"] = timing_stats(steps[name]).median  # the median step, not the sum of part medians
     parts = [*STEP_PARTS, "step"]
     base = medians["release"]
-    print(f"\n{preset}: median {clock} ms (ratio to release), {len(steps['release'])} rounds\n")
+    print(f"\n{preset}: median {clock} ms (ratio to release), {len(steps['release'])} steps\n")
     print("| variant | " + " | ".join(parts) + " |")
     print("|---|" + "---|" * len(parts))
     for name, m in medians.items():
@@ -145,15 +171,16 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=PRESETS)
     parser.add_argument("--size", type=parse_size, default=(512, 640), help="HEIGHTxWIDTH of every image")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2, help="blocks per variant, the variants in turn")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per block")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per block")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epoch", type=int, default=0, help="0: GT-derived patches (teacher forcing)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall time (a quiet machine) or the process's CPU time (a shared one)")
     parser.add_argument("--variants", nargs="+", metavar="NAME",
-                        help="a subset of release, default, fp32-cl / fp32-contig, bf16, bf16-contig, "
-                             "bf16-heads (release is always timed: the ratios' reference)")
+                        help="a subset of release, default, default-sysmem, fp32-cl / fp32-contig, bf16, "
+                             "bf16-contig, bf16-heads (release is always timed: the ratios' reference)")
     parser.add_argument("--bf16", action="store_true",
                         help="time the bf16 variants even without native CPU bf16 (emulated; default: only "
                              "with it)")
@@ -161,9 +188,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_name()}; native bf16: {'yes' if cpu_supports_bf16() else 'no'}, AMX: "
           f"{'yes' if cpu_has_amx() else 'no'}; torch {torch.__version__}, {args.threads} threads, "
-          f"{args.clock} clock")
-    print(f"batch {args.batch}, {args.size[0]}x{args.size[1]}, epoch {args.epoch}, {args.repeats} rounds "
-          f"after {args.warmup} warm-up; load average {os.getloadavg()}")
+          f"{args.clock} clock; host memory controls: {'glibc' if glibc() else 'none (not glibc)'}")
+    print(f"batch {args.batch}, {args.size[0]}x{args.size[1]}, epoch {args.epoch}; {args.rounds} rounds of "
+          f"one process per variant: {args.warmup} warm-up + {args.repeats} timed steps; load average "
+          f"{os.getloadavg()}")
     for preset in args.presets:
         report(preset, time_preset(preset, args), args.clock)
     print(f"\nload average at the end {os.getloadavg()}")

@@ -251,6 +251,11 @@ class RuntimeConfig:
     # for fp32 on a CPU with AMX, else contiguous (a fixed rule, measured per CPU in docs/training.md);
     # probe: time both layouts at the start (CUDA: channels_last). A resumed run keeps its checkpoint's.
     memory_format: Literal["auto", "probe", "channels_last", "contiguous"] = "auto"
+    # Large CPU blocks: reuse keeps freed memory in the process for the next tensor of that size instead
+    # of handing it back to the kernel and faulting fresh pages in (glibc only; the same bits, faster
+    # steps, the process keeps its peak memory); auto: reuse when the device is the CPU; system: leave
+    # the C allocator alone (asag.engine.host_memory, docs/training.md).
+    host_memory: Literal["auto", "reuse", "system"] = "auto"
 
 
 @dataclass

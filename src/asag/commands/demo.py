@@ -32,6 +32,7 @@ from asag.commands.train import build_evaluate_fn, resolve_amp, train, training_
 from asag.config import Config, Range, apply_overrides, config_from_dict, load_config, option_type
 from asag.engine.budget import BUDGET_SAFETY, BudgetPacer, SchedulePlan, plan_schedule
 from asag.engine.checkpoint import seed_everything
+from asag.engine.host_memory import configure_host_memory
 from asag.engine.trainer import make_grad_scaler, set_amp_scope, train_one_epoch
 from asag.outputs import atomic_write_text, check_output_dir, previous_run_files
 from asag.viz.draw import draw_detections
@@ -93,6 +94,7 @@ def measure_speed(cfg: Config, max_seconds: float) -> tuple[float, float, int]:
     device = resolve_device(rt.device)
     if rt.num_threads:
         torch.set_num_threads(rt.num_threads)
+    configure_host_memory(rt.host_memory, device)  # as the run will
     seed_everything(rt.seed)
     train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     model = build_model(cfg).to(device)

@@ -30,6 +30,7 @@ from asag.engine.distributed import cleanup_distributed, init_distributed, is_ma
 from asag.engine.ema import ModelEma
 from asag.engine.evaluator import evaluate, evaluate_crowdhuman
 from asag.engine.finetune import INIT_REPORT, describe_trainable
+from asag.engine.host_memory import configure_host_memory
 from asag.engine.logger import RunLogger
 from asag.engine.memory_format import (
     LayoutChoice,
@@ -135,6 +136,7 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
     device = dist.device if dist.distributed else device
     if rt.num_threads:
         torch.set_num_threads(rt.num_threads)
+    host_memory = configure_host_memory(rt.host_memory, device)
     seed_everything(rt.seed + dist.rank)
     configure_determinism(rt.deterministic)
     if is_main_process():
@@ -149,6 +151,7 @@ def train(cfg: Config, *, output_dir: str | Path | None = None, resume: str | No
         if is_main_process():
             log(f"training {cfg.description or cfg.model.variant}: {len(train_set)} train images, "
                 f"{len(val_set)} val images, device {device}, output {out}")
+            log(host_memory.line())
         model = build_model(cfg)
         if resume is None:
             report = init_model(model, cfg, train_set.label_map)

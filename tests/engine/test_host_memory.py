@@ -162,3 +162,23 @@ def test_train_applies_and_reports_the_choice(tmp_path, capsys, monkeypatch):
     assert main(["train", "tiny_cpu", *args]) == 0
     assert seen == [("system", "cpu")]
     assert "runtime.host_memory=system: system allocator unchanged (as asked)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "benchmark"])
+def test_inference_commands_apply_host_memory(command, tiny_checkpoint, tmp_path, monkeypatch):
+    """--host-memory of asag predict / eval / benchmark reaches the allocator controls with the device."""
+    import importlib
+
+    module = importlib.import_module(f"asag.commands.{command}")
+    seen = []
+    monkeypatch.setattr(module, "configure_host_memory",
+                        lambda choice, device: seen.append((choice, torch.device(device).type))
+                        or HostMemoryChoice(choice, False, "as asked"))
+    ckpt = str(tiny_checkpoint / "ckpt.pth")
+    images = sorted((tiny_checkpoint / "data" / "images" / "val").glob("*.png"))
+    argv = {"predict": ["predict", ckpt, str(images[0]), "--out", str(tmp_path / "p")],
+            "eval": ["eval", ckpt, "--out", str(tmp_path / "e"), "--no-plots"],
+            "benchmark": ["benchmark", ckpt, "--size", "96x128", "--warmup", "0", "--repeats", "1",
+                          "--no-flops"]}[command]
+    assert main([*argv, "--device", "cpu", "--host-memory", "reuse"]) == 0
+    assert seen == [("reuse", "cpu")]

@@ -20,6 +20,7 @@ from asag.engine.benchmark import (
     format_result,
     scan_dataset,
 )
+from asag.engine.host_memory import configure_host_memory
 from asag.engine.recall import format_recall
 from asag.engine.trainer import autocast_context, check_amp
 from asag.errors import ConfigError
@@ -117,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     check_amp(args.amp, device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    host_memory = configure_host_memory(args.host_memory, device)
+    print(host_memory.line())
     overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
     model, cfg = load_target(args.target, overrides, args.seed)
     crafted = args.craft if args.craft is not None else not is_checkpoint(args.target)

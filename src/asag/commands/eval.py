@@ -20,6 +20,7 @@ from asag.commands.train import build_evaluate_fn
 from asag.config import FRACTION, field_option, option_type
 from asag.engine.distributed import cleanup_distributed, init_distributed, is_main_process
 from asag.engine.evaluator import CrowdHumanEvalResult, EvalResult
+from asag.engine.host_memory import configure_host_memory
 from asag.modeling.fast import add_inference_arguments
 from asag.outputs import atomic_write_text, check_new_files, check_output_dir, fresh_dir
 from asag.viz.eval_plots import DEFAULT_CONFUSION_SCORE, PLOT_FILES, write_eval_plots
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     dist = init_distributed(device.type)
     try:
         device = dist.device if dist.distributed else device
+        configure_host_memory(args.host_memory, device)
         model, cfg, label_map = load_model(args.checkpoint, used_head=args.used_head,
                                            inference_level=args.inference_level, overrides=overrides,
                                            fast=args.fast, compile=args.compile, dtype=args.precision,

@@ -32,10 +32,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from asag.api import Detection, Detector
+from asag.api import Detection, Detector, resolve_device
 from asag.config import FRACTION, POSITIVE, POSITIVE_REAL, field_option, option_type
 from asag.data.formats import IMAGE_SUFFIXES
 from asag.engine.checkpoint import EXPORTED_SUFFIXES
+from asag.engine.host_memory import configure_host_memory
 from asag.errors import ConfigError, DataError
 from asag.export import RUNTIMES
 from asag.modeling.fast import add_inference_arguments
@@ -134,6 +135,7 @@ def load_detector(args: argparse.Namespace) -> Detector:
     """A checkpoint's detector, or an exported model's (``.onnx`` / ``.pt2`` of ``asag export``, run by
     ``--runtime`` at ``--precision``; warnings while it loads, e.g. that it has no checksum, are one line
     each on stderr)."""
+    configure_host_memory(args.host_memory, resolve_device(args.device))
     if Path(args.checkpoint).suffix.lower() not in EXPORTED_SUFFIXES:
         if args.runtime is not None:
             raise ConfigError(f"{args.checkpoint}: --runtime chooses the runtime of an exported model "

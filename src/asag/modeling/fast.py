@@ -92,8 +92,9 @@ def check_precision(dtype: torch.dtype | None, device: torch.device | str) -> No
 
 
 def add_inference_arguments(parser) -> None:
-    """The ``--fast``, ``--compile``, ``--static`` and ``--precision`` options of ``asag predict | eval |
-    benchmark``."""
+    """The ``--fast``, ``--compile``, ``--static``, ``--precision`` and ``--host-memory`` options of ``asag
+    predict | eval | benchmark`` (the last is applied by :func:`asag.engine.host_memory.configure_host_memory`
+    once the device is known)."""
     parser.add_argument("--fast", action="store_true",
                         help="fold batch norms, channels-last backbone/FPN, RoIAlign as a gather "
                              "(same outputs up to rounding)")
@@ -105,6 +106,10 @@ def add_inference_arguments(parser) -> None:
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="backbone/FPN precision: fp16 (CUDA) or bf16 (CUDA, CPUs with bf16); see "
                              "docs/inference.md for the AP effect")
+    parser.add_argument("--host-memory", choices=["auto", "reuse", "system"], default="auto",
+                        help="auto: on the CPU keep freed memory in the process for the next tensors "
+                             "instead of faulting in fresh pages (glibc; same outputs); system: leave the "
+                             "C allocator alone (runtime.host_memory, docs/inference.md)")
 
 
 # ------------------------------------------------------------------------------------ BN folding

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from asag.engine.flops import FlopCount, FlopCounter
+from asag.engine.host_memory import return_free_memory
 from asag.engine.recall import RecallEvaluator, RecallResult
 from asag.modeling.detector import ASAG
 from asag.structures import AnchorOutput, Batch, Detections, ModelOutput
@@ -377,8 +378,9 @@ class MemoryProbe:
     """Peak memory of the code run between :meth:`start` and :meth:`stop`.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (weights and inputs included). CPU: growth of the process'
-    peak resident set size (``getrusage``) over the resident size at :meth:`start`; where the peak cannot
-    be reset (not Linux) the growth over the previous peak, a lower bound.
+    peak resident set size (``getrusage``) over the resident size at :meth:`start`, which first returns
+    the heap's free memory to the kernel (:func:`asag.engine.host_memory.return_free_memory`); where the
+    peak cannot be reset (not Linux) the growth over the previous peak, a lower bound.
     """
 
     device: torch.device
@@ -395,6 +397,7 @@ class MemoryProbe:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        return_free_memory()  # memory kept by runtime.host_memory=reuse would hide part of the growth
         self._reset = _reset_peak_rss()
         self._before = _max_rss_bytes()
 

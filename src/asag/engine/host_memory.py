@@ -58,6 +58,17 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
 
 
+def return_free_memory() -> bool:
+    """Hand the heap's free memory back to the kernel now (``malloc_trim(0)``), whatever the policy:
+    a measurement of resident memory growth starts from here, so that memory kept from earlier work
+    cannot hide part of it. False (nothing done) without glibc."""
+    libc = glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 @dataclass(frozen=True)
 class HostMemoryChoice:
     """What :func:`configure_host_memory` did: ``kept`` is True when freed memory is now kept."""

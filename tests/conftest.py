@@ -22,6 +22,29 @@ def _deterministic_threads():
     yield
 
 
+class _UnchangedAllocator:
+    """Stands in for glibc in the test process: accepts ``mallopt`` / ``malloc_trim`` and changes nothing."""
+
+    def mallopt(self, param: int, value: int) -> int:
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _test_process_allocator():
+    """The commands under test apply ``runtime.host_memory``; the test process itself keeps the C
+    allocator as it is (process-wide state would outlive the test that set it). Tests of the real
+    allocator run in subprocesses (tests/engine/test_host_memory.py)."""
+    from asag.engine import host_memory
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(host_memory, "glibc", lambda: _UnchangedAllocator())
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A folder with ``ckpt.pth`` (the ``tiny_cpu`` preset, random weights, seed 0) and ``data/`` (a

@@ -182,3 +182,27 @@ def test_inference_commands_apply_host_memory(command, tiny_checkpoint, tmp_path
                           "--no-flops"]}[command]
     assert main([*argv, "--device", "cpu", "--host-memory", "reuse"]) == 0
     assert seen == [("reuse", "cpu")]
+
+
+MEMORY_PROBE = textwrap.dedent("""
+    import sys, torch
+    from asag.engine.benchmark import MemoryProbe
+    from asag.engine.host_memory import keep_freed_memory
+    assert keep_freed_memory()
+    x = torch.ones(128 * 2**20)  # 512 MiB, kept by the process once freed
+    del x
+    probe = MemoryProbe(torch.device("cpu"))
+    probe.start()
+    y = torch.ones(64 * 2**20)
+    print(probe.stop() // 2**20, probe.kind)
+""")
+
+
+@needs_glibc
+def test_memory_probe_counts_growth_that_kept_memory_would_hide():
+    """asag benchmark's CPU peak memory: a 256 MiB tensor placed in memory kept from earlier work (a
+    freed 512 MiB one) still counts."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, check=True)
+    growth, kind = out.stdout.split()
+    if kind == "cpu_peak_rss_growth":  # the peak could be reset (Linux): the growth is exact
+        assert int(growth) >= 200  # without the probe's trim: about 0

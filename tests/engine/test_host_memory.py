@@ -185,7 +185,8 @@ def test_inference_commands_apply_host_memory(command, tiny_checkpoint, tmp_path
 
 
 MEMORY_PROBE = textwrap.dedent("""
-    import sys, torch
+    import torch
+    torch.set_num_threads(1)  # every page fault on this thread: the kernel's RSS count is then exact
     from asag.engine.benchmark import MemoryProbe
     from asag.engine.host_memory import keep_freed_memory
     assert keep_freed_memory()

@@ -51,6 +51,7 @@ BYTES_PER_MIB = 2**20
 RSS_UNIT_BYTES = 1 if sys.platform == "darwin" else 1024
 # Writing "5" to /proc/self/clear_refs resets the peak RSS to the current RSS (proc(5), Linux >= 4.0).
 CLEAR_REFS = "/proc/self/clear_refs"
+PROC_STATUS = "/proc/self/status"
 RESET_PEAK_RSS = "5"
 # Fixed queries (``num_queries``): box sides drawn log-uniformly between these fractions of the image.
 FIXED_QUERY_SIDE_RANGE = (0.02, 0.5)
@@ -360,6 +361,16 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def _max_rss_bytes() -> int:
+    """The process' peak resident set size. On Linux the memory map's own high-water mark (``VmHWM``),
+    which :func:`_reset_peak_rss` resets; ``getrusage`` also counts, after an ``exec``, the peak of the
+    parent process it was forked from, which no reset clears."""
+    try:
+        with open(PROC_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RSS_UNIT_BYTES
 
 
@@ -378,7 +389,8 @@ class MemoryProbe:
     """Peak memory of the code run between :meth:`start` and :meth:`stop`.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (weights and inputs included). CPU: growth of the process'
-    peak resident set size (``getrusage``) over the resident size at :meth:`start`, which first returns
+    peak resident set size (``VmHWM`` on Linux, else ``getrusage``) over the resident size at
+    :meth:`start`, which first returns
     the heap's free memory to the kernel (:func:`asag.engine.host_memory.return_free_memory`); where the
     peak cannot be reset (not Linux) the growth over the previous peak, a lower bound.
     """

@@ -390,9 +390,9 @@ class MemoryProbe:
 
     CUDA: ``torch.cuda.max_memory_allocated`` (weights and inputs included). CPU: growth of the process'
     peak resident set size (``VmHWM`` on Linux, else ``getrusage``) over the resident size at
-    :meth:`start`, which first returns
-    the heap's free memory to the kernel (:func:`asag.engine.host_memory.return_free_memory`); where the
-    peak cannot be reset (not Linux) the growth over the previous peak, a lower bound.
+    :meth:`start`, which first returns the heap's free memory to the kernel
+    (:func:`asag.engine.host_memory.return_free_memory`); where the peak cannot be reset (not Linux) the
+    growth over the previous peak, a lower bound.
     """
 
     device: torch.device

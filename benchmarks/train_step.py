@@ -56,9 +56,9 @@ from asag.structures import ImageTargets
 
 PRESETS = ["asag_a_r50_1x_100q", "asag_s_r50_3x_100q"]
 # The step before this change: the release's RoIAlign, memory layout and per-tensor AdamW.
-RELEASE_PATH = ["model.roi_pooling=torchvision", "runtime.memory_format=contiguous",
-                "schedule.optimizer_kernel=for_loop", "runtime.host_memory=system"]
 SYSTEM_MEMORY = "runtime.host_memory=system"
+RELEASE_PATH = ["model.roi_pooling=torchvision", "runtime.memory_format=contiguous",
+                "schedule.optimizer_kernel=for_loop", SYSTEM_MEMORY]
 CONTIGUOUS, CHANNELS_LAST = "runtime.memory_format=contiguous", "runtime.memory_format=channels_last"
 BF16_VARIANTS = ("bf16", "bf16-contig", "bf16-heads")
 OBJECTS_PER_IMAGE = (7, 4, 9, 3)  # cycled over the batch
@@ -112,7 +112,7 @@ def run_block(preset: str, overrides: list[str], amp: str | None, args: argparse
     torch.set_num_threads(args.threads)
     cfg = load_config(preset, overrides)
     cfg.model.backbone.weights = None
-    configure_host_memory(cfg.runtime.host_memory, "cpu")
+    print(f"  {label}: {configure_host_memory(cfg.runtime.host_memory, 'cpu').line()}", flush=True)
     torch.manual_seed(0)
     trainer = build_trainer(cfg, amp=amp)
     inputs = random_inputs(args.batch, args.size, seed=1)
@@ -131,9 +131,7 @@ def time_preset(preset: str, args: argparse.Namespace) -> dict[str, StageTimer]:
     """Every variant's timed steps, ``args.rounds`` blocks each, the variants' blocks in turn."""
     variants = chosen_variants(args)
     for name, (overrides, amp) in variants.items():
-        keeps = load_config(preset, overrides).runtime.host_memory != "system"  # auto keeps it on the CPU
-        print(f"  {name}: {' '.join(overrides) or 'defaults'}, amp {amp or 'fp32'}, host memory "
-              f"{'kept' if keeps else 'system'}")
+        print(f"  {name}: {' '.join(overrides) or 'defaults'}, amp {amp or 'fp32'}")
     timers = {name: StageTimer(torch.device("cpu"), clock=CLOCKS[args.clock]) for name in variants}
     spawn = multiprocessing.get_context("spawn")  # a fresh allocator and nothing shared per block
     for r in range(args.rounds):

@@ -23,12 +23,14 @@ import ctypes
 import ctypes.util
 import functools
 import platform
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 HostMemory = Literal["auto", "reuse", "system"]
+HOST_MEMORY_CHOICES: tuple[str, ...] = typing.get_args(HostMemory)
 
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -85,7 +87,7 @@ class HostMemoryChoice:
 def configure_host_memory(choice: HostMemory, device: torch.device | str) -> HostMemoryChoice:
     """Apply ``runtime.host_memory`` for a process that computes on ``device`` (see the module
     docstring). Process-wide: the commands call it once at their start."""
-    if choice not in ("auto", "reuse", "system"):
+    if choice not in HOST_MEMORY_CHOICES:
         raise ValueError(f"runtime.host_memory must be auto, reuse or system, not {choice!r}")
     device = torch.device(device)
     if choice == "system":

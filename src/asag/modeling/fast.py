@@ -34,6 +34,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
 
+from asag.engine.host_memory import HOST_MEMORY_CHOICES
 from asag.errors import ConfigError
 from asag.modeling.backbone import FrozenBatchNorm2d
 from asag.modeling.detector import ASAG, FeatureFormat
@@ -106,7 +107,7 @@ def add_inference_arguments(parser) -> None:
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="backbone/FPN precision: fp16 (CUDA) or bf16 (CUDA, CPUs with bf16); see "
                              "docs/inference.md for the AP effect")
-    parser.add_argument("--host-memory", choices=["auto", "reuse", "system"], default="auto",
+    parser.add_argument("--host-memory", choices=HOST_MEMORY_CHOICES, default="auto",
                         help="auto: on the CPU keep freed memory in the process for the next tensors "
                              "instead of faulting in fresh pages (glibc; same outputs); system: leave the "
                              "C allocator alone (runtime.host_memory, docs/inference.md)")
